@@ -1,0 +1,28 @@
+"""savegame: exact, fast and safe resumable PyTorch training.
+
+The whole public API::
+
+    ckpt = savegame.Checkpointer("runs/exp1", state={"model": model, "optimizer": opt})
+    info = ckpt.restore()                 # None in an empty run directory
+    ckpt.save(step, epoch=epoch, metrics={"val_loss": v})
+    tree = savegame.load(path)            # read-only nested dict, no model needed
+"""
+
+from savegame import errors
+from savegame._version import __version__
+from savegame.checkpointer import Checkpointer, RestoreInfo
+from savegame.errors import SavegameError
+from savegame.load import load
+from savegame.policies import EarlyStopping
+from savegame.stateful import Stateful
+
+__all__ = [
+    "Checkpointer",
+    "RestoreInfo",
+    "Stateful",
+    "EarlyStopping",
+    "load",
+    "errors",
+    "SavegameError",
+    "__version__",
+]

@@ -1,0 +1,80 @@
+"""Registered Stateful objects + RNG -> one state tree, and back."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from savegame import rng
+from savegame.errors import ConfigurationError, IncompatibleStateError
+from savegame.format import names as n
+from savegame.keys import KeyReport, canonical_state, load_module
+from savegame.stateful import Stateful
+
+log = logging.getLogger("savegame.capture")
+
+
+def check_objects(state: Mapping[str, Any]) -> dict[str, Stateful]:
+    """Validate the user's ``state`` mapping at construction, naming the offending key."""
+    if not isinstance(state, Mapping):
+        raise ConfigurationError(f"state must be a mapping of names to objects, got {type(state).__name__}")
+    out = {}
+    for name, obj in state.items():
+        if not isinstance(name, str) or not name or name.startswith((".", "$")):
+            raise ConfigurationError(f"state key {name!r} must be a non-empty string not starting with '.' or '$'")
+        if not isinstance(obj, Stateful):
+            raise ConfigurationError(
+                f"state[{name!r}] ({type(obj).__name__}) has no state_dict()/load_state_dict(); "
+                "wrap it in a class that provides both"
+            )
+        out[name] = obj
+    return out
+
+
+def capture(objects: Mapping[str, Stateful], run_state: Any) -> dict[str, Any]:
+    """The whole state tree: every object's state (model keys canonical), all RNGs, run bookkeeping."""
+    states = {}
+    for name, obj in objects.items():
+        value = obj.state_dict()
+        states[name] = canonical_state(value) if isinstance(obj, torch.nn.Module) else value
+    return {n.TREE_STATE: states, n.TREE_RNG: rng.capture(), n.TREE_RUN: run_state}
+
+
+def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: bool = True,
+          assign: bool = False, restore_rng: bool = True) -> dict[str, KeyReport]:
+    """Load every object's state from ``tree``, then the RNGs (last, so loading cannot disturb them)."""
+    saved = tree.get(n.TREE_STATE)
+    if not isinstance(saved, Mapping):
+        raise IncompatibleStateError("the checkpoint holds no object states")
+    absent = [k for k in objects if k not in saved]
+    extra = [k for k in saved if k not in objects]
+    if strict and (absent or extra):
+        raise IncompatibleStateError(
+            f"the checkpoint has states {sorted(saved)} but the Checkpointer was given {sorted(objects)}"
+            f" (missing from checkpoint: {absent}, not given: {extra}); pass strict=False to restore the common ones"
+        )
+    reports = {}
+    for name, obj in objects.items():
+        if name not in saved:
+            log.warning("checkpoint has no state for %r; it keeps its current state", name)
+            continue
+        reports[name] = _apply_one(name, obj, saved[name], strict=strict, assign=assign)
+    if restore_rng and n.TREE_RNG in tree:
+        rng.restore(tree[n.TREE_RNG])
+    return reports
+
+
+def _apply_one(name: str, obj: Stateful, value: Any, *, strict: bool, assign: bool) -> KeyReport:
+    if isinstance(obj, torch.nn.Module):
+        report = load_module(obj, value, name=name, strict=strict, assign=assign)
+        if report:
+            log.warning("%s", report.describe(name))
+        return report
+    try:
+        obj.load_state_dict(value)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise IncompatibleStateError(f"state {name!r} could not be loaded from the checkpoint: {exc}") from exc
+    return KeyReport()

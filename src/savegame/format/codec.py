@@ -1,0 +1,244 @@
+"""Exact JSON encoding of a state tree's non-tensor values.
+
+Plain JSON loses types: tuples become lists, int dict keys become strings,
+inf/nan are not JSON at all. This codec keeps every value exactly by tagging
+what JSON cannot say with a one-key object whose key starts with ``$``.
+Tensors and NumPy arrays are not inlined: the caller's sink stores them and
+returns an index, which the tree keeps as ``{"$t": i}`` / ``{"$nd": i}``.
+
+Decoding validates everything: a malformed tree raises
+:class:`~savegame.errors.CorruptCheckpointError`, never another exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from savegame.errors import CorruptCheckpointError, UnsupportedValueError
+
+TensorSink = Callable[[torch.Tensor, str], int]
+MAX_DEPTH = 200
+
+_FLOAT_SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+_TAGS = frozenset(
+    {"$t", "$nd", "$tuple", "$dict", "$float", "$bytes", "$set", "$frozenset",
+     "$dtype", "$device", "$size", "$np", "$complex"}
+)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: object) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise CorruptCheckpointError(f"unknown torch dtype {name!r} in checkpoint")
+    return dtype
+
+
+def encode(value: Any, sink: TensorSink, path: str = "") -> Any:
+    """Return a JSON-able form of ``value``; tensors and arrays go to ``sink``.
+
+    Raises UnsupportedValueError naming the key path of the first value that
+    cannot be stored exactly.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, np.generic):
+        return _encode_numpy_scalar(value, path)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return _encode_float(float(value))
+    if isinstance(value, torch.Tensor):
+        return {"$t": sink(value, path)}
+    if isinstance(value, np.ndarray):
+        return {"$nd": sink(_array_as_tensor(value, path), path)}
+    if isinstance(value, torch.Size):
+        return {"$size": [int(v) for v in value]}
+    if isinstance(value, tuple):
+        return {"$tuple": [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return _encode_dict(value, sink, path)
+    return _encode_scalar_object(value, sink, path)
+
+
+def _encode_scalar_object(value: Any, sink: TensorSink, path: str) -> Any:
+    if isinstance(value, (set, frozenset)):
+        tag = "$set" if isinstance(value, set) else "$frozenset"
+        items = [encode(v, sink, f"{path}{{}}") for v in value]
+        return {tag: sorted(items, key=repr)}
+    if isinstance(value, bytes):
+        return {"$bytes": base64.b64encode(value).decode("ascii")}
+    if isinstance(value, complex):
+        return {"$complex": [_encode_float(value.real), _encode_float(value.imag)]}
+    if isinstance(value, torch.dtype):
+        return {"$dtype": dtype_name(value)}
+    if isinstance(value, torch.device):
+        return {"$device": str(value)}
+    where = path or "<root>"
+    raise UnsupportedValueError(
+        f"cannot store the value at {where!r}: type {type(value).__module__}.{type(value).__qualname__} "
+        "has no exact, code-free encoding. Convert it in state_dict() to plain values "
+        "(None, bool, int, float, str, bytes, tuple, list, dict, set, tensors, NumPy arrays)."
+    )
+
+
+def _encode_float(value: float) -> Any:
+    if math.isfinite(value):
+        return value
+    return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
+
+
+def _encode_dict(value: dict[Any, Any], sink: TensorSink, path: str) -> Any:
+    plain = all(isinstance(k, str) and not k.startswith("$") for k in value)
+    if plain:
+        return {k: encode(v, sink, f"{path}.{k}" if path else k) for k, v in value.items()}
+    pairs = []
+    for k, v in value.items():
+        sub = f"{path}[{k!r}]"
+        pairs.append([encode(k, sink, sub), encode(v, sink, sub)])
+    return {"$dict": pairs}
+
+
+def _encode_numpy_scalar(value: np.generic, path: str) -> Any:
+    item = value.item()
+    if not isinstance(item, (bool, int, float, complex)):
+        raise UnsupportedValueError(f"cannot store NumPy scalar of dtype {value.dtype} at {path!r}")
+    return {"$np": [value.dtype.str, encode(item, _no_tensors, path)]}
+
+
+def _no_tensors(tensor: torch.Tensor, path: str) -> int:
+    raise UnsupportedValueError(f"unexpected tensor inside a scalar at {path!r}")
+
+
+def _array_as_tensor(array: np.ndarray, path: str) -> torch.Tensor:
+    if array.dtype.kind not in "biufc":
+        raise UnsupportedValueError(
+            f"cannot store NumPy array of dtype {array.dtype} at {path!r}: only numeric and bool arrays are supported"
+        )
+    native = array.astype(array.dtype.newbyteorder("="), copy=False)
+    return torch.from_numpy(np.ascontiguousarray(native))
+
+
+def decode(obj: Any, tensors: Sequence[torch.Tensor], depth: int = 0) -> Any:
+    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}``."""
+    if depth > MAX_DEPTH:
+        raise CorruptCheckpointError(f"value tree nested deeper than {MAX_DEPTH} levels")
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, list):
+        return [decode(v, tensors, depth + 1) for v in obj]
+    if not isinstance(obj, dict):
+        raise CorruptCheckpointError(f"unexpected JSON value of type {type(obj).__name__} in value tree")
+    if len(obj) == 1:
+        (key,) = obj
+        if key in _TAGS:
+            return _decode_tagged(key, obj[key], tensors, depth + 1)
+    if any(k.startswith("$") for k in obj):
+        raise CorruptCheckpointError(f"unknown tag in value tree: {sorted(obj)[:3]}")
+    return {k: decode(v, tensors, depth + 1) for k, v in obj.items()}
+
+
+def _decode_tagged(tag: str, body: Any, tensors: Sequence[torch.Tensor], depth: int) -> Any:
+    if tag in ("$t", "$nd"):
+        index = _expect(body, int, tag)
+        if isinstance(body, bool) or not 0 <= index < len(tensors):
+            raise CorruptCheckpointError(f"tensor reference {body!r} out of range (have {len(tensors)})")
+        tensor = tensors[index]
+        return tensor if tag == "$t" else tensor.numpy()
+    if tag == "$tuple":
+        return tuple(decode(v, tensors, depth) for v in _expect(body, list, tag))
+    if tag == "$dict":
+        return _decode_pairs(_expect(body, list, tag), tensors, depth)
+    if tag in ("$set", "$frozenset"):
+        items = [decode(v, tensors, depth) for v in _expect(body, list, tag)]
+        try:
+            return set(items) if tag == "$set" else frozenset(items)
+        except TypeError as exc:
+            raise CorruptCheckpointError(f"unhashable item in {tag}") from exc
+    return _decode_scalar(tag, body)
+
+
+def _decode_pairs(pairs: list[Any], tensors: Sequence[torch.Tensor], depth: int) -> dict[Any, Any]:
+    out: dict[Any, Any] = {}
+    for pair in pairs:
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise CorruptCheckpointError("malformed $dict entry: expected [key, value]")
+        key = decode(pair[0], tensors, depth)
+        try:
+            out[key] = decode(pair[1], tensors, depth)
+        except TypeError as exc:
+            raise CorruptCheckpointError(f"unhashable dict key {key!r}") from exc
+    return out
+
+
+def _decode_scalar(tag: str, body: Any) -> Any:
+    if tag == "$float":
+        if body not in _FLOAT_SPECIAL:
+            raise CorruptCheckpointError(f"bad $float value {body!r}")
+        return _FLOAT_SPECIAL[body]
+    if tag == "$bytes":
+        try:
+            return base64.b64decode(_expect(body, str, tag), validate=True)
+        except ValueError as exc:
+            raise CorruptCheckpointError("bad base64 in $bytes") from exc
+    if tag == "$complex":
+        parts = _expect(body, list, tag)
+        if len(parts) != 2:
+            raise CorruptCheckpointError("bad $complex value")
+        return complex(_float(parts[0]), _float(parts[1]))
+    if tag == "$dtype":
+        return dtype_from_name(body)
+    if tag == "$device":
+        try:
+            return torch.device(_expect(body, str, tag))
+        except RuntimeError as exc:
+            raise CorruptCheckpointError(f"bad device {body!r}") from exc
+    if tag == "$size":
+        dims = _expect(body, list, tag)
+        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+            raise CorruptCheckpointError("bad $size value")
+        return torch.Size(dims)
+    return _decode_numpy_scalar(_expect(body, list, tag))
+
+
+def _decode_numpy_scalar(body: list[Any]) -> Any:
+    if len(body) != 2 or not isinstance(body[0], str):
+        raise CorruptCheckpointError("bad $np value")
+    try:
+        dtype = np.dtype(body[0])
+    except TypeError as exc:
+        raise CorruptCheckpointError(f"bad NumPy dtype {body[0]!r}") from exc
+    if dtype.kind not in "biufc":
+        raise CorruptCheckpointError(f"NumPy dtype {body[0]!r} not allowed")
+    value = decode(body[1], ())
+    if not isinstance(value, (bool, int, float, complex)):
+        raise CorruptCheckpointError("bad $np value")
+    try:
+        return dtype.type(value)
+    except (OverflowError, ValueError, TypeError) as exc:
+        raise CorruptCheckpointError(f"bad $np value {value!r} for {dtype}") from exc
+
+
+def _float(value: Any) -> float:
+    decoded = decode(value, ())
+    if isinstance(decoded, bool) or not isinstance(decoded, (int, float)):
+        raise CorruptCheckpointError("expected a number")
+    return float(decoded)
+
+
+def _expect(body: Any, kind: type, tag: str) -> Any:
+    if not isinstance(body, kind):
+        raise CorruptCheckpointError(f"malformed {tag}: expected {kind.__name__}, got {type(body).__name__}")
+    return body

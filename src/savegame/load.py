@@ -1,0 +1,64 @@
+"""``savegame.load``: everything in a checkpoint as a read-only nested dict, no model needed."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+
+from savegame import reader
+from savegame.errors import CheckpointNotFoundError, CorruptCheckpointError
+from savegame.format import names as n
+from savegame.run_dir import RunDir
+from savegame.storage.local import LocalStorage
+
+
+class FrozenDict(dict):  # type: ignore[type-arg]
+    """A dict that refuses changes: what ``load`` returns describes a file, not live state."""
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("savegame.load() returns a read-only tree; copy it (dict(tree)) to change it")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+
+
+def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = None,
+         verify: bool = True, mmap: bool = False) -> FrozenDict:
+    """Read a checkpoint (a checkpoint directory, its manifest, or a run directory for its newest).
+
+    Returns ``{"step", "epoch", "metrics", "extra", "time", "savegame_version",
+    "torch_version", "state", "rng", "run"}``. Tensors are on the CPU unless
+    ``map_location`` says otherwise; ``mmap=True`` maps tensor files lazily.
+    Never executes code: the format holds no pickle.
+    """
+    storage, name = _locate(Path(path))
+    doc = reader.read_manifest(storage, name)
+    tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, mmap=mmap)
+    if not isinstance(tree, dict):
+        raise CorruptCheckpointError(f"{path}: the state tree is not a mapping")
+    meta = reader.decode_meta(doc)
+    out = {**meta, "savegame_version": doc.get(n.M_SAVEGAME_VERSION), "torch_version": doc.get(n.M_TORCH_VERSION),
+           **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN)}}
+    return _freeze(out)
+
+
+def _locate(path: Path) -> tuple[LocalStorage, str]:
+    if path.name == n.MANIFEST:
+        path = path.parent
+    if (path / n.MANIFEST).is_file():
+        return LocalStorage(str(path.parent)), path.name
+    if path.is_dir():
+        names = RunDir(LocalStorage(str(path))).names()
+        if names:
+            return LocalStorage(str(path)), names[-1]
+    raise CheckpointNotFoundError(f"{os.fspath(path)!r} is not a savegame checkpoint or a run directory with one")
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return FrozenDict((k, _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_freeze(v) for v in value]
+    return value

@@ -1,0 +1,54 @@
+"""The Storage protocol: the handful of operations a durable checkpoint needs.
+
+Paths are relative to the storage root, with ``/`` separators. Every method
+raises :class:`~savegame.errors.StorageError` (never a bare OSError) with the
+path and a remedy in the message.
+"""
+
+from __future__ import annotations
+
+from typing import BinaryIO, Protocol
+
+
+class WriteHandle(Protocol):
+    """A file being written. ``close()`` makes it durable (fsync) before returning."""
+
+    def write(self, data: memoryview) -> None: ...
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    root: str
+
+    def create(self, path: str) -> WriteHandle:
+        """Open a new file for writing (fails if it exists)."""
+        ...
+
+    def open_read(self, path: str) -> BinaryIO: ...
+
+    def size(self, path: str) -> int: ...
+
+    def read_bytes(self, path: str) -> bytes: ...
+
+    def exists(self, path: str) -> bool: ...
+
+    def append(self, path: str, data: bytes) -> None:
+        """Append to a file durably (the metrics history); creates it if needed."""
+        ...
+
+    def makedirs(self, path: str) -> None: ...
+
+    def list_dir(self, path: str) -> list[str]: ...
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically move ``src`` to ``dst``; ``dst`` must not exist (or be a file to replace)."""
+        ...
+
+    def remove(self, path: str) -> None: ...
+
+    def remove_tree(self, path: str) -> None: ...
+
+    def fsync_dir(self, path: str) -> None: ...
