@@ -21,7 +21,7 @@ from savegame.format import names as n
 from savegame.keys import KeyReport
 from savegame.policies import EarlyStopping
 from savegame.preemption import SaveSchedule
-from savegame.run_dir import RunDir, RunLock, parse_step
+from savegame.run_dir import CheckpointInfo, RunDir, RunLock, parse_step
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
 from savegame.tracking import RunTracker
@@ -115,8 +115,9 @@ class Checkpointer:
             log.debug("save(%d) waited %.3f s for the previous save", step, waited)
         run_state = self._tracker.observe(step, clean)
         name = self._run.unique_name(step, self._fields(step, epoch, clean))
+        now = time.time()
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(clean, _no_tensor),
-                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: time.time(), n.M_PINNED: bool(pin)}
+                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: now, n.M_PINNED: bool(pin)}
         prepared = prepare(capture.capture(self._objects, run_state), meta, self._shard_bytes)
         shards = snapshot(prepared, self._staging)
         self._schedule.saved(step)
@@ -124,7 +125,7 @@ class Checkpointer:
         def job() -> None:
             write_checkpoint(self._storage, name, prepared, shards, self._run.commit)
             log.info("saved checkpoint %s (%d bytes)", name, prepared.nbytes)
-            self._tracker.after_commit(name, step, epoch, clean, pin=pin)
+            self._tracker.after_commit(CheckpointInfo(name, step, epoch, clean, extra, now, prepared.nbytes, pin))
 
         if self._async:
             self._writer.submit(job)

@@ -49,6 +49,8 @@ class RunDir:
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.commit = RenameCommit()
+        # Committed checkpoints never change, so what their manifests say is read once.
+        self._infos: dict[str, CheckpointInfo] = {}
 
     def names(self) -> list[str]:
         """Committed checkpoint names, oldest step first (leftovers and other files ignored)."""
@@ -65,13 +67,25 @@ class RunDir:
             name = f"{base}.{k}"
         return name
 
+    def remember(self, info: CheckpointInfo) -> None:
+        """Record a checkpoint this process just committed (no need to read its manifest back)."""
+        self._infos[info.name] = info
+
+    def delete(self, name: str) -> None:
+        self._infos.pop(name, None)
+        self.commit.delete(self.storage, name)
+
     def info(self, name: str) -> CheckpointInfo:
         """Read one manifest (checksummed); raises CorruptCheckpointError."""
+        if name in self._infos:
+            return self._infos[name]
         doc = reader.read_manifest(self.storage, name)
         meta = reader.decode_meta(doc)
         size = sum(e["end"] - e["start"] for e in doc[n.M_ENTRIES])
-        return CheckpointInfo(name, meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
+        info = CheckpointInfo(name, meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                               float(meta["time"] or 0.0), size, doc.get(n.M_PINNED) is True)
+        self._infos[name] = info
+        return info
 
     def infos(self) -> list[CheckpointInfo]:
         """Every checkpoint whose manifest reads; the others are logged and left out."""

@@ -76,15 +76,16 @@ class RunTracker:
         if self.early_stopping is not None and isinstance(run_state.get("early_stopping"), Mapping):
             self.early_stopping.load_state_dict(run_state["early_stopping"])
 
-    def after_commit(self, name: str, step: int, epoch: int | None, metrics: Mapping[str, float], *,
-                     pin: bool) -> None:
+    def after_commit(self, info: CheckpointInfo) -> None:
         """Runs in the writer after a successful commit: history, aliases, retention.
 
         The checkpoint is already durable, so a storage error here is logged, not
         raised: aliases are hints and retention retries after the next save.
         """
+        name = info.name
+        self.run.remember(info)
         try:
-            self._append_history(step, epoch, metrics)
+            self._append_history(info.step, info.epoch, info.metrics)
             self.run.write_alias("latest", name)
             infos = self.run.infos()
             for alias, target in self._best_targets(infos).items():
@@ -129,7 +130,7 @@ class RunTracker:
         doomed = policies.to_delete(records, self.retention, protected=protected) if self.retention else []
         for name in sorted(set(doomed) | (duplicates - protected)):
             log.info("retention: deleting checkpoint %s", name)
-            self.run.commit.delete(self.run.storage, name)
+            self.run.delete(name)
 
     def _append_history(self, step: int, epoch: int | None, metrics: Mapping[str, float]) -> None:
         line = {"step": step, "epoch": epoch, "time": time.time(),

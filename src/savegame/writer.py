@@ -54,7 +54,7 @@ def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD
 
     def sink(tensor: torch.Tensor, path: str) -> int:
         layout.check_supported(tensor, path)
-        tensors.append(tensor.detach())
+        tensors.append(tensor)
         return len(tensors) - 1
 
     encoded = codec.encode(tree, sink)
@@ -69,7 +69,9 @@ def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
     """A contiguous 1-D uint8 view of a tensor's data (copies only if not contiguous)."""
-    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    return tensor.contiguous().reshape(-1).view(torch.uint8)
 
 
 class Staging:
@@ -93,7 +95,7 @@ def snapshot(prepared: Prepared, staging: Staging | None) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[] for _ in range(max((s.shard for s in specs), default=-1) + 1)]
     if staging is None:
         for spec in specs:
-            shards[spec.shard].append(Entry(spec.key, spec.dtype, spec.shape, as_bytes(spec.source.cpu())))
+            shards[spec.shard].append(Entry(spec.key, spec.dtype, spec.shape, as_bytes(spec.source.cpu()), spec.nbytes))
         return shards
     on_cuda = any(spec.source.is_cuda for spec in specs)
     totals = [0] * len(shards)
@@ -110,7 +112,7 @@ def snapshot(prepared: Prepared, staging: Staging | None) -> list[list[Entry]]:
             dst = buffers[spec.shard][start:start + spec.nbytes]
             dst.copy_(as_bytes(spec.source), non_blocking=spec.source.is_cuda)
             offsets[spec.shard] += spec.nbytes
-            shards[spec.shard].append(Entry(spec.key, spec.dtype, spec.shape, dst))
+            shards[spec.shard].append(Entry(spec.key, spec.dtype, spec.shape, dst, spec.nbytes))
     if stream is not None:
         stream.synchronize()
     return shards

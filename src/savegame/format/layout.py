@@ -62,10 +62,11 @@ def plan(tensors: Sequence[torch.Tensor], shard_bytes: int) -> TensorPlan:
     records: list[dict[str, Any]] = [{} for _ in tensors]
     specs: list[EntrySpec] = []
     for i, t in enumerate(tensors):
-        if t.untyped_storage().nbytes() == 0:
+        storage = t.untyped_storage()
+        if storage.nbytes() == 0:
             records[i] = _compact(t, _add(specs, t.dtype, tuple(t.shape), t))
         else:
-            groups.setdefault((str(t.device), t.untyped_storage().data_ptr()), []).append(i)
+            groups.setdefault((t.device, storage.data_ptr()), []).append(i)
     for members in groups.values():
         _plan_group([tensors[i] for i in members], members, records, specs)
     return TensorPlan(records, _assign_shards(specs, shard_bytes))
@@ -146,7 +147,7 @@ def _typed(data: torch.Tensor, dtype: torch.dtype, shape: list[int]) -> torch.Te
     count = 1
     for dim in shape:
         count *= dim
-    if count * torch.empty((), dtype=dtype).element_size() != data.numel():
+    if count * dtype.itemsize != data.numel():
         raise CorruptCheckpointError(f"entry holds {data.numel()} bytes, not a {dtype_name(dtype)} tensor of shape {shape}")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
@@ -159,7 +160,7 @@ def _typed(data: torch.Tensor, dtype: torch.dtype, shape: list[int]) -> torch.Te
 def _view(base: torch.Tensor, record: Mapping[str, Any]) -> torch.Tensor:
     dtype = dtype_from_name(record.get("dtype"))
     shape, stride = _dims(record.get("shape"), "shape"), _dims(record.get("stride"), "stride")
-    offset, itemsize = record.get("offset"), torch.empty((), dtype=dtype).element_size()
+    offset, itemsize = record.get("offset"), dtype.itemsize
     if type(offset) is not int or offset < 0 or offset % itemsize or len(stride) != len(shape):
         raise CorruptCheckpointError("bad strided view record in checkpoint")
     extent = sum((s - 1) * st for s, st in zip(shape, stride)) + 1 if all(shape) else 0

@@ -2,8 +2,9 @@
 
 It holds the format version, versions of the writers, step/epoch/metrics/extra,
 the encoded value tree, every tensor record and every byte entry with its crc32.
-``manifest_crc32`` covers the canonical serialisation of everything else, so a
-flipped bit anywhere in the manifest is caught, not only one that breaks JSON.
+``manifest_crc32`` is the last member; it is the CRC-32 of every byte before
+``,"manifest_crc32":``, so a flipped bit anywhere in the manifest is caught, not
+only one that breaks JSON, and checking it costs no second serialisation.
 """
 
 from __future__ import annotations
@@ -20,18 +21,21 @@ from savegame.format import names as n
 _FILE_RE = re.compile(r"tensors-\d{5}\.safetensors")
 
 
-def _canonical(body: Mapping[str, Any]) -> bytes:
-    return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+_CRC_MARK = b',"' + n.M_CHECKSUM.encode() + b'":'
 
 
 def dumps(body: Mapping[str, Any]) -> bytes:
-    """Serialise a manifest body, adding its checksum."""
-    crc = zlib.crc32(_canonical(body))
-    return json.dumps({**body, n.M_CHECKSUM: crc}, indent=1, allow_nan=False).encode()
+    """Serialise a manifest body (compact JSON) and append its checksum as the last member."""
+    raw = json.dumps(body, separators=(",", ":"), allow_nan=False).encode()
+    return raw[:-1] + _CRC_MARK + str(zlib.crc32(raw[:-1])).encode() + b"}"
 
 
 def loads(raw: bytes, where: str) -> dict[str, Any]:
     """Parse and check a manifest; every problem is a CorruptCheckpointError naming ``where``."""
+    cut = raw.rfind(_CRC_MARK)
+    stored = raw[cut + len(_CRC_MARK):-1] if cut > 0 and raw.endswith(b"}") else b""
+    if not stored.isdigit() or int(stored) != zlib.crc32(raw[:cut]):
+        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch or missing; the checkpoint is damaged")
     try:
         doc = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -44,13 +48,7 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
             f"{where}: format version {version!r} is not supported by this savegame (reads 1..{n.FORMAT_VERSION}); "
             "upgrade savegame to read it"
         )
-    crc = doc.pop(n.M_CHECKSUM, None)
-    try:
-        actual = zlib.crc32(_canonical(doc))
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{where}: manifest holds non-finite numbers") from exc
-    if crc != actual:
-        raise CorruptCheckpointError(f"{where}: manifest checksum mismatch; the checkpoint is damaged")
+    doc.pop(n.M_CHECKSUM, None)
     _check_shape(doc, where)
     return doc
 

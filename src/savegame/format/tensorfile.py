@@ -47,10 +47,7 @@ class Entry:
     dtype: torch.dtype
     shape: tuple[int, ...]
     data: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.data.numel())
+    nbytes: int
 
 
 def safetensors_view(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[str, list[int]]:
