@@ -25,6 +25,8 @@ def check_objects(state: Mapping[str, Any]) -> dict[str, Stateful]:
     for name, obj in state.items():
         if not isinstance(name, str) or not name or name.startswith((".", "$")):
             raise ConfigurationError(f"state key {name!r} must be a non-empty string not starting with '.' or '$'")
+        if isinstance(obj, torch.utils.data.DataLoader) and not isinstance(obj, Stateful):
+            obj = PlainLoaderState(obj)
         if not isinstance(obj, Stateful):
             raise ConfigurationError(
                 f"state[{name!r}] ({type(obj).__name__}) has no state_dict()/load_state_dict(); "
@@ -32,6 +34,27 @@ def check_objects(state: Mapping[str, Any]) -> dict[str, Stateful]:
             )
         out[name] = obj
     return out
+
+
+class PlainLoaderState:
+    """Stands in for a plain ``torch.utils.data.DataLoader``, which has no position to save.
+
+    Such a loader resumes at an epoch boundary: restoring warns that the rest of
+    an interrupted epoch is not replayed, and how to get exact mid-epoch resume.
+    """
+
+    def __init__(self, loader: torch.utils.data.DataLoader) -> None:  # type: ignore[type-arg]
+        self.loader = loader
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "torch.utils.data.DataLoader", "batch_size": self.loader.batch_size}
+
+    def load_state_dict(self, state: Any) -> None:
+        log.warning(
+            "a plain torch.utils.data.DataLoader resumes at an epoch boundary: if this checkpoint was taken "
+            "mid-epoch, the rest of that epoch is not replayed and the data order differs from an uninterrupted "
+            "run. Use savegame.DataLoader (a drop-in replacement) for exact mid-epoch resume."
+        )
 
 
 def capture(objects: Mapping[str, Stateful], run_state: Any) -> dict[str, Any]:

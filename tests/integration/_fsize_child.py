@@ -22,7 +22,8 @@ def main(run_dir: str) -> None:
     ckpt.save(1)
     ckpt.wait()
     print("ok 1", flush=True)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))  # 1 MiB per file from now on
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))  # 1 MiB per file from now on (soft limit)
     with torch.no_grad():
         big.weight.fill_(2.0)
     try:
@@ -32,7 +33,7 @@ def main(run_dir: str) -> None:
     except SavegameError as exc:
         print(f"error {type(exc).__name__}: {exc}", flush=True)
     ckpt.close()
-    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     ckpt = savegame.Checkpointer(run_dir, {"small": small, "big": big})  # training goes on
     ckpt.save(3)
     ckpt.close()

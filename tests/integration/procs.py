@@ -11,10 +11,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(script: Path, *args: str, kill_on: str | None = None, timeout: float = 120) -> int:
+def child_env() -> dict[str, str]:
+    """The environment for a child Python that imports savegame and the tests package."""
     path = [p for p in (os.environ.get("PYTHONPATH"), str(ROOT / "src"), str(ROOT)) if p]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, env=env)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+
+
+def run(script: Path, *args: str, kill_on: str | None = None, timeout: float = 120) -> int:
+    proc = subprocess.Popen([sys.executable, str(script), *args], stdout=subprocess.PIPE, text=True, env=child_env())
     assert proc.stdout is not None
     try:
         for line in proc.stdout:

@@ -15,7 +15,7 @@ import savegame
 from savegame.reader import verify_checkpoint
 from savegame.run_dir import RunDir
 from savegame.storage import FaultyStorage, InjectedFault, LocalStorage
-from tests.integration.procs import ROOT, run
+from tests.integration.procs import ROOT, child_env, run
 
 HERE = Path(__file__).parent
 
@@ -56,7 +56,7 @@ def test_sigkill_at_random_moments_of_a_save_loop(tmp_path):
 def test_file_size_limit_during_a_save_is_a_clear_error_and_loses_nothing(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(HERE / "_fsize_child.py"), str(run_dir)], capture_output=True,
-                         text=True, timeout=120, env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+                         text=True, timeout=120, env=child_env())
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
     assert lines[0] == "ok 1" and lines[-1] == "ok 3"
@@ -149,5 +149,5 @@ def test_two_processes_on_one_run_dir(tmp_path):
     )
     with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)}):
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                             timeout=60, env={"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "PATH": "/usr/bin:/bin"})
+                             timeout=60, env=child_env())
     assert out.stdout.startswith("locked: another process is writing"), out.stderr

@@ -221,3 +221,12 @@ def test_load_returns_a_read_only_tree(tmp_path):
     assert set(tree["rng"]) == {"python", "numpy", "torch", "cuda"}
     with pytest.raises(TypeError, match="read-only"):
         tree["state"]["model"] = {}
+
+
+def test_a_plain_dataloader_is_accepted_and_warns_on_restore(tmp_path, caplog):
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.arange(10.0)), batch_size=2)
+    with savegame.Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1), "loader": loader}) as ckpt:
+        ckpt.save(1)
+        ckpt.wait()
+        ckpt.restore()
+    assert "resumes at an epoch boundary" in caplog.text and "savegame.DataLoader" in caplog.text
