@@ -237,7 +237,7 @@ class Checkpointer:
             text = self._name_format.format(step=step, epoch=epoch if epoch is not None else 0, **metrics)
         except (KeyError, ValueError, IndexError) as exc:
             raise ConfigurationError(f"name_format {self._name_format!r} cannot be filled: {exc!r}") from exc
-        return "".join(c if c.isalnum() or c in "._=+" else "_" for c in text)
+        return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
 
     @staticmethod
     def _check_name_format(name_format: str | None) -> None:

@@ -47,7 +47,8 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``)."""
     where = f"{storage.root}/{name}"
     entries = doc[n.M_ENTRIES]
-    data = {f: _read_data(storage, f"{name}/{f}", where, mmap) for f in doc[n.M_FILES]}
+    data = {f: _read_data(storage, f"{name}/{f}", where, mmap, crc if verify else None)
+            for f, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS])}
     blobs, dtypes = [], []
     for i, entry in enumerate(entries):
         buf = data[entry["file"]]
@@ -67,20 +68,20 @@ def verify_checkpoint(storage: Storage, name: str) -> list[str]:
     """Every problem found in checkpoint ``name`` (empty when intact); reads in bounded chunks."""
     try:
         doc = read_manifest(storage, name)
-        for file in doc[n.M_FILES]:
-            _verify_file(storage, name, file, [e for e in doc[n.M_ENTRIES] if e["file"] == file])
+        for file, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS]):
+            _verify_file(storage, name, file, crc, [e for e in doc[n.M_ENTRIES] if e["file"] == file])
         codec.decode(doc.get(n.M_TREE), [torch.empty(0)] * len(doc[n.M_TENSORS]))
     except CorruptCheckpointError as exc:
         return [str(exc)]
     return []
 
 
-def _verify_file(storage: Storage, name: str, file: str, entries: list[dict[str, Any]]) -> None:
+def _verify_file(storage: Storage, name: str, file: str, header_crc: int, entries: list[dict[str, Any]]) -> None:
     where = f"{storage.root}/{name}/{file}"
     try:
         size = storage.size(f"{name}/{file}")
         with storage.open_read(f"{name}/{file}") as f:
-            start, _ = read_header(f, size, where)
+            start, _ = read_header(f, size, where, header_crc)
             for entry in sorted(entries, key=lambda e: e["start"]):
                 f.seek(start + entry["start"])
                 crc, left = 0, entry["end"] - entry["start"]
@@ -95,12 +96,12 @@ def _verify_file(storage: Storage, name: str, file: str, entries: list[dict[str,
         raise CorruptCheckpointError(f"{where}: cannot be read ({exc})") from exc
 
 
-def _read_data(storage: Storage, path: str, where: str, use_mmap: bool) -> torch.Tensor:
+def _read_data(storage: Storage, path: str, where: str, use_mmap: bool, header_crc: int | None) -> torch.Tensor:
     """The data section of one tensor file as a uint8 tensor (read fully, or memory-mapped)."""
     try:
         size = storage.size(path)
         with storage.open_read(path) as f:
-            start, _ = read_header(f, size, f"{where}/{path.rsplit('/', 1)[-1]}")
+            start, _ = read_header(f, size, f"{where}/{path.rsplit('/', 1)[-1]}", header_crc)
             length = size - start
             if use_mmap and length:
                 mapped = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)

@@ -140,7 +140,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, shards: l
         else:
             results = [_write_file(storage, *job) for job in jobs]
         entries_meta = []
-        for name, entries, crcs in zip(files, shards, results):
+        for name, entries, (_, crcs) in zip(files, shards, results):
             offset = 0
             for entry, crc in zip(entries, crcs):
                 entries_meta.append({"key": entry.key, "file": name, "dtype": codec.dtype_name(entry.dtype),
@@ -148,7 +148,8 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, shards: l
                                      "end": offset + entry.nbytes, "crc32": crc})
                 offset += entry.nbytes
         entries_meta.sort(key=lambda e: int(e["key"][1:]))
-        body = {**prepared.body, n.M_ENTRIES: entries_meta, n.M_FILES: files}
+        body = {**prepared.body, n.M_ENTRIES: entries_meta, n.M_FILES: files,
+                n.M_HEADER_CRCS: [header_crc for header_crc, _ in results]}
         _write_small(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(body))
         commit.commit(storage, tmp, final)
     except Exception:
@@ -156,10 +157,10 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, shards: l
         raise
 
 
-def _write_file(storage: Storage, path: str, entries: list[Entry]) -> list[int]:
+def _write_file(storage: Storage, path: str, entries: list[Entry]) -> tuple[int, list[int]]:
     handle = storage.create(path)
     try:
-        _, crcs = write_entries(handle, entries, {"format": n.FORMAT_NAME})
+        crcs = write_entries(handle, entries, {"format": n.FORMAT_NAME})
     except Exception:
         handle.abort()
         raise

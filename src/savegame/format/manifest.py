@@ -68,3 +68,11 @@ def _check_shape(doc: Mapping[str, Any], where: str) -> None:
         ok = ok and all(type(entry.get(k)) is int and entry[k] >= 0 for k in ("start", "end", "crc32"))
         if not ok or entry["start"] > entry["end"]:
             raise CorruptCheckpointError(f"{where}: malformed entry in manifest")
+    header_crcs = doc.get(n.M_HEADER_CRCS)
+    if not isinstance(header_crcs, list) or len(header_crcs) != len(files) or \
+            not all(type(c) is int for c in header_crcs):
+        raise CorruptCheckpointError(f"{where}: manifest field {n.M_HEADER_CRCS!r} is missing or malformed")
+    for record in doc[n.M_TENSORS]:
+        ok = isinstance(record, dict) and isinstance(record.get("dtype"), str) and type(record.get("entry")) is int
+        if not ok or not isinstance(record.get("shape"), list):
+            raise CorruptCheckpointError(f"{where}: malformed tensor record in manifest")

@@ -72,7 +72,7 @@ def build_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
 
 
 def write_entries(out: WritableFile, entries: list[Entry], metadata: dict[str, str]) -> tuple[int, list[int]]:
-    """Write header and data; return (data start, crc32 of each entry), computed while writing."""
+    """Write header and data; return (crc32 of the header, crc32 of each entry), computed while writing."""
     header = build_header(entries, metadata)
     out.write(memoryview(header))
     crcs = []
@@ -84,11 +84,11 @@ def write_entries(out: WritableFile, entries: list[Entry], metadata: dict[str, s
             crc = zlib.crc32(chunk, crc)
             out.write(chunk)
         crcs.append(crc)
-    return len(header), crcs
+    return zlib.crc32(header), crcs
 
 
-def read_header(f: BinaryIO, file_size: int, name: str) -> tuple[int, dict[str, Any]]:
-    """Parse and validate a safetensors header; return (data start, header dict)."""
+def read_header(f: BinaryIO, file_size: int, name: str, crc: int | None = None) -> tuple[int, dict[str, Any]]:
+    """Parse and validate a safetensors header (and its crc32 if given); return (data start, header dict)."""
     head = f.read(8)
     if len(head) != 8:
         raise CorruptCheckpointError(f"{name}: truncated tensor file (no header); the checkpoint is damaged")
@@ -96,6 +96,8 @@ def read_header(f: BinaryIO, file_size: int, name: str) -> tuple[int, dict[str, 
     if length > min(MAX_HEADER, file_size - 8):
         raise CorruptCheckpointError(f"{name}: header length {length} exceeds the file; the checkpoint is damaged")
     raw = f.read(length)
+    if crc is not None and zlib.crc32(head + raw) != crc:
+        raise CorruptCheckpointError(f"{name}: header checksum mismatch; the checkpoint is damaged")
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
