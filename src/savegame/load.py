@@ -15,13 +15,13 @@ from savegame.run_dir import RunDir
 from savegame.storage.local import LocalStorage
 
 
-class FrozenDict(dict):  # type: ignore[type-arg]
+class FrozenDict(dict[str, Any]):
     """A dict that refuses changes: what ``load`` returns describes a file, not live state."""
 
     def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
         raise TypeError("savegame.load() returns a read-only tree; copy it (dict(tree)) to change it")
 
-    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse  # type: ignore[assignment]
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = None,
@@ -41,7 +41,8 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     meta = reader.decode_meta(doc)
     out = {**meta, "savegame_version": doc.get(n.M_SAVEGAME_VERSION), "torch_version": doc.get(n.M_TORCH_VERSION),
            **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN)}}
-    return _freeze(out)
+    frozen: FrozenDict = _freeze(out)
+    return frozen
 
 
 def _locate(path: Path) -> tuple[LocalStorage, str]:

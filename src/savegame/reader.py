@@ -107,7 +107,7 @@ def _read_data(storage: Storage, path: str, where: str, use_mmap: bool, header_c
                 mapped = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
                 return torch.frombuffer(mapped, dtype=torch.uint8, offset=start, count=length)
             buf = torch.empty(length, dtype=torch.uint8)
-            view, got = memoryview(buf.numpy()), 0
+            view, got = memoryview(buf.numpy()), 0  # type: ignore[arg-type]
             while got < length:
                 read = f.readinto(view[got:])  # type: ignore[attr-defined]
                 if not read:
@@ -119,4 +119,4 @@ def _read_data(storage: Storage, path: str, where: str, use_mmap: bool, header_c
 
 
 def _crc(blob: torch.Tensor) -> int:
-    return zlib.crc32(memoryview(blob.numpy())) if blob.numel() else 0
+    return zlib.crc32(memoryview(blob.numpy())) if blob.numel() else 0  # type: ignore[arg-type]

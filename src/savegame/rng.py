@@ -23,7 +23,7 @@ log = logging.getLogger("savegame.rng")
 def capture() -> dict[str, Any]:
     """The current state of every global generator (CUDA only if CUDA was initialised)."""
     cuda: list[torch.Tensor] = []
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         cuda = [torch.cuda.get_rng_state(i) for i in range(torch.cuda.device_count())]
     return {
         "python": random.getstate(),

@@ -155,7 +155,7 @@ class RunLock:
 def _lock(fd: int) -> None:
     if os.name == "nt":  # pragma: no cover - exercised on Windows only
         import msvcrt
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,unused-ignore]
     else:
         import fcntl
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

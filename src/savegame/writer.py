@@ -103,7 +103,7 @@ def snapshot(prepared: Prepared, staging: Staging | None) -> list[list[Entry]]:
         totals[spec.shard] += spec.nbytes
     buffers = [staging.buffer(i, total, on_cuda and torch.cuda.is_available()) for i, total in enumerate(totals)]
     offsets = [0] * len(shards)
-    stream = torch.cuda.Stream() if on_cuda else None
+    stream = torch.cuda.Stream() if on_cuda else None  # type: ignore[no-untyped-call]
     if stream is not None:
         stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream) if stream is not None else _null():
@@ -139,22 +139,26 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, shards: l
                 results = list(pool.map(lambda job: _write_file(storage, *job), jobs))
         else:
             results = [_write_file(storage, *job) for job in jobs]
-        entries_meta = []
-        for name, entries, (_, crcs) in zip(files, shards, results):
-            offset = 0
-            for entry, crc in zip(entries, crcs):
-                entries_meta.append({"key": entry.key, "file": name, "dtype": codec.dtype_name(entry.dtype),
-                                     "shape": list(entry.shape), "start": offset,
-                                     "end": offset + entry.nbytes, "crc32": crc})
-                offset += entry.nbytes
-        entries_meta.sort(key=lambda e: int(e["key"][1:]))
-        body = {**prepared.body, n.M_ENTRIES: entries_meta, n.M_FILES: files,
-                n.M_HEADER_CRCS: [header_crc for header_crc, _ in results]}
+        body = {**prepared.body, n.M_ENTRIES: _entries_meta(files, shards, [crcs for _, crcs in results]),
+                n.M_FILES: files, n.M_HEADER_CRCS: [header_crc for header_crc, _ in results]}
         _write_small(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(body))
         commit.commit(storage, tmp, final)
     except Exception:
         commit.abort(storage, tmp)
         raise
+
+
+def _entries_meta(files: list[str], shards: list[list[Entry]], crcs: list[list[int]]) -> list[dict[str, Any]]:
+    """The manifest's entry list, in entry-number order, with each entry's place and checksum."""
+    out: list[dict[str, Any]] = []
+    for name, entries, file_crcs in zip(files, shards, crcs):
+        offset = 0
+        for entry, crc in zip(entries, file_crcs):
+            out.append({"key": entry.key, "file": name, "dtype": codec.dtype_name(entry.dtype),
+                        "shape": list(entry.shape), "start": offset, "end": offset + entry.nbytes, "crc32": crc})
+            offset += entry.nbytes
+    out.sort(key=lambda e: int(e["key"][1:]))
+    return out
 
 
 def _write_file(storage: Storage, path: str, entries: list[Entry]) -> tuple[int, list[int]]:

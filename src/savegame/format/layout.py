@@ -58,7 +58,7 @@ def check_supported(tensor: torch.Tensor, path: str) -> None:
 
 def plan(tensors: Sequence[torch.Tensor], shard_bytes: int) -> TensorPlan:
     """Decide entries and records for ``tensors`` (indexed as the codec numbered them)."""
-    groups: dict[tuple[str, int], list[int]] = {}
+    groups: dict[tuple[torch.device, int], list[int]] = {}
     records: list[dict[str, Any]] = [{} for _ in tensors]
     specs: list[EntrySpec] = []
     for i, t in enumerate(tensors):
@@ -90,7 +90,7 @@ def _plan_group(group: list[torch.Tensor], members: list[int], records: list[dic
     base, end = min(starts), max(ends)
     span = torch.empty(0, dtype=torch.uint8, device=first.device)
     span.set_(first.untyped_storage(), base, (end - base,), (1,))
-    entry = _add(specs, torch.uint8, (end - base,), span)
+    entry = _add(specs, torch.uint8, (int(end - base),), span)
     for i, t, lo in zip(members, group, starts):
         records[i] = {**_compact(t, entry), "stride": list(t.stride()), "offset": lo - base}
 

@@ -77,7 +77,7 @@ def write_entries(out: WritableFile, entries: list[Entry], metadata: dict[str, s
     out.write(memoryview(header))
     crcs = []
     for entry in entries:
-        view = memoryview(entry.data.numpy()) if entry.nbytes else memoryview(b"")
+        view = memoryview(entry.data.numpy()) if entry.nbytes else memoryview(b"")  # type: ignore[arg-type]
         crc = 0
         for start in range(0, entry.nbytes, CHUNK):
             chunk = view[start:start + CHUNK]

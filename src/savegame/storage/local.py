@@ -76,16 +76,18 @@ class LocalStorage:
         return _LocalWrite(fd, full)
 
     def open_read(self, path: str) -> BinaryIO:
-        return self._call(lambda p: open(p, "rb"), "open", path)
+        handle: BinaryIO = self._call(lambda p: open(p, "rb"), "open", path)
+        return handle
 
     def size(self, path: str) -> int:
-        return self._call(os.path.getsize, "stat", path)
+        return int(self._call(os.path.getsize, "stat", path))
 
     def read_bytes(self, path: str) -> bytes:
         def read(p: str) -> bytes:
             with open(p, "rb") as f:
                 return f.read()
-        return self._call(read, "read", path)
+        data: bytes = self._call(read, "read", path)
+        return data
 
     def exists(self, path: str) -> bool:
         return os.path.exists(self._p(path))
