@@ -1,0 +1,101 @@
+"""``plot``: a run's metrics history (``metrics.jsonl``) as an image, one panel per metric."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import click
+
+from savegame.cli._common import CliError, atomic_output, console
+from savegame.format import names as n
+
+History = dict[str, dict[int, float]]  # metric -> step -> value (the last recorded for that step)
+
+
+def read_history(run_dir: str) -> tuple[History, int]:
+    """Every metric by step, and how many lines could not be read (a torn last line after a crash)."""
+    path = os.path.join(run_dir, n.HISTORY_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise CliError(f"{run_dir}: no {n.HISTORY_FILE} (no checkpoint was saved with metrics here)") from None
+    history: History = {}
+    skipped = 0
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            step, metrics = int(record["step"]), record.get("metrics") or {}
+            for name, value in metrics.items():
+                history.setdefault(name, {})[step] = _float(value)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            skipped += 1
+    return history, skipped
+
+
+def _float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
+    return float(value)  # "nan", "inf" and "-inf" are how the history writes non-finite values
+
+
+@click.command("plot")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "target", required=True, type=click.Path(dir_okay=False),
+              help="Image file (.png, .svg, .pdf ...: any format matplotlib writes).")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME", help="Plot only this metric (repeatable).")
+def plot(run_dir: str, target: str, metrics: tuple[str, ...]) -> None:
+    """Plot the metrics history of RUN_DIR against the step, one panel per metric."""
+    history, skipped = read_history(run_dir)
+    missing = [m for m in metrics if m not in history]
+    if missing:
+        raise CliError(f"no metric {', '.join(map(repr, missing))} in {run_dir}; "
+                       f"it has {', '.join(history) or 'none'}")
+    names = list(metrics) or list(history)
+    if not names:
+        raise CliError(f"{run_dir}: {n.HISTORY_FILE} holds no metrics")
+    fmt = os.path.splitext(target)[1].lstrip(".").lower() or "png"
+    figure = draw(run_dir, history, names)
+    with atomic_output(target) as tmp:
+        try:
+            figure.savefig(tmp, format=fmt, dpi=110)
+        except ValueError as exc:  # an unknown format
+            raise CliError(f"--to {target!r}: {exc}") from exc
+    out = console()
+    out.print(f"plotted {', '.join(names)} ({sum(len(history[m]) for m in names)} points) to {target}")
+    if skipped:
+        out.print(f"note: skipped {skipped} unreadable line(s) of {n.HISTORY_FILE}")
+
+
+def draw(run_dir: str, history: History, names: list[str]) -> Any:
+    # The object-oriented API with the Agg canvas: no pyplot, no global backend, no display needed.
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as exc:
+        raise CliError(f"plot needs matplotlib ({exc}): pip install 'savegame[plot]'") from exc
+
+    figure = Figure(figsize=(8, 2.4 * len(names) + 0.6), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(len(names), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, name in zip(axes, names):
+        points = sorted(history[name].items())
+        steps = [s for s, _ in points]
+        values = [v if math.isfinite(v) else math.nan for _, v in points]
+        ax.plot(steps, values, marker="o" if len(points) <= 50 else None, markersize=3, linewidth=1.2)
+        bad = [s for s, v in points if not math.isfinite(v)]
+        if bad:
+            ax.plot(bad, [0] * len(bad), "x", color="red", transform=ax.get_xaxis_transform(), label="nan/inf")
+            ax.legend(loc="best", fontsize="small")
+        ax.set_ylabel(name)
+        ax.grid(True, alpha=0.3)
+    axes[-1].set_xlabel("step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.suptitle(os.path.basename(os.path.abspath(run_dir)))
+    return figure

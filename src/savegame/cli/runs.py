@@ -1,0 +1,254 @@
+"""Verbs over a run directory: ``ls``, ``verify``, ``prune``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import click
+from rich.text import Text
+
+from savegame import policies, reader
+from savegame.cli._common import (
+    FINDING,
+    CliError,
+    console,
+    disk_bytes,
+    echo_json,
+    human_age,
+    human_bytes,
+    is_checkpoint_dir,
+    metrics_text,
+    new_table,
+    number,
+    progress,
+)
+from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
+from savegame.format import names as n
+from savegame.format.tensorfile import read_header
+from savegame.run_dir import RunDir, RunLock, parse_step
+from savegame.storage.local import LocalStorage
+
+RUN_DIR = click.Path(exists=True, file_okay=False)
+
+
+@dataclass
+class Row:
+    """One checkpoint of a run as listed: what its manifest says, or why it cannot be read."""
+
+    name: str
+    path: str
+    step: int
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    time: float | None = None
+    bytes: int = 0
+    pinned: bool = False
+    aliases: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    def record(self) -> policies.CheckpointRecord:
+        when = self.time if self.time is not None else _mtime(self.path)
+        return policies.CheckpointRecord(step=self.step, name=self.name, time=when, epoch=self.epoch,
+                                         metrics=self.metrics, pinned=self.pinned)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "path": self.path, "step": self.step, "epoch": self.epoch,
+                "metrics": self.metrics, "time": self.time, "bytes": self.bytes, "pinned": self.pinned,
+                "aliases": self.aliases, "damaged": bool(self.problems), "problems": self.problems}
+
+
+def scan(run_dir: str, *, full: bool = False) -> list[Row]:
+    """Every checkpoint of ``run_dir``, oldest first, damaged ones included (with their problems).
+
+    Without ``full`` only the manifest and the tensor file headers are checked (cheap:
+    catches missing files, truncation and a damaged manifest); ``full`` checks every byte.
+    """
+    storage = LocalStorage(run_dir)
+    run = RunDir(storage)
+    by_target: dict[str, list[str]] = {}
+    for alias, target in sorted(run.aliases().items()):
+        by_target.setdefault(target, []).append(alias)
+    rows = []
+    for name in run.names():
+        path = os.path.join(run_dir, name)
+        row = Row(name, path, parse_step(name) or 0, bytes=disk_bytes(path), aliases=by_target.get(name, []))
+        try:
+            doc = reader.read_manifest(storage, name)
+            meta = reader.decode_meta(doc)
+            row.epoch, row.metrics, row.time = meta["epoch"], dict(meta["metrics"] or {}), meta["time"]
+            row.pinned = doc.get(n.M_PINNED) is True
+            row.problems = reader.verify_checkpoint(storage, name) if full else quick_check(storage, name, doc)
+        except CorruptCheckpointError as exc:
+            row.problems = [str(exc)]
+        rows.append(row)
+    return rows
+
+
+def quick_check(storage: LocalStorage, name: str, doc: dict[str, Any]) -> list[str]:
+    """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
+    problems = []
+    for file, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS]):
+        where = f"{storage.root}/{name}/{file}"
+        try:
+            size = storage.size(f"{name}/{file}")
+            with storage.open_read(f"{name}/{file}") as f:
+                start, _ = read_header(f, size, where, crc)
+            end = max((e["end"] for e in doc[n.M_ENTRIES] if e["file"] == file), default=0)
+            if start + end > size:
+                problems.append(f"{where}: truncated ({size} bytes, needs {start + end})")
+        except (CorruptCheckpointError, StorageError) as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def _mtime(path: str) -> float:
+    try:
+        return os.path.getmtime(path)
+    except OSError:
+        return 0.0
+
+
+# -- ls ------------------------------------------------------------------------------------
+
+@click.command("ls")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list (oldest first) instead of a table.")
+@click.option("--verify", "full", is_flag=True, help="Check every byte, not only manifests and headers.")
+def ls(run_dir: str, as_json: bool, full: bool) -> None:
+    """List the checkpoints of RUN_DIR, oldest first; damaged ones are marked, not hidden."""
+    rows = scan(run_dir, full=full)
+    if as_json:
+        echo_json([row.to_json() for row in rows])
+        return
+    out = console()
+    if not rows:
+        out.print(f"no checkpoints in {run_dir}")
+        return
+    table = new_table(f"{run_dir}: {len(rows)} checkpoint(s)", "checkpoint", "step", "epoch", "metrics", "size",
+                      "age", "aliases", "status", right=("step", "epoch", "size", "age"))
+    for row in rows:
+        status = Text("DAMAGED", style="bold red") if row.problems else Text("pinned" if row.pinned else "")
+        table.add_row(row.name, str(row.step), number(row.epoch) if row.epoch is not None else "",
+                      metrics_text(row.metrics), human_bytes(row.bytes), human_age(row.time),
+                      ", ".join(row.aliases), status)
+    out.print(table)
+    for row in rows:
+        for problem in row.problems:
+            out.print(Text(f"damaged {row.name}: {problem}", style="red"))
+
+
+# -- verify --------------------------------------------------------------------------------
+
+@click.command("verify")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+def verify(path: str) -> None:
+    """Check every byte of PATH (a run directory: all its checkpoints; or one checkpoint directory).
+
+    Exits 0 when everything is intact, 1 when a checkpoint is damaged.
+    """
+    if is_checkpoint_dir(path):
+        full = os.path.abspath(path)
+        storage, names = LocalStorage(os.path.dirname(full)), [os.path.basename(full)]
+    else:
+        storage = LocalStorage(path)
+        names = RunDir(storage).names()
+        if not names:
+            raise CliError(f"{path}: no savegame checkpoint in this directory")
+    sizes = {name: disk_bytes(os.path.join(storage.root, name)) for name in names}
+    out, bad = console(), 0
+    with progress(sum(sizes.values())) as bar:
+        task = bar.add_task("verifying", total=sum(sizes.values()))
+        for name in names:
+            bar.update(task, description=f"verifying {name}")
+            problems = reader.verify_checkpoint(storage, name)
+            bar.advance(task, sizes[name])
+            if problems:
+                bad += 1
+                out.print(Text(f"DAMAGED {name}: " + "; ".join(problems), style="bold red"))
+            else:
+                out.print(f"ok      {name} ({human_bytes(sizes[name])})")
+    if bad:
+        out.print(Text(f"{bad} of {len(names)} checkpoint(s) damaged", style="bold red"))
+        click.get_current_context().exit(FINDING)
+    out.print(f"all {len(names)} checkpoint(s) intact")
+
+
+# -- prune ---------------------------------------------------------------------------------
+
+@click.command("prune")
+@click.argument("run_dir", type=RUN_DIR)
+@click.option("--keep-last", type=click.IntRange(min=1), required=True, metavar="N",
+              help="Keep the N newest checkpoints (besides best and pinned ones).")
+@click.option("--dry-run", is_flag=True, help="Only print what would be deleted.")
+def prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
+    """Delete the checkpoints of RUN_DIR except the newest N, the best ones and pinned ones.
+
+    Takes the run directory's writer lock: it refuses to run while a trainer writes there.
+    """
+    lock = None
+    if not dry_run:
+        lock = RunLock(run_dir)
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            raise CliError(f"{run_dir} is locked: a trainer (or another savegame command) is writing to it; "
+                           "prune after it stops, or see what would go with --dry-run") from exc
+    try:
+        _prune(run_dir, keep_last, dry_run)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def plan_prune(rows: list[Row], keep_last: int) -> tuple[set[str], dict[str, str]]:
+    """(names to delete, why each checkpoint is kept or deleted).
+
+    Kept: the ``keep_last`` newest intact checkpoints, best-alias targets, pinned ones,
+    and the newest checkpoint whatever its state (the library never deletes that one).
+    """
+    records = [row.record() for row in rows]
+    intact = {row.name for row in rows if not row.problems}
+    why: dict[str, list[str]] = {row.name: [] for row in rows}
+    newest: policies.Policy = lambda recs: policies.keep_last(keep_last)([r for r in recs if r.name in intact])
+    for name in newest(records):
+        why[name].append(f"newest {keep_last}")
+    for name in policies.keep_pinned()(records):
+        why[name].append("pinned")
+    for row in rows:
+        why[row.name] += [f"alias {a}" for a in row.aliases if a == "best" or a.startswith("best:")]
+    best = {row.name for row in rows if any(r.startswith("alias") for r in why[row.name])}
+    doomed = set(policies.to_delete(records, [newest, policies.keep_pinned()], protected=best))
+    reasons = {}
+    for row in rows:
+        if row.name in doomed:
+            reasons[row.name] = "damaged" if row.problems else f"older than the newest {keep_last}"
+        else:
+            reasons[row.name] = ", ".join(why[row.name]) or "newest checkpoint"
+    return doomed, reasons
+
+
+def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
+    rows = scan(run_dir)
+    doomed, reasons = plan_prune(rows, keep_last)
+    out = console()
+    table = new_table(f"{run_dir}: prune --keep-last {keep_last}" + (" (dry run)" if dry_run else ""),
+                      "checkpoint", "step", "size", "action", "why", right=("step", "size"))
+    for row in rows:
+        action = Text("delete", style="red") if row.name in doomed else Text("keep", style="green")
+        table.add_row(row.name, str(row.step), human_bytes(row.bytes), action, reasons[row.name])
+    out.print(table)
+    freed = sum(row.bytes for row in rows if row.name in doomed)
+    if not doomed:
+        out.print(f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
+        return
+    if dry_run:
+        out.print(f"would delete {len(doomed)} checkpoint(s), {human_bytes(freed)}; nothing was deleted (dry run)")
+        return
+    storage = LocalStorage(run_dir)
+    run = RunDir(storage)
+    for row in rows:
+        if row.name in doomed:
+            run.commit.delete(storage, row.name)
+    out.print(f"deleted {len(doomed)} checkpoint(s), freed {human_bytes(freed)}")

@@ -1,0 +1,27 @@
+"""A bare model state dict: ``torch.save(model.state_dict(), path)`` (or a .safetensors file).
+
+Keys lose ``_orig_mod.`` segments (torch.compile) and a ``module.`` prefix that
+all of them share (DataParallel / DDP). There is no step, RNG or optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from savegame.migrate.draft import Draft, ForeignCheckpoint
+
+LAYOUT = "state-dict"
+
+
+def matches(checkpoint: Mapping[Any, Any]) -> bool:
+    return bool(checkpoint) and all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                    for k, v in checkpoint.items())
+
+
+def convert(checkpoint: Mapping[str, Any]) -> ForeignCheckpoint:
+    draft = Draft()
+    draft.model("(the whole file)", checkpoint)
+    return draft.finish(LAYOUT)

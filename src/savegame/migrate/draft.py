@@ -1,0 +1,206 @@
+"""The result of an import, and the bookkeeping every importer shares.
+
+An importer walks the foreign checkpoint and tells a :class:`Draft` where each
+piece goes; every foreign key ends up either in ``mapped`` (with where it went)
+or in ``left_out``, so the user sees exactly what was and was not carried over.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from savegame.errors import CorruptCheckpointError
+from savegame.keys import canonical_state
+from savegame.migrate import rng_convert
+
+
+@dataclass(frozen=True)
+class ForeignCheckpoint:
+    """A foreign checkpoint translated into savegame's state tree.
+
+    ``tree`` is exactly the tree of docs/design.md: ``{"state": {name: state_dict},
+    "rng": {...only the generators the file saved...}, "run": {"best": {...},
+    "early_stopping": {...} | None}}``. ``mapped`` says where each foreign key went
+    ("model_state_dict -> state.model"); ``left_out`` lists what was not carried over.
+    """
+
+    layout: str
+    tree: dict[str, Any]
+    step: int
+    epoch: int | None
+    metrics: dict[str, float]
+    mapped: list[str]
+    left_out: list[str]
+
+
+@dataclass
+class Draft:
+    """An import in progress: what went where, and what was left out."""
+
+    state: dict[str, Any] = field(default_factory=dict)
+    rng: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, tuple[str, list[tuple[float, int | None]]]] = field(default_factory=dict)
+    early_stopping: dict[str, Any] | None = None
+    bad_epochs: int | None = None  # a bare "epochs without improvement" count, resolved in finish()
+    step: int | None = None
+    epoch: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    mapped: list[str] = field(default_factory=list)
+    left_out: list[str] = field(default_factory=list)
+
+    def map(self, source: str, target: str) -> None:
+        self.mapped.append(f"{source} -> {target}")
+
+    def leave_out(self, source: str, why: str = "") -> None:
+        self.left_out.append(f"{source} ({why})" if why else source)
+
+    def model(self, source: str, value: Any, name: str = "model") -> None:
+        """A model state dict, stored under canonical keys (no _orig_mod., no common module.)."""
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise CorruptCheckpointError(f"{source} is not a model state dict (str -> tensor)")
+        self._put(name, canonical_state(value), source)
+
+    def obj(self, source: str, value: Any, name: str) -> None:
+        """The state dict of an optimizer, scheduler, scaler, ...; None means the tool saved none."""
+        if value is None:
+            self.leave_out(source, "None")
+            return
+        if not isinstance(value, Mapping):
+            raise CorruptCheckpointError(f"{source} is a {type(value).__name__}, not a state dict")
+        self._put(name, dict(value), source)
+
+    def numbered(self, source: str, values: Any, base: str) -> None:
+        """A list of state dicts -> base, base_1, base_2, ..."""
+        if not isinstance(values, (list, tuple)):
+            raise CorruptCheckpointError(f"{source} is a {type(values).__name__}, not a list of state dicts")
+        for i, value in enumerate(values):
+            self.obj(f"{source}[{i}]", value, base if i == 0 else f"{base}_{i}")
+
+    def _put(self, name: str, value: dict[str, Any], source: str) -> None:
+        if name in self.state:
+            raise CorruptCheckpointError(f"{source} would replace state.{name}, which was already imported")
+        self.state[name] = value
+        self.map(source, f"state.{name}")
+
+    def put_rng(self, kind: str, source: str, value: Any) -> None:
+        convert = {"python": rng_convert.python_state, "numpy": rng_convert.numpy_state,
+                   "torch": rng_convert.torch_state, "cuda": rng_convert.cuda_states}[kind]
+        self.rng[kind] = convert(value, source)
+        self.map(source, f"rng.{kind}")
+
+    def set_step(self, source: str, value: Any) -> None:
+        self.step = as_count(value, source)
+        self.map(source, "step")
+
+    def set_epoch(self, source: str, value: Any) -> None:
+        if isinstance(value, float) and math.isfinite(value) and value >= 0:
+            value = math.floor(value)  # tools that count fractional epochs (HF Trainer)
+        self.epoch = as_count(value, source)
+        self.map(source, "epoch")
+
+    def metric(self, source: str, value: Any, name: str) -> None:
+        number = as_float(value)
+        if number is None:
+            self.leave_out(source, "not a number")
+            return
+        self.metrics[name] = number
+        self.map(source, f"metrics.{name}")
+
+    def best_value(self, source: str, value: Any, metric: str, mode: str, step: int | None = None) -> None:
+        """One best value of ``metric``; ``step`` None means "the import's step" (tools rarely record it)."""
+        self.best_entries(source, [(value, step)], metric, mode)
+
+    def best_entries(self, source: str, entries: Sequence[tuple[Any, int | None]], metric: str, mode: str) -> None:
+        kept = [(v, s) for v, s in ((as_float(v), s) for v, s in entries) if v is not None and math.isfinite(v)]
+        if not kept:
+            self.leave_out(source, "no finite best value")
+            return
+        self.best[metric] = (mode, kept)
+        self.map(source, f"run.best.{metric}")
+
+    def finish(self, layout: str, *, step_from_epoch: bool = False) -> ForeignCheckpoint:
+        """The ForeignCheckpoint; ``step_from_epoch``: a tool that counts epochs only uses the epoch as step."""
+        if self.step is None and step_from_epoch and self.epoch is not None:
+            self.step = self.epoch
+            self.map("epoch", "step (the tool counts epochs only)")
+        step = 0 if self.step is None else self.step
+        best = {m: {"mode": mode, "entries": _ranked(entries, mode, step)} for m, (mode, entries) in self.best.items()}
+        if self.bad_epochs is not None and self.early_stopping is None:
+            self.early_stopping = _from_count(self.bad_epochs, best, step)
+        tree = {"state": self.state, "rng": self.rng, "run": {"best": best, "early_stopping": self.early_stopping}}
+        return ForeignCheckpoint(layout=layout, tree=tree, step=step, epoch=self.epoch, metrics=dict(self.metrics),
+                                 mapped=list(self.mapped), left_out=list(self.left_out))
+
+
+def early_stopping_state(metric: str, mode: str, *, best: float | None, best_step: int | None, bad_epochs: int,
+                         patience: int | None = None, stopped: bool = False) -> dict[str, Any]:
+    """The shape ``savegame.EarlyStopping.state_dict()`` has, plus ``metric``/``mode`` at the top.
+
+    ``config.patience`` is the foreign tool's patience when it recorded one, else
+    None; the EarlyStopping the run resumes with decides its own patience anyway.
+    """
+    return {"metric": metric, "mode": mode, "best": best, "best_step": best_step, "bad_epochs": bad_epochs,
+            "smoothed": None, "stopped": stopped,
+            "config": {"metric": metric, "mode": mode, "patience": patience, "min_delta": 0.0, "smoothing": None}}
+
+
+def _from_count(count: int, best: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """Early stopping from a bare count: it tracks pck when a best pck exists, else val_loss (seed 001's rule)."""
+    metric = "pck" if "pck" in best else "val_loss"
+    mode = "max" if metric == "pck" else "min"
+    held = best.get(metric, {}).get("entries") or [[None, None]]
+    return early_stopping_state(metric, mode, best=held[0][0], best_step=held[0][1], bad_epochs=count)
+
+
+def _ranked(entries: list[tuple[float, int | None]], mode: str, step: int) -> list[list[Any]]:
+    filled = [(v, step if s is None else s) for v, s in entries]
+    filled.sort(key=lambda e: (e[0] if mode == "min" else -e[0], -e[1]))
+    return [[v, s] for v, s in filled]
+
+
+def as_float(value: Any) -> float | None:
+    """A plain float of a number, a NumPy scalar or a one-element tensor; None for anything else."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            return None
+        value = value.item()
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    return float(value)
+
+
+def as_count(value: Any, source: str) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, np.integer):
+        value = int(value)
+    if type(value) is not int or value < 0:
+        raise CorruptCheckpointError(f"{source} is {value!r}, not a non-negative int")
+    return value
+
+
+Rule = Callable[[Draft, str, Any], None]
+
+
+def apply_rules(draft: Draft, checkpoint: Mapping[Any, Any], rules: Mapping[str, Rule]) -> None:
+    """Send each top-level key through its rule; keys without one are left out."""
+    for key, value in checkpoint.items():
+        rule = rules.get(key) if isinstance(key, str) else None
+        if rule is None:
+            draft.leave_out(str(key))
+        else:
+            rule(draft, str(key), value)
+
+
+def marker(draft: Draft, source: str, value: Any) -> None:
+    """A key that only identifies the layout (format_version, a tool's version string)."""
+    draft.map(source, f"(layout marker {value!r})")

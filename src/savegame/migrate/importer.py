@@ -1,0 +1,159 @@
+"""``import_checkpoint``: detect a foreign checkpoint's layout and translate it.
+
+Files are read with :func:`~.safe_load.safe_torch_load` (never full unpickling).
+A file that needs a refused global is refused unless the caller opts in:
+
+* ``trust=True``: the file's globals are imported and allowed (see safe_load);
+* ``drop_unsafe=True``: objects that need a refused global are replaced by inert
+  stand-ins (nothing is imported or called) and dropped; the import fails if any
+  of them was needed for the state it imports rather than for a left-out key.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from savegame.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    SavegameError,
+    UnsafeCheckpointError,
+)
+from savegame.migrate import (
+    accelerate,
+    bare_state_dict,
+    flat_rng,
+    format_v1,
+    hf_trainer,
+    lightning,
+    nested_rng,
+    state_dicts,
+)
+from savegame.migrate.draft import ForeignCheckpoint
+from savegame.migrate.safe_load import load_with_stand_ins, safe_torch_load, stand_ins_in
+from savegame.migrate.weights import load_weights
+
+log = logging.getLogger("savegame.migrate")
+
+# Most specific first: every layout below has a "model"-like key the later ones also match.
+FILE_LAYOUTS = (lightning, format_v1, state_dicts, nested_rng, flat_rng, bare_state_dict)
+DIRECTORY_LAYOUTS = (hf_trainer, accelerate)
+LAYOUTS = tuple(m.LAYOUT for m in (*FILE_LAYOUTS, *DIRECTORY_LAYOUTS))
+
+
+def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool = False) -> ForeignCheckpoint:
+    """Translate the foreign checkpoint file or directory ``src`` into a savegame state tree.
+
+    Raises CheckpointNotFoundError if ``src`` does not exist, ConfigurationError for
+    an unrecognised layout (naming the keys or files found), UnsafeCheckpointError
+    for a file that needs a global outside the allowlist (naming it and where it
+    sits), CorruptCheckpointError for damaged files and malformed states.
+    """
+    for name, flag in (("trust", trust), ("drop_unsafe", drop_unsafe)):
+        if not isinstance(flag, bool):
+            raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
+    path = Path(src)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"{path} does not exist")
+    loader = _Loader(trust=trust, drop_unsafe=drop_unsafe)
+    try:
+        result = _import_directory(path, loader) if path.is_dir() else _import_file(path, loader)
+    except CorruptCheckpointError as exc:
+        if loader.dropped:  # the "malformed" value is most likely one drop_unsafe replaced
+            raise UnsafeCheckpointError(f"{exc}; note that drop_unsafe=True dropped "
+                                        f"{loader.describe_dropped()}, which the import needs") from exc
+        raise
+    result = loader.check(result)
+    log.info("imported %s as %s: step %d, %d states, left out: %s", path, result.layout, result.step,
+             len(result.tree["state"]), ", ".join(result.left_out) or "nothing")
+    return result
+
+
+def _import_file(path: Path, loader: _Loader) -> ForeignCheckpoint:
+    if path.suffix == ".safetensors":
+        state, _ = load_weights(path, loader)
+        return bare_state_dict.convert(state)
+    checkpoint = loader(path)
+    if not isinstance(checkpoint, Mapping):
+        raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, not a dict: not a checkpoint "
+                                 f"layout savegame can import (supported: {', '.join(LAYOUTS)})")
+    for layout in FILE_LAYOUTS:
+        if layout.matches(checkpoint):
+            with _malformed(path, layout.LAYOUT):
+                return layout.convert(checkpoint)
+    keys = ", ".join(sorted(repr(k) for k in checkpoint)[:40]) or "none"
+    raise ConfigurationError(f"{path}: unknown checkpoint layout; its top-level keys are {keys}. Supported "
+                             f"layouts: {', '.join(LAYOUTS)} (see docs/migrate.md)")
+
+
+def _import_directory(path: Path, loader: _Loader) -> ForeignCheckpoint:
+    for layout in DIRECTORY_LAYOUTS:
+        if layout.matches(path):
+            with _malformed(path, layout.LAYOUT):
+                return layout.convert(path, loader)
+    files = ", ".join(sorted(p.name for p in path.iterdir())[:40]) or "none"
+    raise ConfigurationError(f"{path}: unknown checkpoint directory layout; its files are {files}. Supported "
+                             f"directories: Hugging Face Trainer checkpoint-N/ (trainer_state.json) and "
+                             f"Accelerate save_state (random_states_0.pkl)")
+
+
+@contextmanager
+def _malformed(path: Path, layout: str) -> Iterator[None]:
+    """Foreign data of the right layout but an unexpected shape is a damaged checkpoint."""
+    try:
+        yield
+    except SavegameError:
+        raise
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise CorruptCheckpointError(f"{path} looks like a {layout} checkpoint but a value in it has an "
+                                     f"unexpected shape: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class _Loader:
+    """Reads each torch file of one import with the import's trust settings; remembers what it dropped."""
+
+    trust: bool
+    drop_unsafe: bool
+    dropped: list[tuple[str, str, str]] = field(default_factory=list)  # (file, where, global)
+
+    def __call__(self, file: Path) -> Any:
+        try:
+            return safe_torch_load(file, trust=self.trust)
+        except UnsafeCheckpointError as refusal:
+            if self.trust:
+                raise
+            try:
+                loaded = load_with_stand_ins(file)
+            except UnsafeCheckpointError:
+                raise refusal from None  # a module torch blocks outright: the first message says it all
+            found = list(stand_ins_in(loaded))
+            if not self.drop_unsafe:
+                where = "; ".join(f"{name} at {place}" for place, name in found[:8])
+                raise UnsafeCheckpointError(
+                    f"{refusal} It sits at: {where}. To import without those objects (they are never "
+                    "constructed) pass drop_unsafe=True (savegame import --drop-unsafe).") from refusal
+            self.dropped += [(file.name, place, name) for place, name in found]
+            log.warning("drop_unsafe=True: not loading %s", self.describe_dropped())
+            return loaded
+
+    def describe_dropped(self) -> str:
+        return "; ".join(f"{name} at {file}:{place}" for file, place, name in self.dropped[:8])
+
+    def check(self, result: ForeignCheckpoint) -> ForeignCheckpoint:
+        """Refuse a result that still holds a stand-in; report what was dropped."""
+        needed = list(stand_ins_in(result.tree, "tree"))
+        if needed:
+            where = "; ".join(f"{name} at {place}" for place, name in needed[:8])
+            raise UnsafeCheckpointError(
+                f"the imported state needs objects savegame does not load ({where}); drop_unsafe=True drops "
+                "only objects under keys the import leaves out. Pass trust=True only if you trust the "
+                "file's author.")
+        notes = [f"{file}: {place} (needs {name}; dropped, never loaded)" for file, place, name in self.dropped]
+        return replace(result, left_out=[*result.left_out, *notes]) if notes else result

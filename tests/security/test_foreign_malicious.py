@@ -1,0 +1,348 @@
+"""Hostile foreign files: loading never runs their code.
+
+Every payload, if it ever ran, would create a sentinel file. Each is saved both
+as a torch.save zip (read with safe_torch_load / import_checkpoint) and as a raw
+pickle (read with safe_pickle_load), at several places in the structure; each
+load must raise UnsafeCheckpointError naming the global, and the sentinel must
+never appear, with or without trust=True.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import pickle
+import subprocess
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+
+from savegame.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    SavegameError,
+    UnsafeCheckpointError,
+)
+from savegame.migrate import import_checkpoint, safe_pickle_load, safe_torch_load
+from tests.helpers import make_state, train_steps
+
+try:
+    from numpy._core import multiarray as np_multiarray
+except ImportError:  # NumPy 1.x
+    from numpy.core import multiarray as np_multiarray  # type: ignore[no-redef]
+
+SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+class Payload:
+    """Unpickling this calls ``func(*args)``: the classic pickle code-execution gadget."""
+
+    def __init__(self, func: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self) -> Any:
+        return (self.func, self.args)
+
+
+def _code(sentinel: Path) -> str:
+    return f"open({str(sentinel)!r}, 'w').close()"
+
+
+# name -> (payload builder, the global name the error must mention)
+PAYLOADS: dict[str, tuple[Callable[[Path], Payload], str]] = {
+    "os.system": (lambda s: Payload(os.system, (f"touch {s}",)), f"{os.name}.system"),  # pickled as posix.system
+    "os.popen": (lambda s: Payload(os.popen, (f"touch {s}",)), "os.popen"),
+    "subprocess.call": (lambda s: Payload(subprocess.call, (["touch", str(s)],)), "subprocess.call"),
+    "subprocess.Popen": (lambda s: Payload(subprocess.Popen, (["touch", str(s)],)), "subprocess.Popen"),
+    "eval": (lambda s: Payload(eval, (_code(s),)), "eval"),
+    "builtins.exec": (lambda s: Payload(exec, (_code(s),)), "exec"),
+}
+
+
+def _optimizer_state(evil: Payload) -> dict[str, Any]:
+    state = make_state(0)
+    train_steps(state, 1)
+    sd = state["optimizer"].state_dict()
+    sd["state"][0]["exp_avg"] = evil
+    return {"model": state["model"].state_dict(), "optimizer": sd, "epoch": 1}
+
+
+PLACES: dict[str, Callable[[Payload], Any]] = {
+    "top": lambda evil: evil,
+    "dict": lambda evil: {"model": {"w": torch.ones(2)}, "extra": {"deep": {"er": evil}}},
+    "list": lambda evil: {"model": {"w": torch.ones(2)}, "history": [1, 2.0, [evil]]},
+    "dict-key": lambda evil: {"model": {"w": torch.ones(2)}, "lookup": {evil: 1}},
+    "optimizer-state": _optimizer_state,
+}
+
+
+@pytest.fixture
+def sentinel(tmp_path: Path) -> Path:
+    path = tmp_path / "PWNED"
+    yield path
+    assert not path.exists(), "a payload ran"
+
+
+def _write_torch(obj: Any, path: Path) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _write_pickle(obj: Any, path: Path, protocol: int = 2) -> Path:
+    path.write_bytes(pickle.dumps(obj, protocol=protocol))
+    return path
+
+
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_torch_file_payload_refused(tmp_path: Path, sentinel: Path, payload: str, place: str) -> None:
+    build, name = PAYLOADS[payload]
+    path = _write_torch(PLACES[place](build(sentinel)), tmp_path / "evil.pt")
+    for trust in (False, True):
+        with pytest.raises(UnsafeCheckpointError, match=name):
+            safe_torch_load(path, trust=trust)
+    with pytest.raises(UnsafeCheckpointError, match=name):
+        import_checkpoint(path)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+@pytest.mark.parametrize("place", PLACES)
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_raw_pickle_payload_refused(tmp_path: Path, sentinel: Path, payload: str, place: str, protocol: int) -> None:
+    build, name = PAYLOADS[payload]
+    path = _write_pickle(PLACES[place](build(sentinel)), tmp_path / "random_states_0.pkl", protocol)
+    with pytest.raises(UnsafeCheckpointError, match=name):
+        safe_pickle_load(path)
+
+
+@pytest.mark.parametrize("payload", ["subprocess.call", "eval", "builtins.exec"])
+def test_drop_unsafe_never_keeps_payloads_in_imported_state(tmp_path: Path, sentinel: Path, payload: str) -> None:
+    build, name = PAYLOADS[payload]
+    path = _write_torch(_optimizer_state(build(sentinel)), tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match=rf"{name}.*'optimizer'"):
+        import_checkpoint(path, drop_unsafe=True)
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_drop_unsafe_in_left_out_key_imports_without_running(tmp_path: Path, sentinel: Path, payload: str) -> None:
+    build, name = PAYLOADS[payload]
+    state = make_state(0)
+    path = _write_torch({"model": state["model"].state_dict(), "epoch": 1, "args": build(sentinel)},
+                        tmp_path / "evil.pt")
+    if payload in ("os.system", "os.popen"):  # torch blocks the os modules outright: always refused
+        with pytest.raises(UnsafeCheckpointError, match=name):
+            import_checkpoint(path, drop_unsafe=True)
+        return
+    result = import_checkpoint(path, drop_unsafe=True)
+    assert "args" in result.left_out and any(name in line for line in result.left_out)
+
+
+def test_storage_bytes_smuggling_a_payload(tmp_path: Path, sentinel: Path) -> None:
+    """torch.storage._load_from_bytes unpickles its bytes without restriction; ours must not."""
+    inner = pickle.dumps(PAYLOADS["subprocess.call"][0](sentinel), protocol=2)
+    blob = b"".join(pickle.dumps(x, protocol=2) for x in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}))
+    evil = Payload(torch.storage._load_from_bytes, (blob + inner,))
+    path = _write_pickle({"torch_manual_seed": evil}, tmp_path / "random_states_0.pkl")
+    with pytest.raises(UnsafeCheckpointError, match="subprocess.call"):
+        safe_pickle_load(path)
+    with pytest.raises(UnsafeCheckpointError, match="_load_from_bytes"):
+        safe_torch_load(_write_torch({"torch_manual_seed": evil}, tmp_path / "evil.pt"))
+
+
+# --- NumPy: the allowlisted names must not become gadgets -------------------------------
+
+class TamperedDtype:
+    """A uint64 dtype whose pickled state claims it holds Python objects.
+
+    NumPy's own ``dtype.__setstate__`` accepts the forged flags on a copied dtype
+    (``hasobject`` becomes True on a uint64), leaving an array built on it in an
+    inconsistent state; allowlisting numpy.dtype and its classes as-is lets a
+    pickle do exactly this.
+    """
+
+    def __init__(self, copy: bool = True, flags: int = 1) -> None:
+        self.copy, self.flags = copy, flags
+
+    def __reduce__(self) -> Any:
+        return (np.dtype, ("u8", False, self.copy), (3, "<", None, None, None, -1, -1, self.flags))
+
+
+class TamperedArray:
+    """An array whose raw bytes would be taken for object pointers through a tampered dtype."""
+
+    def __reduce__(self) -> Any:
+        return (np_multiarray._reconstruct, (np.ndarray, (0,), b"b"), (1, (1,), TamperedDtype(), False, b"\x41" * 8))
+
+
+@pytest.mark.parametrize("obj", [TamperedDtype(copy=False), TamperedDtype(copy=True), TamperedDtype(flags=63),
+                                 TamperedArray(),
+                                 np.array([1, "x"], dtype=object), np.array(["ab"]), np.datetime64("2024-01-01")])
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_numpy_gadgets_refused(tmp_path: Path, obj: Any, fmt: str) -> None:
+    if fmt == "torch":
+        path = _write_torch({"rng": obj}, tmp_path / "x.pt")
+        load: Callable[[Path], Any] = safe_torch_load
+    else:
+        path = _write_pickle({"rng": obj}, tmp_path / "x.pkl")
+        load = safe_pickle_load
+    with pytest.raises(UnsafeCheckpointError):
+        load(path)
+    assert np.dtype("u8").flags == 0 and not np.dtype("u8").hasobject  # the shared singleton is untouched
+
+
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_numpy_values_load_as_plain_numpy(tmp_path: Path, fmt: str) -> None:
+    values = {"state": np.random.RandomState(5).get_state(), "f": np.float32(1.5), "i": np.int64(-3),
+              "a": np.arange(6, dtype=np.float64).reshape(2, 3), "b": np.array([True, False]),
+              "be": np.arange(3, dtype=">u4")}
+    path = _write_torch(values, tmp_path / "x.pt") if fmt == "torch" else _write_pickle(values, tmp_path / "x.pkl")
+    loaded = (safe_torch_load if fmt == "torch" else safe_pickle_load)(path)
+    assert type(loaded["state"][1]) is np.ndarray and np.array_equal(loaded["state"][1], values["state"][1])
+    for key in ("a", "b", "be"):
+        assert type(loaded[key]) is np.ndarray and np.array_equal(loaded[key], values[key])
+        assert loaded[key].dtype == pickle.loads(pickle.dumps(values[key])).dtype  # as NumPy itself loads it
+    assert loaded["f"] == values["f"] and type(loaded["f"]) is np.float32 and type(loaded["i"]) is np.int64
+
+
+# --- trust -------------------------------------------------------------------------------
+
+class Harmless:
+    """A benign custom class: allowed only with trust=True."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+
+def test_trust_is_an_explicit_keyword_defaulting_to_false() -> None:
+    for func in (safe_torch_load, import_checkpoint):
+        param = inspect.signature(func).parameters["trust"]
+        assert param.default is False and param.kind is inspect.Parameter.KEYWORD_ONLY
+
+
+def test_benign_custom_class_needs_trust(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = _write_torch({"model": {"w": torch.ones(2)}, "extra": Harmless(7)}, tmp_path / "c.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"Harmless.*trust=True"):
+        safe_torch_load(path)
+    with caplog.at_level(logging.WARNING, logger="savegame.migrate"):
+        loaded = safe_torch_load(path, trust=True)
+    assert isinstance(loaded["extra"], Harmless) and loaded["extra"].value == 7
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "savegame.migrate"]
+    assert warnings and "Harmless" in warnings[0].getMessage()
+    with pytest.raises(UnsafeCheckpointError):  # the allowance was for that one load only
+        safe_torch_load(path)
+
+
+def test_process_wide_safe_globals_do_not_widen_the_allowlist(tmp_path: Path) -> None:
+    path = _write_torch({"extra": Harmless(7)}, tmp_path / "c.pt")
+    before = torch.serialization.get_safe_globals()
+    torch.serialization.add_safe_globals([Harmless])
+    try:
+        assert isinstance(torch.load(path, weights_only=True)["extra"], Harmless)
+        with pytest.raises(UnsafeCheckpointError, match="Harmless"):
+            safe_torch_load(path)
+        assert Harmless in torch.serialization.get_safe_globals()  # the process's own list is restored
+    finally:
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals(before)
+
+
+def test_trust_refuses_globals_it_cannot_import(tmp_path: Path) -> None:
+    path = _write_torch({"x": Harmless(1)}, tmp_path / "c.pt")
+    with zipfile.ZipFile(path) as zf:
+        members = {n: zf.read(n) for n in zf.namelist()}
+    renamed = {n: (d.replace(b"Harmless", b"Harmlesz") if n.endswith("data.pkl") else d) for n, d in members.items()}
+    with zipfile.ZipFile(path, "w") as zf:
+        for n, d in renamed.items():
+            zf.writestr(n, d)
+    with pytest.raises(UnsafeCheckpointError, match="cannot be imported"):
+        safe_torch_load(path, trust=True)
+
+
+def test_environment_cannot_turn_weights_only_off(tmp_path: Path, sentinel: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    path = _write_torch({"x": PAYLOADS["builtins.exec"][0](sentinel)}, tmp_path / "evil.pt")
+    with pytest.raises(UnsafeCheckpointError, match="exec"):
+        safe_torch_load(path)
+
+
+def test_no_full_unpickling_anywhere_in_src() -> None:
+    needle = "weights_only=" + "False"
+    offenders = [p for p in SRC.rglob("*.py") if needle in p.read_text(encoding="utf-8")]
+    assert offenders == []
+
+
+# --- files that are not what they claim -----------------------------------------------------
+
+def test_damaged_and_wrong_files(tmp_path: Path) -> None:
+    good = _write_torch({"w": torch.ones(100)}, tmp_path / "good.pt")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.ones(2)}, legacy, _use_new_zipfile_serialization=False)
+    raw = _write_pickle({"a": 1}, tmp_path / "raw.pkl")
+    empty = tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    for path, match in ((truncated, "truncated"), (legacy, "legacy"), (raw, "plain pickle"), (empty, "empty"),
+                        (text, "not a torch.save file")):
+        with pytest.raises(CorruptCheckpointError, match=match):
+            safe_torch_load(path)
+    with pytest.raises(CheckpointNotFoundError):
+        safe_torch_load(tmp_path / "missing.pt")
+    with pytest.raises(ConfigurationError, match="directory"):
+        safe_torch_load(tmp_path)
+    with pytest.raises(CorruptCheckpointError, match="zip"):
+        safe_pickle_load(good)
+    short = tmp_path / "short.pkl"
+    short.write_bytes(raw.read_bytes()[:-3])
+    with pytest.raises(CorruptCheckpointError):
+        safe_pickle_load(short)
+    with pytest.raises(CheckpointNotFoundError):
+        safe_pickle_load(tmp_path / "missing.pkl")
+    with pytest.raises(ConfigurationError):
+        safe_pickle_load(tmp_path)
+    assert safe_pickle_load(raw) == {"a": 1}
+
+
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_deep_nesting_is_refused_not_a_crash(tmp_path: Path, fmt: str) -> None:
+    depth = 5000  # [[[...[1]...]]] built iteratively: n empty lists, then n APPENDs
+    data = b"\x80\x02" + b"]" * depth + b"K\x01" + b"a" * depth + b"."
+    if fmt == "torch":
+        path = _write_torch([1], tmp_path / "d.pt")
+        with zipfile.ZipFile(path) as zf:
+            members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, content in members:
+                zf.writestr(name, data if name.endswith("data.pkl") else content)
+    else:
+        path = tmp_path / "d.pkl"
+        path.write_bytes(data)
+    with pytest.raises(UnsafeCheckpointError, match="nested"):
+        (safe_torch_load if fmt == "torch" else safe_pickle_load)(path)
+
+
+def test_garbage_never_escapes_as_foreign_exception(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    good = _write_torch({"w": torch.ones(64), "s": np.random.get_state()}, tmp_path / "good.pt").read_bytes()
+    raw = pickle.dumps({"s": np.random.get_state(), "t": torch.ones(3)}, protocol=2)
+    for i in range(60):
+        for data, load, name in ((good, safe_torch_load, "g.pt"), (raw, safe_pickle_load, "g.pkl")):
+            mutated = bytearray(data)
+            for pos in rng.integers(0, len(mutated), size=4):
+                mutated[pos] = int(rng.integers(0, 256))
+            path = tmp_path / name
+            path.write_bytes(bytes(mutated))
+            try:
+                load(path)
+            except SavegameError:
+                pass
