@@ -6,11 +6,16 @@ The whole public API::
     info = ckpt.restore()                 # None in an empty run directory
     ckpt.save(step, epoch=epoch, metrics={"val_loss": v})
     tree = savegame.load(path)            # read-only nested dict, no model needed
+
+Data loaders that resume mid-epoch: ``savegame.DataLoader`` (drop-in for
+``torch.utils.data.DataLoader``), ``savegame.ResumableSampler`` and
+``savegame.MultiLoader``.
 """
 
 from savegame import errors
 from savegame._version import __version__
 from savegame.checkpointer import Checkpointer, RestoreInfo
+from savegame.data import DataLoader, MultiLoader, ResumableSampler
 from savegame.errors import SavegameError
 from savegame.load import load
 from savegame.policies import EarlyStopping
@@ -21,6 +26,9 @@ __all__ = [
     "RestoreInfo",
     "Stateful",
     "EarlyStopping",
+    "DataLoader",
+    "ResumableSampler",
+    "MultiLoader",
     "load",
     "errors",
     "SavegameError",
