@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from savegame.errors import CorruptCheckpointError, StorageError
+from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
@@ -42,9 +42,54 @@ def decode_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def data_bytes(doc: Mapping[str, Any]) -> int:
+    """The number of tensor data bytes a checkpoint holds (from its manifest)."""
+    return sum(e["end"] - e["start"] for e in doc[n.M_ENTRIES])
+
+
+def data_files(doc: Mapping[str, Any]) -> list[str]:
+    """The names of a checkpoint's tensor files, relative to its directory."""
+    return list(doc[n.M_FILES])
+
+
+def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str]:
+    """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
+    problems = []
+    for file, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS]):
+        where = f"{storage.root}/{name}/{file}"
+        try:
+            size = storage.size(f"{name}/{file}")
+            with storage.open_read(f"{name}/{file}") as f:
+                start, _ = read_header(f, size, where, crc)
+            end = max((e["end"] for e in doc[n.M_ENTRIES] if e["file"] == file), default=0)
+            if start + end > size:
+                problems.append(f"{where}: truncated ({size} bytes, needs {start + end})")
+        except (CorruptCheckpointError, StorageError) as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def device_of(map_location: torch.device | str | None) -> torch.device | None:
+    """``map_location`` as a device; a bad one is a ConfigurationError naming it."""
+    if map_location is None:
+        return None
+    try:
+        return torch.device(map_location)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ConfigurationError(
+            f"map_location must be a device such as 'cpu', 'cuda:0' or torch.device('meta'), got {map_location!r}"
+        ) from exc
+
+
 def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool = True,
               map_location: torch.device | str | None = None, mmap: bool = False) -> Any:
-    """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``)."""
+    """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
+
+    Every tensor owns its storage (tensors that shared storage when saved share it
+    again), so a tensor handed to ``load_state_dict`` never keeps a whole file
+    buffer alive. NumPy arrays stay on the CPU whatever ``map_location`` says.
+    """
+    device = device_of(map_location)
     where = f"{storage.root}/{name}"
     entries = doc[n.M_ENTRIES]
     data = {f: _read_data(storage, f"{name}/{f}", where, mmap, crc if verify else None)
@@ -59,9 +104,23 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
             raise CorruptCheckpointError(f"{where}: checksum mismatch in {entry['file']} (entry {i}); the data is damaged")
         blobs.append(blob)
         dtypes.append(codec.dtype_from_name(entry.get("dtype")))
-    device = torch.device(map_location) if map_location is not None else None
-    tensors = layout.materialize(doc[n.M_TENSORS], blobs, dtypes, device)
-    return codec.decode(doc.get(n.M_TREE), tensors)
+    records = doc[n.M_TENSORS]
+    tensors = layout.materialize(records, blobs, dtypes, device, own=not mmap)
+    arrays = tensors if device is None or device.type == "cpu" else _LazyCpu(records, blobs, dtypes, not mmap)
+    return codec.decode(doc.get(n.M_TREE), tensors, arrays=arrays)
+
+
+class _LazyCpu:
+    """CPU tensors of chosen records, built on first use (NumPy arrays when tensors go elsewhere)."""
+
+    def __init__(self, records: list[Any], blobs: list[torch.Tensor], dtypes: list[torch.dtype], own: bool) -> None:
+        self._records, self._blobs, self._dtypes, self._own = records, blobs, dtypes, own
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return layout.materialize([self._records[index]], self._blobs, self._dtypes, None, own=self._own)[0]
 
 
 def verify_checkpoint(storage: Storage, name: str) -> list[str]:

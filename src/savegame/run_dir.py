@@ -81,7 +81,7 @@ class RunDir:
             return self._infos[name]
         doc = reader.read_manifest(self.storage, name)
         meta = reader.decode_meta(doc)
-        size = sum(e["end"] - e["start"] for e in doc[n.M_ENTRIES])
+        size = reader.data_bytes(doc)
         info = CheckpointInfo(name, meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                               float(meta["time"] or 0.0), size, doc.get(n.M_PINNED) is True)
         self._infos[name] = info

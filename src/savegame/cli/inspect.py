@@ -52,7 +52,7 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
     states = ckpt["state"] or {}
     tensors = {name: [tensor_row(k, t) for k, t in walk_tensors(value)] for name, value in states.items()}
     rng = ckpt["rng"] or {}
-    files = [{"name": f, "bytes": _size(os.path.join(where, f))} for f in doc[n.M_FILES]]
+    files = [{"name": f, "bytes": _size(os.path.join(where, f))} for f in reader.data_files(doc)]
     run = ckpt["run"] or {}
     return {
         "path": where, "name": os.path.basename(where),
@@ -60,7 +60,7 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
                      "format": doc[n.M_VERSION]},
         "step": ckpt["step"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"], "extra": ckpt["extra"],
         "time": ckpt["time"], "pinned": doc.get(n.M_PINNED) is True,
-        "bytes": sum(e["end"] - e["start"] for e in doc[n.M_ENTRIES]), "files": files,
+        "bytes": reader.data_bytes(doc), "files": files,
         "states": {name: {"tensors": len(rows), "bytes": sum(r["bytes"] for r in rows)}
                    for name, rows in tensors.items()},
         "tensors": tensors,

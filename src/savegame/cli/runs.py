@@ -24,9 +24,8 @@ from savegame.cli._common import (
     number,
     progress,
 )
-from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
+from savegame.errors import CorruptCheckpointError, RunLockedError
 from savegame.format import names as n
-from savegame.format.tensorfile import read_header
 from savegame.run_dir import RunDir, RunLock, parse_step
 from savegame.storage.local import LocalStorage
 
@@ -79,28 +78,11 @@ def scan(run_dir: str, *, full: bool = False) -> list[Row]:
             meta = reader.decode_meta(doc)
             row.epoch, row.metrics, row.time = meta["epoch"], dict(meta["metrics"] or {}), meta["time"]
             row.pinned = doc.get(n.M_PINNED) is True
-            row.problems = reader.verify_checkpoint(storage, name) if full else quick_check(storage, name, doc)
+            row.problems = reader.verify_checkpoint(storage, name) if full else reader.quick_check(storage, name, doc)
         except CorruptCheckpointError as exc:
             row.problems = [str(exc)]
         rows.append(row)
     return rows
-
-
-def quick_check(storage: LocalStorage, name: str, doc: dict[str, Any]) -> list[str]:
-    """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
-    problems = []
-    for file, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS]):
-        where = f"{storage.root}/{name}/{file}"
-        try:
-            size = storage.size(f"{name}/{file}")
-            with storage.open_read(f"{name}/{file}") as f:
-                start, _ = read_header(f, size, where, crc)
-            end = max((e["end"] for e in doc[n.M_ENTRIES] if e["file"] == file), default=0)
-            if start + end > size:
-                problems.append(f"{where}: truncated ({size} bytes, needs {start + end})")
-        except (CorruptCheckpointError, StorageError) as exc:
-            problems.append(str(exc))
-    return problems
 
 
 def _mtime(path: str) -> float:

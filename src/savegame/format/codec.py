@@ -131,38 +131,47 @@ def _array_as_tensor(array: np.ndarray, path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(native))
 
 
-def decode(obj: Any, tensors: Sequence[torch.Tensor], depth: int = 0) -> Any:
-    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}``."""
+def decode(obj: Any, tensors: Sequence[torch.Tensor], depth: int = 0, *,
+           arrays: Sequence[torch.Tensor] | None = None) -> Any:
+    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}``.
+
+    ``{"$nd": i}`` becomes ``arrays[i].numpy()`` (``arrays`` defaults to ``tensors``;
+    pass CPU tensors there when ``tensors`` were mapped to another device).
+    """
+    return _decode(obj, tensors, tensors if arrays is None else arrays, depth)
+
+
+def _decode(obj: Any, tensors: Sequence[torch.Tensor], arrays: Sequence[torch.Tensor], depth: int) -> Any:
     if depth > MAX_DEPTH:
         raise CorruptCheckpointError(f"value tree nested deeper than {MAX_DEPTH} levels")
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     if isinstance(obj, list):
-        return [decode(v, tensors, depth + 1) for v in obj]
+        return [_decode(v, tensors, arrays, depth + 1) for v in obj]
     if not isinstance(obj, dict):
         raise CorruptCheckpointError(f"unexpected JSON value of type {type(obj).__name__} in value tree")
     if len(obj) == 1:
         (key,) = obj
         if key in _TAGS:
-            return _decode_tagged(key, obj[key], tensors, depth + 1)
+            return _decode_tagged(key, obj[key], tensors, arrays, depth + 1)
     if any(k.startswith("$") for k in obj):
         raise CorruptCheckpointError(f"unknown tag in value tree: {sorted(obj)[:3]}")
-    return {k: decode(v, tensors, depth + 1) for k, v in obj.items()}
+    return {k: _decode(v, tensors, arrays, depth + 1) for k, v in obj.items()}
 
 
-def _decode_tagged(tag: str, body: Any, tensors: Sequence[torch.Tensor], depth: int) -> Any:
+def _decode_tagged(tag: str, body: Any, tensors: Sequence[torch.Tensor], arrays: Sequence[torch.Tensor],
+                   depth: int) -> Any:
     if tag in ("$t", "$nd"):
         index = _expect(body, int, tag)
         if isinstance(body, bool) or not 0 <= index < len(tensors):
             raise CorruptCheckpointError(f"tensor reference {body!r} out of range (have {len(tensors)})")
-        tensor = tensors[index]
-        return tensor if tag == "$t" else tensor.numpy()
+        return tensors[index] if tag == "$t" else arrays[index].numpy()
     if tag == "$tuple":
-        return tuple(decode(v, tensors, depth) for v in _expect(body, list, tag))
+        return tuple(_decode(v, tensors, arrays, depth) for v in _expect(body, list, tag))
     if tag == "$dict":
-        return _decode_pairs(_expect(body, list, tag), tensors, depth)
+        return _decode_pairs(_expect(body, list, tag), tensors, arrays, depth)
     if tag in ("$set", "$frozenset"):
-        items = [decode(v, tensors, depth) for v in _expect(body, list, tag)]
+        items = [_decode(v, tensors, arrays, depth) for v in _expect(body, list, tag)]
         try:
             return set(items) if tag == "$set" else frozenset(items)
         except TypeError as exc:
@@ -170,14 +179,15 @@ def _decode_tagged(tag: str, body: Any, tensors: Sequence[torch.Tensor], depth: 
     return _decode_scalar(tag, body)
 
 
-def _decode_pairs(pairs: list[Any], tensors: Sequence[torch.Tensor], depth: int) -> dict[Any, Any]:
+def _decode_pairs(pairs: list[Any], tensors: Sequence[torch.Tensor], arrays: Sequence[torch.Tensor],
+                  depth: int) -> dict[Any, Any]:
     out: dict[Any, Any] = {}
     for pair in pairs:
         if not isinstance(pair, list) or len(pair) != 2:
             raise CorruptCheckpointError("malformed $dict entry: expected [key, value]")
-        key = decode(pair[0], tensors, depth)
+        key = _decode(pair[0], tensors, arrays, depth)
         try:
-            out[key] = decode(pair[1], tensors, depth)
+            out[key] = _decode(pair[1], tensors, arrays, depth)
         except TypeError as exc:
             raise CorruptCheckpointError(f"unhashable dict key {key!r}") from exc
     return out

@@ -118,8 +118,13 @@ def _assign_shards(specs: list[EntrySpec], shard_bytes: int) -> list[EntrySpec]:
 
 
 def materialize(records: Sequence[Mapping[str, Any]], entry_data: Sequence[torch.Tensor],
-                entry_dtypes: Sequence[torch.dtype], map_location: torch.device | None) -> list[torch.Tensor]:
-    """Rebuild tensors from entry bytes (``entry_data[i]`` is entry i as uint8), keeping shared storage."""
+                entry_dtypes: Sequence[torch.dtype], map_location: torch.device | None,
+                own: bool = True) -> list[torch.Tensor]:
+    """Rebuild tensors from entry bytes (``entry_data[i]`` is entry i as uint8), keeping shared storage.
+
+    With ``own`` every entry gets a storage of its own (a copy when ``entry_data``
+    are views into a larger buffer); without it tensors may view ``entry_data``.
+    """
     cache: dict[int, torch.Tensor] = {}
     out = []
     for record in records:
@@ -127,23 +132,25 @@ def materialize(records: Sequence[Mapping[str, Any]], entry_data: Sequence[torch
         if type(entry) is not int or not 0 <= entry < len(entry_data):
             raise CorruptCheckpointError(f"tensor record points at missing entry {entry!r}")
         if entry not in cache:
-            cache[entry] = _entry_tensor(entry_data[entry], entry_dtypes[entry], record, map_location)
+            cache[entry] = _entry_tensor(entry_data[entry], entry_dtypes[entry], record, map_location, own)
         base = cache[entry]
         out.append(_view(base, record) if "stride" in record else base)
     return out
 
 
 def _entry_tensor(data: torch.Tensor, dtype: torch.dtype, record: Mapping[str, Any],
-                  map_location: torch.device | None) -> torch.Tensor:
+                  map_location: torch.device | None, own: bool) -> torch.Tensor:
+    if map_location is not None and map_location.type != "cpu":
+        own = False  # .to() below makes the new storage
     if "stride" not in record:
         shape = _dims(record.get("shape"), "shape")
-        tensor = _typed(data, dtype, shape)
+        tensor = _typed(data, dtype, shape, own)
     else:
         tensor = data.clone()  # a fresh, aligned storage that all views share
     return tensor if map_location is None else tensor.to(map_location)
 
 
-def _typed(data: torch.Tensor, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+def _typed(data: torch.Tensor, dtype: torch.dtype, shape: list[int], own: bool) -> torch.Tensor:
     count = 1
     for dim in shape:
         count *= dim
@@ -151,6 +158,8 @@ def _typed(data: torch.Tensor, dtype: torch.dtype, shape: list[int]) -> torch.Te
         raise CorruptCheckpointError(f"entry holds {data.numel()} bytes, not a {dtype_name(dtype)} tensor of shape {shape}")
     if count == 0:
         return torch.empty(shape, dtype=dtype)
+    if own and data.untyped_storage().nbytes() != data.numel():
+        return data.clone().view(dtype).reshape(shape)
     try:
         return data.view(dtype).reshape(shape)
     except RuntimeError:  # misaligned for this dtype: copy into an aligned buffer
