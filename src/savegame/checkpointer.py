@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import time
+import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +17,19 @@ import numpy as np
 import torch
 
 from savegame import capture, reader
-from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SavegameError
+from savegame.errors import (CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SavegameError,
+                             UnsupportedValueError)
+from savegame.finite import first_non_finite
 from savegame.format import codec
 from savegame.format import names as n
 from savegame.keys import KeyReport
+from savegame.options import Options, as_int, check_bool, run_path
 from savegame.policies import EarlyStopping
 from savegame.preemption import SaveSchedule
 from savegame.run_dir import CheckpointInfo, RunDir, RunLock, parse_step
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
-from savegame.tracking import RunTracker
+from savegame.tracking import Pending, RunTracker
 from savegame.writer import BackgroundWriter, Staging, prepare, snapshot, write_checkpoint
 
 log = logging.getLogger("savegame")
@@ -51,7 +56,9 @@ class Checkpointer:
     checkpoint holds the values at the call. With ``async_save=True`` (the
     default) the bytes are copied into reusable staging buffers and written by
     a background thread; ``wait()`` returns when every save so far is durable
-    and re-raises a failed save's error.
+    and re-raises a failed save's error. Options are checked here, before the run
+    directory is touched; a Checkpointer that is garbage-collected without
+    ``close()`` releases its lock.
     """
 
     def __init__(
@@ -68,66 +75,86 @@ class Checkpointer:
         name_format: str | None = None,
         every_steps: int | None = None,
         every_seconds: float | None = None,
-        save_on_signals: Sequence[int] = (),
+        save_on_signals: int | Sequence[int] = (),
         nan_policy: str = "allow",
         verify: bool = True,
         shard_bytes: int = 1 << 30,
         storage: Storage | None = None,
     ) -> None:
+        self._closed = True  # until construction completes
+        self._opts = Options(
+            async_save=async_save, keep_last=keep_last, keep_every=keep_every, best=best, best_k=best_k,
+            early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
+            every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
+            shard_bytes=shard_bytes, storage=storage)
         self._objects = capture.check_objects(state)
-        if nan_policy not in ("allow", "refuse"):
-            raise ConfigurationError(f"nan_policy must be 'allow' or 'refuse', got {nan_policy!r}")
-        if shard_bytes < 1:
-            raise ConfigurationError(f"shard_bytes must be positive, got {shard_bytes!r}")
-        self._check_name_format(name_format)
-        self.path = os.fspath(run_dir)
-        self._storage = storage or LocalStorage(self.path)
+        self.path = run_path(run_dir)
+        self._storage: Storage = self._opts.storage or LocalStorage(self.path)
         self._storage.makedirs("")
-        self._run = RunDir(self._storage)
-        self._tracker = RunTracker(self._run, keep_last=keep_last, keep_every=keep_every, best=best,
-                                   best_k=best_k, early_stopping=early_stopping)
-        self._schedule = SaveSchedule(every_steps=every_steps, every_seconds=every_seconds, signals=save_on_signals)
-        self._async, self._verify, self._nan_policy = async_save, verify, nan_policy
-        self._name_format, self._shard_bytes = name_format, shard_bytes
-        self._staging = Staging() if async_save else None
-        self._writer = BackgroundWriter()
         self._lock = RunLock(self._storage.root)
-        self._lock.acquire()
+        self._lock.acquire()  # first: nothing else is set up unless this process owns the run directory
+        try:
+            self._open()
+        except BaseException:
+            self._lock.release()
+            raise
+        self._finalizer = weakref.finalize(self, _release, self._lock, self._schedule)
+        self._finalizer.atexit = False  # at exit the kernel releases the lock after the writer drained
         self._closed = False
+
+    def _open(self) -> None:
+        opts = self._opts
+        self._run = RunDir(self._storage)
+        self._tracker = RunTracker(self._run, keep_last=opts.keep_last, keep_every=opts.keep_every,
+                                   modes=opts.modes, best_k=opts.best_k, early_stopping=opts.early_stopping)
+        self._staging = Staging() if opts.async_save else None
+        self._writer = BackgroundWriter()
         leftovers = self._run.commit.clean_leftovers(self._storage)
         if leftovers:
             log.info("removed %d leftover(s) of interrupted saves in %s: %s", len(leftovers), self.path, leftovers)
+        self._schedule = SaveSchedule(every_steps=opts.every_steps, every_seconds=opts.every_seconds,
+                                      signals=opts.signals)
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
              extra: Any = None, pin: bool = False) -> str:
-        """Checkpoint the state at ``step``; return the checkpoint's path (durable after ``wait()``)."""
+        """Checkpoint the state at ``step``; return the checkpoint's path (durable after ``wait()``).
+
+        Nothing is recorded (best, early stopping, schedule) unless the save is accepted:
+        a bad argument or value raises before anything changes. Saving a step again
+        replaces its earlier save (deleted after the new one commits, unless pinned).
+        """
         self._check_open()
-        if type(step) is not int or step < 0:
-            raise ConfigurationError(f"step must be a non-negative int, got {step!r}")
-        if epoch is not None and (type(epoch) is not int or epoch < 0):
-            raise ConfigurationError(f"epoch must be a non-negative int or None, got {epoch!r}")
+        step = as_int(step, "step")
+        epoch = None if epoch is None else as_int(epoch, "epoch")
+        check_bool(pin, "pin")
         clean = _clean_metrics(metrics)
-        if self._nan_policy == "refuse" and not all(math.isfinite(v) for v in clean.values()):
-            raise ConfigurationError(f"metrics {clean} are not finite and nan_policy='refuse': this state is not saved")
-        waited = self._writer.wait()
-        if waited > 0.001:
-            log.debug("save(%d) waited %.3f s for the previous save", step, waited)
-        run_state = self._tracker.observe(step, clean)
-        name = self._run.unique_name(step, self._fields(step, epoch, clean))
-        now = time.time()
+        self._refuse_non_finite("metrics", clean)
+        self._wait()
+        abandon = self._tracker.ahead()
+        name = self._run.unique_name(step, self._fields(step, epoch, clean), freed=frozenset(abandon))
+        info = CheckpointInfo(name, step, epoch, clean, extra, time.time(), pinned=pin)
+        pending = self._tracker.propose(info, abandon)
+        tree = capture.capture(self._objects, pending.run_state)
+        self._refuse_non_finite("state", tree[n.TREE_STATE])
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(clean, _no_tensor),
-                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: now, n.M_PINNED: bool(pin)}
-        prepared = prepare(capture.capture(self._objects, run_state), meta, self._shard_bytes)
+                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin}
+        prepared = prepare(tree, meta, self._opts.shard_bytes)
         shards = snapshot(prepared, self._staging)
+        self._tracker.accept(pending)  # accepted: from here on only the write can fail
         self._schedule.saved(step)
 
         def job() -> None:
-            write_checkpoint(self._storage, name, prepared, shards, self._run.commit)
+            try:
+                self._tracker.settle_line(pending)
+                write_checkpoint(self._storage, name, prepared, shards, self._run.commit)
+            except BaseException:
+                self._tracker.rollback()
+                raise
             log.info("saved checkpoint %s (%d bytes)", name, prepared.nbytes)
-            self._tracker.after_commit(CheckpointInfo(name, step, epoch, clean, extra, now, prepared.nbytes, pin))
+            self._tracker.committed(_sized(pending, prepared.nbytes))
 
-        if self._async:
+        if self._opts.async_save:
             self._writer.submit(job)
         else:
             job()
@@ -135,15 +162,26 @@ class Checkpointer:
 
     def maybe_save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
                    extra: Any = None) -> str | None:
-        """Save if one is due (every_steps / every_seconds) or a preemption signal arrived."""
-        due, by_signal = self._schedule.due(step)
+        """Save if one is due (every_steps / every_seconds) or a preemption signal arrived.
+
+        After a signal-driven save, which is durable when this returns, ``should_stop`` is
+        True. If that save fails, its error is raised and the next call tries again.
+        """
+        self._check_open()
+        due, sig = self._schedule.due(step)
         if not due:
             return None
-        path = self.save(step, epoch=epoch, metrics=metrics, extra=extra)
-        if by_signal:
-            self.wait()
+        try:
+            path = self.save(step, epoch=epoch, metrics=metrics, extra=extra)
+            if sig is not None:
+                self.wait()
+        except BaseException:
+            if sig is not None:
+                self._schedule.rearm(sig)
+            raise
+        if sig is not None:
             self._schedule.stop_requested = True
-            log.warning("preemption signal received: saved step %d and set should_stop", step)
+            log.warning("preemption signal %d received: saved step %d and set should_stop", sig, step)
         return path
 
     @property
@@ -153,7 +191,12 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every save so far is durable; re-raise a failed save's error."""
-        self._writer.wait()
+        self._wait()
+
+    def _wait(self) -> None:
+        waited = self._writer.wait()
+        if waited > 0.001:
+            log.debug("waited %.3f s for the previous save", waited)
 
     def close(self) -> None:
         """Wait for the in-flight save, restore signal handlers and release the run lock."""
@@ -163,8 +206,7 @@ class Checkpointer:
         try:
             self._writer.wait()
         finally:
-            self._schedule.close()
-            self._lock.release()
+            self._finalizer()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -183,8 +225,10 @@ class Checkpointer:
         and ``which`` is "latest".
         """
         self._check_open()
-        self._writer.wait()
-        verify = self._verify if verify is None else verify
+        for arg, value in (("strict", strict), ("assign", assign)):
+            check_bool(value, arg)
+        verify = self._opts.verify if verify is None else check_bool(verify, "verify")
+        self._wait()
         candidates = self._candidates(which)
         if not candidates:
             if which in (None, "latest"):
@@ -208,45 +252,83 @@ class Checkpointer:
             raise CorruptCheckpointError(f"{name}: the state tree is not a mapping")
         reports = capture.apply(self._objects, tree, strict=strict, assign=assign)
         meta = reader.decode_meta(doc)
-        self._tracker.resumed(name if storage is self._storage else None, tree.get(n.TREE_RUN))
+        own = self._run.info(name) if storage is self._storage else None
+        self._tracker.resumed(own, tree.get(n.TREE_RUN))
         log.info("restored checkpoint %s (step %d)", name, meta["step"])
         return RestoreInfo(meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                            os.path.join(storage.root, name), reports)
 
     def _candidates(self, which: Which) -> list[tuple[Storage, str]]:
         if which is None or which == "latest":
-            return [(self._storage, name) for name in reversed(self._tracker.ordered_names())]
-        if isinstance(which, bool):
-            raise ConfigurationError(f"restore() takes 'latest', 'best', 'best:<metric>', a step or a path, not {which!r}")
-        if isinstance(which, int):
-            return [(self._storage, nm) for nm in reversed(self._run.names()) if parse_step(nm) == which]
+            return [(self._storage, name) for name in self._run.newest_first()]
         if isinstance(which, str) and (which == "best" or which.startswith("best:")):
+            if which == "best:":
+                raise ConfigurationError("restore('best:') needs a metric name after the colon, e.g. 'best:val_loss'")
             return [(self._storage, nm) for nm in self._tracker.best_names(which)]
+        if isinstance(which, (str, os.PathLike)):
+            return self._by_path(which)
+        step = as_int(which, "restore(which)") if _int_like(which) else None
+        if step is None:
+            raise ConfigurationError(
+                f"restore() takes 'latest', 'best', 'best:<metric>', a step (int) or a checkpoint path, not {which!r}")
+        return [(self._storage, nm) for nm in self._run.newest_first() if parse_step(nm) == step]
+
+    def _by_path(self, which: str | os.PathLike[str]) -> list[tuple[Storage, str]]:
         path = Path(which)
-        if path.is_dir() and (path / n.MANIFEST).exists():
-            return [(LocalStorage(str(path.parent)), path.name)]
-        raise CheckpointNotFoundError(
-            f"{which!r} is neither 'latest', 'best', 'best:<metric>', a step, nor a checkpoint directory"
-        )
+        if path.name == n.MANIFEST:
+            path = path.parent
+        if not (path.is_dir() and (path / n.MANIFEST).exists()):
+            raise CheckpointNotFoundError(
+                f"{os.fspath(which)!r} is neither 'latest', 'best', 'best:<metric>', a step, nor a checkpoint directory")
+        if os.path.realpath(path.parent) == os.path.realpath(self._storage.root):
+            return [(self._storage, path.name)]  # one of this run's own: protected and on its line
+        return [(LocalStorage(str(path.parent)), path.name)]
 
     # -- helpers ----------------------------------------------------------------------------
     def _fields(self, step: int, epoch: int | None, metrics: Mapping[str, float]) -> str:
-        if not self._name_format:
+        fmt = self._opts.name_format
+        if not fmt:
             return ""
         try:
-            text = self._name_format.format(step=step, epoch=epoch if epoch is not None else 0, **metrics)
-        except (KeyError, ValueError, IndexError) as exc:
-            raise ConfigurationError(f"name_format {self._name_format!r} cannot be filled: {exc!r}") from exc
+            text = fmt.format(step=step, epoch=epoch if epoch is not None else 0, **metrics)
+        except (KeyError, ValueError, IndexError, AttributeError, TypeError) as exc:
+            raise ConfigurationError(f"name_format {fmt!r} cannot be filled with step, epoch and metrics "
+                                     f"{sorted(metrics)}: {exc!r}") from exc
         return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
 
-    @staticmethod
-    def _check_name_format(name_format: str | None) -> None:
-        if name_format is not None and not isinstance(name_format, str):
-            raise ConfigurationError(f"name_format must be a str template, got {name_format!r}")
+    def _refuse_non_finite(self, what: str, values: Any) -> None:
+        if self._opts.nan_policy != "refuse":
+            return
+        if what == "metrics":
+            bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
+            where = f"metric {bad!r} = {values.get(bad)}" if bad is not None else None
+        else:
+            path = first_non_finite(values)
+            where = f"state {path!r}" if path is not None else None
+        if where is not None:
+            raise UnsupportedValueError(f"{where} is not finite (NaN or inf) and nan_policy='refuse': this state is "
+                                        "not saved; earlier checkpoints are untouched")
 
     def _check_open(self) -> None:
         if self._closed:
             raise SavegameError("this Checkpointer is closed; create a new one")
+
+
+def _release(lock: RunLock, schedule: SaveSchedule) -> None:
+    """close(), or the garbage collector for a Checkpointer never closed: hand back the lock and handlers."""
+    try:
+        schedule.close()
+    finally:
+        lock.release()
+
+
+def _sized(pending: Pending, nbytes: int) -> Pending:
+    return replace(pending, info=replace(pending.info, bytes=nbytes))
+
+
+def _int_like(value: object) -> bool:
+    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
+        isinstance(value, torch.Tensor) and value.dim() == 0)
 
 
 def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
@@ -260,8 +342,8 @@ def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             value = value.item()
         if isinstance(value, np.generic):
             value = value.item()
-        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigurationError(f"metric {key!r} must be a number keyed by a str, got {value!r}")
+        if not isinstance(key, str) or not key or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigurationError(f"metric {key!r} must be a number keyed by a non-empty str, got {value!r}")
         out[key] = float(value)
     return out
 

@@ -70,15 +70,37 @@ class RenameCommit:
             storage.remove(name)  # a leftover small file (alias being written), not a directory
 
 
-def write_file_atomic(storage: Storage, name: str, data: bytes) -> None:
-    """Replace a small file (an alias pointer) atomically and durably."""
-    tmp = f"{n.TMP_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-    handle = storage.create(tmp)
+def write_new_file(storage: Storage, path: str, data: bytes) -> None:
+    """Create ``path`` (it must not exist) holding ``data``, durably (fsync'd on close)."""
+    handle = storage.create(path)
     try:
         handle.write(memoryview(data))
-    except Exception:
+    except BaseException:
         handle.abort()
         raise
     handle.close()
-    storage.rename(tmp, name)
-    storage.fsync_dir("")
+
+
+def write_file_atomic(storage: Storage, name: str, data: bytes) -> None:
+    """Replace a small file (an alias pointer, the metrics history) atomically and durably.
+
+    The temporary file sits next to ``name`` (same directory, hidden prefix), so the
+    rename never crosses directories; a failed write removes it.
+    """
+    folder, _, base = name.rpartition("/")
+    tmp = f"{folder}/{n.TMP_PREFIX}{base}-{uuid.uuid4().hex[:8]}" if folder else f"{n.TMP_PREFIX}{base}-{uuid.uuid4().hex[:8]}"
+    try:
+        write_new_file(storage, tmp, data)
+        storage.rename(tmp, name)
+    except StorageError:
+        _discard(storage, tmp)
+        raise
+    storage.fsync_dir(folder)
+
+
+def _discard(storage: Storage, path: str) -> None:
+    try:
+        if storage.exists(path):
+            storage.remove(path)
+    except StorageError as exc:
+        log.warning("could not remove the temporary file %s (%s); the next run removes it", path, exc)

@@ -11,7 +11,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any
 
@@ -21,20 +21,22 @@ log = logging.getLogger("savegame.preemption")
 
 
 class SaveSchedule:
-    def __init__(self, *, every_steps: int | None, every_seconds: float | None, signals: Sequence[int]) -> None:
-        if every_steps is not None and (type(every_steps) is not int or every_steps < 1):
-            raise ConfigurationError(f"every_steps must be a positive int or None, got {every_steps!r}")
-        if every_seconds is not None and (isinstance(every_seconds, bool) or not isinstance(every_seconds, (int, float))
-                                          or every_seconds <= 0):
-            raise ConfigurationError(f"every_seconds must be a positive number or None, got {every_seconds!r}")
-        self.every_steps, self.every_seconds = every_steps, every_seconds
+    """Arguments are validated by :class:`savegame.options.Options`; ``clock`` is monotonic seconds."""
+
+    def __init__(self, *, every_steps: int | None, every_seconds: float | None, signals: Sequence[int],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.every_steps, self.every_seconds, self.clock = every_steps, every_seconds, clock
         self.stop_requested = False
         self._signalled: int | None = None
         self._last_step: int | None = None
-        self._last_time = time.monotonic()
+        self._last_time = clock()
         self._previous: dict[int, Any] = {}
-        for sig in signals:
-            self._install(sig)
+        try:
+            for sig in signals:
+                self._install(sig)
+        except BaseException:
+            self.close()
+            raise
 
     def _install(self, sig: int) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -47,24 +49,35 @@ class SaveSchedule:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._signalled = signum
 
-    def due(self, step: int) -> tuple[bool, bool]:
-        """(a save is due, it is due because of a signal)."""
+    def due(self, step: int) -> tuple[bool, int | None]:
+        """(a save is due, the signal that made it due or None); taking a signal clears it."""
         if self._signalled is not None:
-            log.info("signal %d received; saving at step %d", self._signalled, step)
-            self._signalled = None
-            return True, True
+            sig, self._signalled = self._signalled, None
+            log.info("signal %d received; saving at step %d", sig, step)
+            return True, sig
         if step == self._last_step:
-            return False, False
+            return False, None
         if self.every_steps is not None and step % self.every_steps == 0:
-            return True, False
-        if self.every_seconds is not None and time.monotonic() - self._last_time >= self.every_seconds:
-            return True, False
-        return False, False
+            return True, None
+        if self.every_seconds is not None and self.clock() - self._last_time >= self.every_seconds:
+            return True, None
+        return False, None
+
+    def rearm(self, sig: int) -> None:
+        """A signal-driven save failed: the next ``due`` tries again."""
+        if self._signalled is None:
+            self._signalled = sig
 
     def saved(self, step: int) -> None:
-        self._last_step, self._last_time = step, time.monotonic()
+        self._last_step, self._last_time = step, self.clock()
 
     def close(self) -> None:
+        """Put the previous handlers back (only possible in the main thread; elsewhere they stay)."""
+        if not self._previous:
+            return
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("signal handlers of a Checkpointer closed outside the main thread stay installed")
+            return
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
         self._previous.clear()

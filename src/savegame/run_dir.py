@@ -1,28 +1,39 @@
-"""A run directory: its checkpoints, their names, aliases, and the one-writer lock."""
+"""A run directory: its checkpoints, their names and records, and the alias pointer files."""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from savegame import reader
 from savegame.commit import RenameCommit, write_file_atomic
-from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
+from savegame.errors import CorruptCheckpointError, StorageError
+from savegame.format import codec
 from savegame.format import names as n
+from savegame.policies import CheckpointRecord
+from savegame.run_lock import RunLock
 from savegame.storage.base import Storage
+
+__all__ = ["CheckpointInfo", "RunDir", "RunLock", "checkpoint_name", "parse_step", "alias_file", "alias_of_file"]
 
 log = logging.getLogger("savegame.run")
 
 _NAME_RE = re.compile(r"step-(\d{10})(?:-[^/\\]*)?(?:\.(\d+))?")
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 @dataclass(frozen=True)
 class CheckpointInfo:
-    """What a run directory knows about one committed checkpoint (from its manifest)."""
+    """What a run directory knows about one committed checkpoint (from its manifest).
+
+    ``best`` is the best-tracking state stored in it (``{metric: {"mode", "entries"}}``),
+    or None when it has none.
+    """
 
     name: str
     step: int
@@ -33,6 +44,11 @@ class CheckpointInfo:
     bytes: int = 0
     pinned: bool = False
     aliases: tuple[str, ...] = field(default=())
+    best: Mapping[str, Any] | None = None
+
+    def record(self) -> CheckpointRecord:
+        return CheckpointRecord(step=self.step, name=self.name, time=self.time, epoch=self.epoch,
+                                metrics=self.metrics, pinned=self.pinned)
 
 
 def checkpoint_name(step: int, fields: str = "") -> str:
@@ -51,6 +67,7 @@ class RunDir:
         self.commit = RenameCommit()
         # Committed checkpoints never change, so what their manifests say is read once.
         self._infos: dict[str, CheckpointInfo] = {}
+        self._warned: set[str] = set()  # damaged checkpoints already reported
 
     def names(self) -> list[str]:
         """Committed checkpoint names, oldest step first (leftovers and other files ignored)."""
@@ -59,8 +76,18 @@ class RunDir:
         found = [name for name in self.storage.list_dir("") if parse_step(name) is not None]
         return sorted(found, key=lambda name: (parse_step(name), name))
 
-    def unique_name(self, step: int, fields: str = "") -> str:
-        base, existing = checkpoint_name(step, fields), set(self.storage.list_dir("")) if self.storage.exists("") else set()
+    def newest_first(self) -> list[str]:
+        """Every checkpoint name, newest first: by step, then save time (damaged ones by name)."""
+        def key(name: str) -> tuple[int, float, str]:
+            info = self._infos.get(name)
+            return (parse_step(name) or 0, info.time if info else -math.inf, name)
+        self.infos()  # reads (and caches) every manifest that reads
+        return sorted(self.names(), key=key, reverse=True)
+
+    def unique_name(self, step: int, fields: str = "", *, freed: frozenset[str] = frozenset()) -> str:
+        """A name for a new checkpoint of ``step`` that no entry has (``freed`` ones are about to go)."""
+        existing = set(self.storage.list_dir("")) - freed if self.storage.exists("") else set()
+        base = checkpoint_name(step, fields)
         name, k = base, 0
         while name in existing:
             k += 1
@@ -71,8 +98,11 @@ class RunDir:
         """Record a checkpoint this process just committed (no need to read its manifest back)."""
         self._infos[info.name] = info
 
-    def delete(self, name: str) -> None:
+    def forget(self, name: str) -> None:
         self._infos.pop(name, None)
+
+    def delete(self, name: str) -> None:
+        self.forget(name)
         self.commit.delete(self.storage, name)
 
     def info(self, name: str) -> CheckpointInfo:
@@ -83,28 +113,34 @@ class RunDir:
         meta = reader.decode_meta(doc)
         size = reader.data_bytes(doc)
         info = CheckpointInfo(name, meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
-                              float(meta["time"] or 0.0), size, doc.get(n.M_PINNED) is True)
+                              float(meta["time"] or 0.0), size, doc.get(n.M_PINNED) is True, best=_stored_best(doc))
         self._infos[name] = info
         return info
 
     def infos(self) -> list[CheckpointInfo]:
-        """Every checkpoint whose manifest reads; the others are logged and left out."""
+        """Every checkpoint whose manifest reads; the others are left out (and logged once each)."""
         out = []
         for name in self.names():
             try:
                 out.append(self.info(name))
             except CorruptCheckpointError as exc:
-                log.warning("skipping checkpoint %s: %s", name, exc)
+                if name not in self._warned:
+                    self._warned.add(name)
+                    log.warning("skipping checkpoint %s: %s", name, exc)
         return out
 
-    # Aliases: tiny JSON pointer files, replaced atomically. They are hints only.
-    def write_alias(self, alias: str, target: str) -> None:
-        data = json.dumps({"alias": alias, "target": target}).encode()
-        write_file_atomic(self.storage, _alias_file(alias), data)
+    def unreadable(self) -> list[str]:
+        """Listed checkpoints whose manifest does not read (after :meth:`infos`)."""
+        return [name for name in self.names() if name not in self._infos]
+
+    # Aliases: tiny JSON pointer files, replaced atomically. They are hints for people and tools.
+    def write_alias(self, alias: str, target: str, **about: Any) -> None:
+        data = json.dumps({"alias": alias, "target": target, **about}).encode()
+        write_file_atomic(self.storage, alias_file(alias), data)
 
     def read_alias(self, alias: str) -> str | None:
         try:
-            doc = json.loads(self.storage.read_bytes(_alias_file(alias)))
+            doc = json.loads(self.storage.read_bytes(alias_file(alias)))
         except (StorageError, ValueError, UnicodeDecodeError):
             return None
         target = doc.get("target") if isinstance(doc, dict) else None
@@ -113,49 +149,54 @@ class RunDir:
     def aliases(self) -> dict[str, str]:
         out = {}
         for name in self.storage.list_dir("") if self.storage.exists("") else []:
-            if name.endswith(n.ALIAS_SUFFIX):
-                alias = name[: -len(n.ALIAS_SUFFIX)].replace("__", ":")
+            alias = alias_of_file(name)
+            if alias is not None:
                 target = self.read_alias(alias)
                 if target:
                     out[alias] = target
         return out
 
 
-def _alias_file(alias: str) -> str:
-    return alias.replace(":", "__") + n.ALIAS_SUFFIX
+def alias_file(alias: str) -> str:
+    """The file name of an alias: ':' is written '__', any other character outside [A-Za-z0-9._-] as %XX.
+
+    ``best:val/loss`` -> ``best__val%2Floss.alias.json``; reversible by :func:`alias_of_file`.
+    """
+    head, sep, metric = alias.partition(":")
+    escaped = "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode()) for c in metric)
+    return f"{head}__{escaped}{n.ALIAS_SUFFIX}" if sep else f"{head}{n.ALIAS_SUFFIX}"
 
 
-class RunLock:
-    """An OS lock on the run directory, released by the kernel if the process dies."""
-
-    def __init__(self, root: str) -> None:
-        self.path = os.path.join(root, n.LOCK_FILE)
-        self._fd: int | None = None
-
-    def acquire(self) -> None:
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            _lock(self._fd)
-        except OSError as exc:
-            os.close(self._fd)
-            self._fd = None
-            raise RunLockedError(
-                f"another process is writing to the run directory {os.path.dirname(self.path)!r} "
-                "(it holds the lock); stop it, or use a different run directory"
-            ) from exc
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, str(os.getpid()).encode())
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases the lock
-            self._fd = None
+def alias_of_file(file: str) -> str | None:
+    """The alias a file name stands for (the inverse of :func:`alias_file`), or None."""
+    if not file.endswith(n.ALIAS_SUFFIX) or file.startswith((n.TMP_PREFIX, n.TRASH_PREFIX)):
+        return None
+    head, sep, metric = file[: -len(n.ALIAS_SUFFIX)].partition("__")
+    try:
+        return f"{head}:{_unescape(metric)}" if sep else head
+    except ValueError:
+        return None
 
 
-def _lock(fd: int) -> None:
-    if os.name == "nt":  # pragma: no cover - exercised on Windows only
-        import msvcrt
-        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # type: ignore[attr-defined,unused-ignore]
-    else:
-        import fcntl
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+def _unescape(text: str) -> str:
+    raw, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "%":
+            raw.append(int(text[i + 1:i + 3], 16))
+            i += 3
+        else:
+            raw += text[i].encode()
+            i += 1
+    return raw.decode()
+
+
+def _stored_best(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The best-tracking state inside a manifest's value tree (it never holds tensors)."""
+    tree = doc.get(n.M_TREE)
+    run = tree.get(n.TREE_RUN) if isinstance(tree, dict) else None
+    try:
+        decoded = codec.decode(run, [])
+    except CorruptCheckpointError:
+        return None
+    best = decoded.get("best") if isinstance(decoded, dict) else None
+    return best if isinstance(best, dict) else None

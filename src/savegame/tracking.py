@@ -1,46 +1,52 @@
-"""Run bookkeeping around each save: best tracking, early stopping, aliases, history, retention.
+"""Run bookkeeping around each save: best tracking, early stopping, lineage, retention, history, aliases.
 
-The decisions are the pure functions of :mod:`savegame.policies`; this module
-feeds them records read from the run directory and carries out their answers.
-Best and early-stopping state travel inside every checkpoint (tree["run"]) and
-are restored with it, so a resumed run never forgets its best or its patience.
-Retention runs only after a commit succeeded, and never deletes the newest
-checkpoint or the one the run resumed from.
+The decisions are the pure functions of :mod:`savegame.policies`; this module feeds
+them the records of the run directory and carries out their answers.
+
+A save goes through three stages here:
+- ``propose`` computes what the save would store (best and early-stopping state)
+  without changing anything; a save that fails before it is accepted leaves no trace;
+- ``accept`` makes that state current in memory once the save is accepted (its values
+  encoded, its name chosen), so ``should_stop`` answers at once;
+- ``committed`` runs in the writer after the commit: the state becomes durable, and
+  retention, history and aliases follow, each on its own so that one failing never
+  stops the others. A save that fails in the background calls ``rollback``: the
+  in-memory state returns to the last durable one before the error is raised.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import math
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from savegame import policies
 from savegame.errors import ConfigurationError, StorageError
-from savegame.format import names as n
-from savegame.run_dir import CheckpointInfo, RunDir
+from savegame.history import History
+from savegame.lineage import move_aside
+from savegame.run_dir import CheckpointInfo, RunDir, parse_step
 
 log = logging.getLogger("savegame.run")
 
 
+@dataclass(frozen=True)
+class Pending:
+    """One save as the tracker sees it, from ``propose`` to ``committed``."""
+
+    info: CheckpointInfo
+    run_state: dict[str, Any]
+    improved: dict[str, bool]
+    abandon: list[str] = field(default_factory=list)
+
+
 class RunTracker:
-    def __init__(self, run: RunDir, *, keep_last: int | None, keep_every: int | None,
-                 best: Mapping[str, str] | Sequence[str] | str | None, best_k: int,
-                 early_stopping: policies.EarlyStopping | None) -> None:
-        for arg, value in (("keep_last", keep_last), ("keep_every", keep_every)):
-            if value is not None and (type(value) is not int or value < 1):
-                raise ConfigurationError(f"{arg} must be a positive int or None, got {value!r}")
-        if type(best_k) is not int or best_k < 1:
-            raise ConfigurationError(f"best_k must be a positive int, got {best_k!r}")
-        if early_stopping is not None and not isinstance(early_stopping, policies.EarlyStopping):
-            raise ConfigurationError("early_stopping must be a savegame.EarlyStopping or None")
-        self.run = run
-        self.modes = policies.parse_best_spec(best)
-        self.best_k, self.early_stopping = best_k, early_stopping
-        self.best_state: dict[str, Any] = {}
-        self.resumed_from: str | None = None
+    def __init__(self, run: RunDir, *, keep_last: int | None, keep_every: int | None, modes: Mapping[str, str],
+                 best_k: int, early_stopping: policies.EarlyStopping | None) -> None:
+        """Arguments are validated by :class:`savegame.options.Options`."""
+        self.run, self.history = run, History(run.storage)
+        self.modes, self.best_k, self.early_stopping = dict(modes), best_k, early_stopping
         self.retention: list[policies.Policy] = []
         if keep_last is not None:
             self.retention.append(policies.keep_last(keep_last))
@@ -48,114 +54,150 @@ class RunTracker:
             self.retention.append(policies.keep_every(keep_every))
         if self.retention:
             self.retention += [policies.keep_best(m, mode, best_k) for m, mode in self.modes.items()]
-            self.retention.append(policies.keep_pinned())
+        self.resumed_from: str | None = None
+        self._resume: policies.CheckpointRecord | None = None  # set until the line is settled by a save
+        self._durable_es = early_stopping.state_dict() if early_stopping is not None else None
 
     @property
     def should_stop(self) -> bool:
         return self.early_stopping is not None and self.early_stopping.should_stop
 
-    def observe(self, step: int, metrics: Mapping[str, float]) -> dict[str, Any]:
-        """Fold a new save's metrics into the tracked state; return the state stored with it."""
-        self.best_state, improved = policies.update_best(self.best_state, metrics, step, self.modes, self.best_k)
-        for metric, better in improved.items():
-            if better:
-                log.info("new best %s=%s at step %d", metric, metrics[metric], step)
+    # -- one save ---------------------------------------------------------------------------
+    def ahead(self) -> list[str]:
+        """Checkpoints the next save abandons (past the one this run resumed from), oldest first."""
+        if self._resume is None:
+            return []
+        resumed = self._resume
+        names = policies.ahead_of([i.record() for i in self.run.infos()], resumed)
+        damaged = [n for n in self.run.unreadable() if (parse_step(n) or 0) > resumed.step]
+        return names + damaged
+
+    def propose(self, info: CheckpointInfo, abandon: list[str]) -> Pending:
+        """What saving ``info`` stores; changes nothing."""
+        lineage = [i.record() for i in self.run.infos() if i.name not in abandon]
+        best = policies.best_from_records([*lineage, info.record()], self.modes, self.best_k)
+        improved = {m: any(s == info.step for _, s in held["entries"]) for m, held in best.items()}
         es = self.early_stopping
-        if es is not None and es.metric in metrics:
-            if es.update(metrics[es.metric], step):
-                log.warning("early stopping: %s has not improved for %d evaluations", es.metric, es.patience)
-        return {"best": self.best_state, "early_stopping": es.state_dict() if es is not None else None}
+        es_state = None
+        if es is not None:
+            es_state = es.state_dict()
+            if es.metric in info.metrics:
+                new = policies.early_stopping_step(es_state, info.metrics[es.metric], info.step, es.config)
+                es_state = {**new, "config": es.config.to_dict()}
+        return Pending(dataclasses.replace(info, best=best), {"best": best, "early_stopping": es_state},
+                       improved, abandon)
 
-    def resumed(self, name: str | None, run_state: Any) -> None:
-        """Take back the tracked state of the checkpoint a run resumed from."""
-        self.resumed_from = name
-        if not isinstance(run_state, Mapping):
-            return
-        if isinstance(run_state.get("best"), Mapping):
-            self.best_state = dict(run_state["best"])
-        if self.early_stopping is not None and isinstance(run_state.get("early_stopping"), Mapping):
-            self.early_stopping.load_state_dict(run_state["early_stopping"])
+    def accept(self, pending: Pending) -> None:
+        """The save is accepted: its early-stopping state is current from now on."""
+        if self.early_stopping is not None and pending.run_state["early_stopping"] is not None:
+            self.early_stopping.load_state_dict(pending.run_state["early_stopping"])
 
-    def after_commit(self, info: CheckpointInfo) -> None:
-        """Runs in the writer after a successful commit: history, aliases, retention.
+    def rollback(self) -> None:
+        """The accepted save failed: back to the last durable state."""
+        if self.early_stopping is not None and self._durable_es is not None:
+            self.early_stopping.load_state_dict(self._durable_es)
 
-        The checkpoint is already durable, so a storage error here is logged, not
-        raised: aliases are hints and retention retries after the next save.
+    def settle_line(self, pending: Pending) -> None:
+        """Before the write: move the abandoned continuation aside (raises StorageError)."""
+        resumed = self._resume
+        if resumed is not None:
+            move_aside(self.run, self.history, resumed.name, resumed.step, pending.abandon)
+            self._resume = None
+
+    def committed(self, pending: Pending) -> None:
+        """In the writer, after a successful commit: durable state, logs, retention, history, aliases.
+
+        The checkpoint is already durable, so a storage error here is logged, not raised;
+        each step runs even if another failed (retention first: it frees space).
         """
-        name = info.name
+        info = pending.info
         self.run.remember(info)
-        try:
-            self._append_history(info.step, info.epoch, info.metrics)
-            self.run.write_alias("latest", name)
-            infos = self.run.infos()
-            for alias, target in self._best_targets(infos).items():
-                self.run.write_alias(alias, target)
-            self._retain(infos, keep=name)
-        except StorageError as exc:
-            log.warning("checkpoint %s is saved, but bookkeeping after it failed: %s", name, exc)
+        was_stopped = bool(self._durable_es and self._durable_es["stopped"])
+        self._durable_es = pending.run_state["early_stopping"]
+        for metric, better in pending.improved.items():
+            if better:
+                log.info("new best %s=%s at step %d (%s)", metric, info.metrics[metric], info.step, info.name)
+        if self._durable_es is not None and self._durable_es["stopped"] and not was_stopped and self.early_stopping:
+            es = self.early_stopping
+            log.warning("early stopping: %s has not improved for %d evaluations", es.metric, es.patience)
+        for what, task in (("retention", self._retain), ("the metrics history", self._append_history),
+                           ("the aliases", self._write_aliases)):
+            _logged(what, info.name, task, info)
 
-    def ordered_names(self) -> list[str]:
-        """Checkpoint names oldest first (ties in step: the later save last)."""
-        return self.run.names()
+    # -- restore ----------------------------------------------------------------------------
+    def resumed(self, info: CheckpointInfo | None, run_state: Any) -> None:
+        """Take back the early-stopping state of the checkpoint a run resumed from.
+
+        ``info`` is None for a checkpoint outside this run directory. Best tracking is
+        not taken from the checkpoint: it is the ranking of this run's checkpoints.
+        """
+        self.resumed_from = info.name if info is not None else None
+        self._resume = info.record() if info is not None else None
+        es = self.early_stopping
+        saved = run_state.get("early_stopping") if isinstance(run_state, Mapping) else None
+        if es is not None and isinstance(saved, Mapping):
+            es.load_state_dict(saved)
+            self._durable_es = es.state_dict()
 
     def best_names(self, which: str) -> list[str]:
-        """Candidates for "best" / "best:<metric>", best first; the alias file is only a hint."""
-        metric = which.split(":", 1)[1] if ":" in which else next(iter(self.modes), None)
+        """Candidates for "best" / "best:<metric>", best first (see :func:`policies.rank_best`)."""
+        metric, mode = self._best_metric(which)
+        current = policies.latest_saves(i.record() for i in self.run.infos())
+        return [r.name for r in policies.rank_best(current, metric, mode)]
+
+    def _best_metric(self, which: str) -> tuple[str, str]:
+        """The metric and mode ``which`` asks for: from best= first, else from the best state stored in the run."""
+        metric = which.partition(":")[2] if ":" in which else None
+        stored = [i.best for i in sorted(self.run.infos(), key=lambda i: i.record().step, reverse=True) if i.best]
         if metric is None:
-            raise ConfigurationError("restore('best') needs Checkpointer(best={...}) or restore('best:<metric>')")
-        mode = self.modes.get(metric, "min")
-        ranked = _rank(self.run.infos(), metric, mode)
-        hint = self.run.read_alias(f"best:{metric}")
-        if hint in ranked[:1]:
-            log.debug("alias best:%s -> %s confirmed", metric, hint)
-        return ranked
+            metric = next(iter(self.modes), None) or next((m for s in stored for m in s), None)
+            if metric is None:
+                raise ConfigurationError(
+                    f"restore('best'): no metric is tracked in {self.run.storage.root!r}; pass "
+                    "best={'val_loss': 'min'} (your metric and 'min' or 'max') to the Checkpointer, or "
+                    "restore('best:<metric>')")
+        mode = self.modes.get(metric) or next(
+            (s[metric]["mode"] for s in stored if isinstance(s.get(metric), Mapping)
+             and s[metric].get("mode") in policies.MODES), None)
+        if mode is None:
+            raise ConfigurationError(
+                f"restore({which!r}): metric {metric!r} is not tracked: best= of this Checkpointer does not name it "
+                f"and no checkpoint in {self.run.storage.root!r} recorded whether it is minimised or maximised; "
+                f"pass best={{{metric!r}: 'min'}} (or 'max') to the Checkpointer")
+        return metric, mode
 
-    def _best_targets(self, infos: list[CheckpointInfo]) -> dict[str, str]:
-        out = {}
-        for i, (metric, mode) in enumerate(self.modes.items()):
-            ranked = _rank(infos, metric, mode)
-            if ranked:
-                out[f"best:{metric}"] = ranked[0]
-                if i == 0:
-                    out["best"] = ranked[0]
-        return out
-
-    def _retain(self, infos: list[CheckpointInfo], keep: str) -> None:
-        duplicates = _superseded(infos)
-        if not self.retention and not duplicates:
-            return
-        records = [policies.CheckpointRecord(step=i.step, name=i.name, time=i.time, epoch=i.epoch,
-                                             metrics=i.metrics, pinned=i.pinned) for i in infos]
-        protected = {keep} | ({self.resumed_from} if self.resumed_from else set())
-        doomed = policies.to_delete(records, self.retention, protected=protected) if self.retention else []
-        for name in sorted(set(doomed) | (duplicates - protected)):
-            log.info("retention: deleting checkpoint %s", name)
+    # -- after a commit ---------------------------------------------------------------------
+    def _retain(self, info: CheckpointInfo) -> None:
+        records = [i.record() for i in self.run.infos()]
+        protected = {info.name} | ({self.resumed_from} if self.resumed_from else set())
+        plan = policies.plan_retention(records, self.retention, protected=protected)
+        kept = "; ".join(f"{name} ({', '.join(why)})" for name, why in plan.keep.items())
+        log.log(logging.INFO if plan.delete else logging.DEBUG, "retention keeps %s", kept)
+        for name, why in plan.delete.items():
+            log.info("retention: deleting checkpoint %s: %s", name, why)
             self.run.delete(name)
 
-    def _append_history(self, step: int, epoch: int | None, metrics: Mapping[str, float]) -> None:
-        line = {"step": step, "epoch": epoch, "time": time.time(),
-                "metrics": {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}}
-        self.run.storage.append(n.HISTORY_FILE, (json.dumps(line) + "\n").encode())
+    def _append_history(self, info: CheckpointInfo) -> None:
+        self.history.append(info.step, info.epoch, info.metrics, info.time)
+
+    def _write_aliases(self, info: CheckpointInfo) -> None:
+        current = policies.latest_saves(i.record() for i in self.run.infos())
+        if current:
+            newest = current[-1]
+            self.run.write_alias("latest", newest.name, step=newest.step)
+        for i, (metric, mode) in enumerate(self.modes.items()):
+            ranked = policies.rank_best(current, metric, mode)
+            if not ranked:
+                continue
+            top = ranked[0]
+            about = {"metric": metric, "mode": mode, "value": top.metrics[metric], "step": top.step}
+            self.run.write_alias(f"best:{metric}", top.name, **about)
+            if i == 0:
+                self.run.write_alias("best", top.name, **about)
 
 
-def _rank(infos: list[CheckpointInfo], metric: str, mode: str) -> list[str]:
-    scored = [(i.metrics[metric], -i.step, i.name) for i in infos
-              if metric in i.metrics and math.isfinite(i.metrics[metric])]
-    scored.sort(key=lambda s: (s[0] if mode == "min" else -s[0], -s[1]))
-    return [name for _, _, name in scored]
-
-
-def _superseded(infos: list[CheckpointInfo]) -> set[str]:
-    """Older checkpoints of a step that was saved again (the newer save replaces them)."""
-    newest: dict[int, CheckpointInfo] = {}
-    out = set()
-    for info in infos:
-        current = newest.get(info.step)
-        if current is None or (info.time, info.name) > (current.time, current.name):
-            if current is not None:
-                out.add(current.name)
-            newest[info.step] = info
-        else:
-            out.add(info.name)
-    return out
-
+def _logged(what: str, name: str, task: Callable[[CheckpointInfo], None], info: CheckpointInfo) -> None:
+    try:
+        task(info)
+    except StorageError as exc:
+        log.warning("checkpoint %s is saved, but %s could not be updated: %s", name, what, exc)

@@ -179,7 +179,7 @@ def test_non_stateful_objects_are_refused_at_construction(tmp_path):
 
 def test_a_second_writer_gets_a_clear_error(tmp_path):
     with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)}):
-        with pytest.raises(RunLockedError, match="another process"):
+        with pytest.raises(RunLockedError, match="this process already has a Checkpointer"):
             savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)})
     savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)}).close()  # released on close
 

@@ -2,7 +2,8 @@
 
 Every mutating operation (create, write, close, rename, remove, remove_tree,
 fsync_dir, makedirs) gets a running number. ``fail_at=N`` makes operation N
-fail: with an ``OSError``-backed StorageError (``errno_``), or, with
+fail (``fail_if(op, path)`` picks every matching operation instead): with an
+``OSError``-backed StorageError (``errno_``), or, with
 ``crash=True``, with :class:`InjectedFault`, a BaseException that the library
 does not catch: it stands for the process dying at that instant, so no
 cleanup code runs and the test sees exactly what a crash would leave.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from typing import BinaryIO
 
 from savegame.storage.base import Storage, WriteHandle
@@ -24,14 +26,15 @@ class InjectedFault(BaseException):
 
 class FaultyStorage:
     def __init__(self, inner: Storage, *, fail_at: int | None = None, errno_: int = errno.EIO,
-                 crash: bool = False) -> None:
+                 crash: bool = False, fail_if: Callable[[str, str], bool] | None = None) -> None:
         self.inner, self.root = inner, inner.root
-        self.fail_at, self.errno_, self.crash = fail_at, errno_, crash
+        self.fail_at, self.errno_, self.crash, self.fail_if = fail_at, errno_, crash, fail_if
         self.ops: list[tuple[str, str]] = []
 
     def _tick(self, op: str, path: str) -> None:
         self.ops.append((op, path))
-        if self.fail_at is not None and len(self.ops) - 1 == self.fail_at:
+        chosen = self.fail_if is not None and self.fail_if(op, path)
+        if chosen or (self.fail_at is not None and len(self.ops) - 1 == self.fail_at):
             if self.crash:
                 raise InjectedFault(f"crash injected at operation {self.fail_at}: {op} {path}")
             raise storage_error(OSError(self.errno_, os.strerror(self.errno_)), op, path)
@@ -40,13 +43,20 @@ class FaultyStorage:
         self._tick("create", path)
         return _FaultyWrite(self, self.inner.create(path), path)
 
+    def _read(self, op: str, path: str) -> None:
+        """Reads are not numbered (``fail_at`` counts mutations only); ``fail_if`` can fail them."""
+        if self.fail_if is not None and self.fail_if(op, path):
+            raise storage_error(OSError(self.errno_, os.strerror(self.errno_)), op, path)
+
     def open_read(self, path: str) -> BinaryIO:
+        self._read("open_read", path)
         return self.inner.open_read(path)
 
     def size(self, path: str) -> int:
         return self.inner.size(path)
 
     def read_bytes(self, path: str) -> bytes:
+        self._read("read_bytes", path)
         return self.inner.read_bytes(path)
 
     def exists(self, path: str) -> bool:

@@ -1,0 +1,38 @@
+"""``nan_policy="refuse"``: find a NaN or infinity in metrics or in the floating-point tensors of a state."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _floating(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            yield path, tree.detach()
+    elif isinstance(tree, np.ndarray):
+        if tree.dtype.kind in "fc":
+            yield path, torch.from_numpy(np.ascontiguousarray(tree))
+    elif isinstance(tree, Mapping):
+        for key, value in tree.items():
+            yield from _floating(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(tree, (list, tuple)):
+        for i, value in enumerate(tree):
+            yield from _floating(value, f"{path}[{i}]")
+
+
+def first_non_finite(tree: Any) -> str | None:
+    """The key path of the first floating-point tensor or array holding NaN or inf, or None.
+
+    One device synchronisation per device when everything is finite.
+    """
+    found = list(_floating(tree, ""))
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, tensor in found:
+        by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return None
+    return next(path for path, tensor in found if not bool(torch.isfinite(tensor).all()))

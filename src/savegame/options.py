@@ -1,0 +1,129 @@
+"""The Checkpointer's keyword options, validated in one place at construction.
+
+Every check raises ConfigurationError naming the argument, the value it got and what
+it accepts, before anything touches the run directory.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from savegame.errors import ConfigurationError
+from savegame.policies import EarlyStopping, parse_best_spec
+from savegame.storage.base import Storage
+
+NAN_POLICIES = ("allow", "refuse")
+_STORAGE_METHODS = ("create", "open_read", "size", "read_bytes", "exists", "append", "makedirs", "list_dir",
+                    "rename", "remove", "remove_tree", "fsync_dir")
+
+
+@dataclass(frozen=True)
+class Options:
+    async_save: bool = True
+    keep_last: int | None = None
+    keep_every: int | None = None
+    best: Mapping[str, str] | Sequence[str] | str | None = None
+    best_k: int = 1
+    early_stopping: EarlyStopping | None = None
+    name_format: str | None = None
+    every_steps: int | None = None
+    every_seconds: float | None = None
+    save_on_signals: int | Sequence[int] = ()
+    nan_policy: str = "allow"
+    verify: bool = True
+    shard_bytes: int = 1 << 30
+    storage: Storage | None = None
+    modes: dict[str, str] = field(init=False)
+    signals: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        for arg in ("async_save", "verify"):
+            check_bool(getattr(self, arg), arg)
+        for arg in ("keep_last", "keep_every", "every_steps"):
+            value = getattr(self, arg)
+            object.__setattr__(self, arg, None if value is None else as_int(value, arg, minimum=1))
+        object.__setattr__(self, "best_k", as_int(self.best_k, "best_k", minimum=1))
+        object.__setattr__(self, "shard_bytes", as_int(self.shard_bytes, "shard_bytes", minimum=1))
+        object.__setattr__(self, "modes", parse_best_spec(self.best))
+        object.__setattr__(self, "signals", _signals(self.save_on_signals))
+        if self.early_stopping is not None and not isinstance(self.early_stopping, EarlyStopping):
+            raise ConfigurationError(
+                f"early_stopping must be a savegame.EarlyStopping or None, got {type(self.early_stopping).__name__}")
+        if self.nan_policy not in NAN_POLICIES:
+            raise ConfigurationError(f"nan_policy must be 'allow' or 'refuse', got {self.nan_policy!r}")
+        _check_seconds(self.every_seconds)
+        _check_name_format(self.name_format)
+        _check_storage(self.storage)
+
+
+def check_bool(value: object, arg: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigurationError(f"{arg} must be True or False, got {value!r}")
+    return value
+
+
+def as_int(value: object, arg: str, *, minimum: int = 0) -> int:
+    """An integer argument: any int-like number (Python, NumPy, a 0-dim integer tensor), not a bool."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
+            and not value.is_complex() and value.dtype is not torch.bool:
+        value = int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ConfigurationError(f"{arg} must be {kind}, got {value!r}")
+    return int(value)
+
+
+def run_path(run_dir: object) -> str:
+    if not isinstance(run_dir, (str, os.PathLike)):
+        raise ConfigurationError(f"run_dir must be a path (str or os.PathLike), got {type(run_dir).__name__}")
+    path = os.fspath(run_dir)
+    if not isinstance(path, str) or not path:
+        raise ConfigurationError(f"run_dir must be a non-empty text path, got {run_dir!r}")
+    return path
+
+
+def _signals(value: int | Sequence[int]) -> tuple[int, ...]:
+    items = (value,) if isinstance(value, int) else value
+    if not isinstance(items, Sequence) or isinstance(items, (str, bytes)):
+        raise ConfigurationError(
+            f"save_on_signals must be a signal or a sequence of signals, e.g. (signal.SIGTERM,), got {value!r}")
+    for sig in items:
+        if isinstance(sig, bool) or not isinstance(sig, int):
+            raise ConfigurationError(f"save_on_signals: {sig!r} is not a signal number such as signal.SIGTERM")
+    return tuple(items)
+
+
+def _check_seconds(value: object) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
+        raise ConfigurationError(f"every_seconds must be a positive number or None, got {value!r}")
+
+
+def _check_name_format(name_format: object) -> None:
+    if name_format is None:
+        return
+    if not isinstance(name_format, str):
+        raise ConfigurationError(f"name_format must be a str template such as 'e{{epoch:03d}}', got {name_format!r}")
+    try:
+        list(string.Formatter().parse(name_format))
+    except ValueError as exc:
+        raise ConfigurationError(f"name_format {name_format!r} is not a valid template: {exc}") from exc
+
+
+def _check_storage(storage: Any) -> None:
+    if storage is None:
+        return
+    missing = [m for m in _STORAGE_METHODS if not callable(getattr(storage, m, None))]
+    if missing or not isinstance(getattr(storage, "root", None), str):
+        lacks = ", ".join(missing + ([] if isinstance(getattr(storage, "root", None), str) else ["root (a str)"]))
+        raise ConfigurationError(
+            f"storage must implement savegame.storage.Storage; {type(storage).__name__} lacks {lacks}")

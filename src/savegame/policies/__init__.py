@@ -1,0 +1,32 @@
+"""Pure decisions over checkpoint records: retention, best-k tracking, early stopping.
+
+Nothing here touches storage, clocks or loggers. Every function takes plain values
+and returns new ones without mutating its arguments, so the Checkpointer may call
+them from any thread and the tests drive them with hypothesis. All state is
+JSON-able: ``json.loads(json.dumps(state))`` is an equivalent state.
+
+Ordering conventions shared by every function:
+- "newest" is the highest ``(step, time, name)``; "oldest first" sorts by the same key.
+- "best" ranks finite values only (NaN, inf, None and missing never rank); among equal
+  values the earlier step wins (:func:`rank_best`, the one ranking).
+- a step saved more than once counts once: its newest save is current, the older
+  ones are superseded (:func:`superseded`).
+"""
+
+from savegame.policies._common import MODES, CheckpointRecord, Policy, RetentionPolicy
+from savegame.policies.best import best_from_records, is_better, update_best
+from savegame.policies.early_stopping import (EarlyStopping, EarlyStoppingConfig, EarlyStoppingState,
+                                              early_stopping_step, initial_early_stopping_state)
+from savegame.policies.retention import (RetentionPlan, ahead_of, keep_best, keep_every, keep_last, keep_pinned,
+                                         latest_saves, plan_retention, rank_best, select_keep, superseded, to_delete)
+from savegame.policies.spec import parse_best_spec
+
+__all__ = [
+    "MODES", "CheckpointRecord", "Policy", "RetentionPolicy",
+    "keep_last", "keep_every", "keep_best", "keep_pinned", "rank_best", "latest_saves", "superseded", "ahead_of",
+    "select_keep", "to_delete", "RetentionPlan", "plan_retention",
+    "is_better", "update_best", "best_from_records",
+    "EarlyStopping", "EarlyStoppingConfig", "EarlyStoppingState", "early_stopping_step",
+    "initial_early_stopping_state",
+    "parse_best_spec",
+]

@@ -1,0 +1,70 @@
+"""What every policy shares: the checkpoint record, argument checks and the orderings."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from savegame.errors import ConfigurationError
+
+MODES = ("min", "max")
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """What the policies know about one committed checkpoint; ``name`` identifies it."""
+
+    step: int
+    name: str
+    time: float
+    epoch: int | None = None
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    pinned: bool = False
+
+
+Policy = Callable[[Sequence[CheckpointRecord]], set[str]]
+"""A retention policy: the records of a run -> the names it wants kept."""
+RetentionPolicy = Policy
+
+
+def check_mode(mode: object, arg: str = "mode") -> str:
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ConfigurationError(f"{arg} must be 'min' or 'max', got {mode!r}")
+    return mode
+
+
+def check_count(value: object, arg: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigurationError(f"{arg} must be a positive int, got {value!r}")
+    return value
+
+
+def check_min_delta(value: object) -> float:
+    if not isinstance(value, numbers.Real) or not 0 <= float(value) < math.inf:
+        raise ConfigurationError(f"min_delta must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def finite(value: object) -> float | None:
+    """The value as a float when it is a finite real number, else None (never ranks)."""
+    if isinstance(value, numbers.Real):
+        result = float(value)
+        return result if math.isfinite(result) else None
+    return None
+
+
+def recency(record: CheckpointRecord) -> tuple[int, float, str]:
+    """Sort key of "newest": the step, then the save time, then the name."""
+    return (record.step, record.time, record.name)
+
+
+def rank_key(value: float, step: int, mode: str) -> tuple[float, int]:
+    """Sort key: best first, and the earlier step first among equal values."""
+    return (value if mode == "min" else -value, step)
+
+
+def named(policy: Policy, label: str) -> Policy:
+    policy.__name__ = policy.__qualname__ = label
+    return policy
