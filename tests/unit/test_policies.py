@@ -14,6 +14,12 @@ from hypothesis import strategies as st
 from savegame.errors import ConfigurationError, IncompatibleStateError
 from savegame.policies import (
     CheckpointRecord,
+    ahead_of,
+    best_from_records,
+    latest_saves,
+    plan_retention,
+    rank_best,
+    superseded,
     EarlyStopping,
     EarlyStoppingConfig,
     early_stopping_step,
@@ -454,3 +460,111 @@ def test_parse_best_spec(spec, expected) -> None:
 def test_parse_best_spec_rejects(spec) -> None:
     with pytest.raises(ConfigurationError):
         parse_best_spec(spec)
+
+
+# --- superseded saves, the retention plan, the one best ranking, lineage ----------------------
+
+@FAST
+@given(record_lists())
+def test_superseded_are_the_older_unpinned_saves_of_a_step(records) -> None:
+    replaced = superseded(records)
+    current = {r.step: r for r in latest_saves(records)}
+    for r in records:
+        newer = any(o.step == r.step and (o.time, o.name) > (r.time, r.name) for o in records)
+        assert (r.name in replaced) == (newer and not r.pinned)  # pinned saves are exempt
+        if r.name in replaced:
+            assert replaced[r.name] == current[r.step].name
+    assert len(current) == len({r.step for r in records})
+
+
+@FAST
+@given(record_lists(), policy_lists, st.data())
+def test_plan_retention_keeps_newest_protected_pinned_and_what_policies_keep_of_current_saves(
+        records, policies, data) -> None:
+    names = {r.name for r in records}
+    protected = data.draw(st.sets(st.sampled_from(sorted(names)))) if names else set()
+    plan = plan_retention(records, policies, protected=protected)
+    assert set(plan.keep).isdisjoint(plan.delete) and set(plan.keep) | set(plan.delete) == names
+    assert all(plan.keep.values())  # every kept checkpoint has a reason
+    current = latest_saves(records)
+    pinned = {r.name for r in records if r.pinned}
+    expected = protected | pinned
+    if records:
+        expected |= select_keep(current, policies, protected=protected & {r.name for r in current})
+    if not policies:
+        expected |= {r.name for r in current}
+    assert set(plan.keep) == expected & names
+    replaced = superseded(records)
+    for name, why in plan.delete.items():
+        assert why.startswith("superseded by") == (name in replaced)
+    keys = [(r.step, r.time, r.name) for r in sorted(records, key=lambda r: (r.step, r.time, r.name))
+            if r.name in plan.delete]
+    assert keys == sorted(keys) and list(plan.delete) == [k[2] for k in keys]  # oldest first
+
+
+@FAST
+@given(record_lists(), policy_lists, st.randoms(use_true_random=False))
+def test_plan_retention_does_not_depend_on_input_order(records, policies, rnd) -> None:
+    shuffled = list(records)
+    rnd.shuffle(shuffled)
+    a = plan_retention(records, policies, protected={r.name for r in records[:1]})
+    b = plan_retention(shuffled, policies, protected={r.name for r in records[:1]})
+    assert dict(a.keep) == dict(b.keep) and list(a.delete.items()) == list(b.delete.items())
+
+
+def test_a_pinned_save_survives_a_re_save_of_its_step_and_the_reason_is_given() -> None:
+    records = [CheckpointRecord(5, "old-pinned", 1.0, pinned=True), CheckpointRecord(5, "old", 2.0),
+               CheckpointRecord(5, "new", 3.0)]
+    plan = plan_retention(records, [])
+    assert plan.keep == {"old-pinned": ("pinned",), "new": ("newest", "no retention policy")}
+    assert plan.delete == {"old": "superseded by new"}
+    plan = plan_retention([*records, CheckpointRecord(6, "six", 4.0)], [keep_last(1)])
+    assert plan.delete == {"old": "superseded by new", "new": "kept by none of keep_last(1)"}
+
+
+@FAST
+@given(record_lists(), st.sampled_from(["loss", "acc"]), modes, st.integers(1, 4))
+def test_keep_best_is_the_top_of_rank_best(records, metric, mode, k) -> None:
+    ranked = rank_best(records, metric, mode)
+    assert keep_best(metric, mode, k)(records) == {r.name for r in ranked[:k]}
+    keys = [rank(r.metrics[metric], r.step, mode) for r in ranked]
+    assert keys == sorted(keys) and all(finite(r.metrics[metric]) for r in ranked)
+
+
+@FAST
+@given(evaluations, modes, st.integers(1, 4))
+def test_best_from_records_equals_folding_update_best_in_step_order(values, mode, k) -> None:
+    records = [CheckpointRecord(s, f"s{s}", float(s), metrics={"m": v}) for s, v in enumerate(values)]
+    folded: dict = {}
+    for r in records:
+        folded, _ = update_best(folded, r.metrics, r.step, {"m": mode}, k)
+    assert best_from_records(records, {"m": mode}, k) == (folded or {"m": {"mode": mode, "entries": []}})
+
+
+def test_best_from_records_counts_the_newest_save_of_a_step_only() -> None:
+    records = [CheckpointRecord(5, "a", 1.0, metrics={"m": 0.1}), CheckpointRecord(6, "b", 2.0, metrics={"m": 0.3}),
+               CheckpointRecord(5, "c", 3.0, metrics={"m": 0.5})]
+    assert best_from_records(records, {"m": "min"}) == {"m": {"mode": "min", "entries": [[0.3, 6]]}}
+
+
+@FAST
+@given(record_lists(), st.data())
+def test_ahead_of_is_everything_saved_later_on_the_resumed_line(records, data) -> None:
+    if not records:
+        return
+    resumed = data.draw(st.sampled_from(records))
+    ahead = ahead_of(records, resumed)
+    for r in records:
+        later = r.step > resumed.step or (r.step == resumed.step and (r.time, r.name) > (resumed.time, resumed.name))
+        assert (r.name in ahead) == (later and r.name != resumed.name)
+
+
+def test_early_stopping_counts_a_repeated_step_once() -> None:
+    es = EarlyStopping("m", mode="min", patience=2)
+    assert not es.update(1.0, 1) and not es.update(2.0, 2)
+    assert not es.update(2.0, 2) and es.state_dict()["bad_epochs"] == 1  # step 2 again: no second count
+    assert es.update(3.0, 3)
+    old = {k: v for k, v in es.state_dict().items() if k != "last_step"}  # a state saved before last_step existed
+    fresh = EarlyStopping("m", mode="min", patience=2)
+    fresh.load_state_dict(old)
+    assert fresh.should_stop and fresh.state_dict()["last_step"] is None
