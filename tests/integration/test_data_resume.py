@@ -115,6 +115,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[int, list]
 SCENARIOS = {
     "no-workers-mid-epoch": (0, False, [3], 0),
     "persistent-workers-at-epoch-end": (2, True, [5], 2),
+    "persistent-workers-two-kills-mid-epoch": (2, True, [3, 8], 2),
     "workers-two-kills-then-no-workers": (2, False, [2, 11], 0),
 }
 

@@ -11,7 +11,14 @@ import torch
 
 from savegame.data import DataLoader
 from savegame.errors import IncompatibleStateError
-from tests.unit.test_data_support import assert_rng_unchanged, flatten_epochs, global_rng, roundtrip, same_all
+from tests.unit.test_data_support import (
+    assert_rng_unchanged,
+    flatten_epochs,
+    global_rng,
+    roundtrip,
+    same_all,
+    take,
+)
 
 EPOCHS = 3
 
@@ -80,19 +87,14 @@ def make(dataset: Any, **kwargs: Any) -> DataLoader:
 def resume_at(kind: type, stop: int, uneven: bool = False, **kwargs: Any) -> tuple[list[Any], list[Any], Stream]:
     reference = flatten_epochs(make(kind(20, uneven), **kwargs), EPOCHS)
     loader = make(kind(20, uneven), **kwargs)
-    head: list[Any] = []
-    while len(head) < stop:
-        for batch in loader:
-            head.append(batch)
-            if len(head) == stop:
-                break
+    head = take(loader, stop)
     dataset = kind(20, uneven)
     resumed = make(dataset, **{**kwargs, "seed": 77})
     resumed.load_state_dict(roundtrip(loader.state_dict()))
     return reference, head + flatten_epochs(resumed, EPOCHS), dataset
 
 
-WORKERS = [dict(num_workers=0), dict(num_workers=2), dict(num_workers=2, persistent_workers=True)]
+WORKERS = [{"num_workers": 0}, {"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}]
 IDS = ["main", "workers", "persistent"]
 
 
@@ -157,9 +159,48 @@ def test_a_changed_number_of_workers_mid_epoch_is_refused_and_accepted_at_a_boun
     loader = make(StatefulStream(20), num_workers=2)
     iterator = iter(loader)
     next(iterator)
-    with pytest.raises(IncompatibleStateError, match=r"num_workers was 2 and is now 1.*num_workers=2"):
+    with pytest.raises(IncompatibleStateError, match=r"num_workers was 2 and is now 0.*num_workers=2"):
         make(StatefulStream(20)).load_state_dict(loader.state_dict())
     list(iterator)
     single = make(StatefulStream(20))
     single.load_state_dict(loader.state_dict())
     assert sorted(torch.cat([b[0] for b in single]).tolist()) == list(range(20))
+
+
+def test_no_workers_and_one_worker_read_the_same_stream_so_either_resumes_the_other() -> None:
+    reference = flatten_epochs(make(StatefulStream(20)), EPOCHS)
+    for saved, loaded in ((0, 1), (1, 0)):
+        loader = make(StatefulStream(20), num_workers=saved)
+        iterator = iter(loader)
+        head = [next(iterator) for _ in range(3)]
+        resumed = make(StatefulStream(20), num_workers=loaded, seed=1)
+        resumed.load_state_dict(roundtrip(loader.state_dict()))
+        assert same_all(head + flatten_epochs(resumed, EPOCHS), reference), f"{saved} -> {loaded} workers"
+
+
+def test_the_refusal_names_num_workers_as_given() -> None:
+    loader = make(StatefulStream(20))
+    iterator = iter(loader)
+    next(iterator)
+    with pytest.raises(IncompatibleStateError, match=r"num_workers was 0 and is now 2.*with num_workers=0 to"):
+        make(StatefulStream(20), num_workers=2).load_state_dict(loader.state_dict())
+
+
+class SizedStream(StatefulStream):
+    def __len__(self) -> int:
+        return self.n
+
+
+@pytest.mark.parametrize("kwargs", WORKERS[:2], ids=IDS[:2])
+def test_len_of_a_resumed_iterator_is_what_it_yields(kwargs: dict) -> None:
+    loader = make(SizedStream(20), **kwargs)
+    assert len(iter(loader)) == len(loader) == 7
+    iterator = iter(loader)
+    for _ in range(3):
+        next(iterator)
+    resumed = make(SizedStream(20), **kwargs)
+    resumed.load_state_dict(roundtrip(loader.state_dict()))
+    rest_iterator = iter(resumed)
+    assert len(rest_iterator) == 4 and len(resumed) == 7
+    if kwargs["num_workers"] == 0:
+        assert len(list(rest_iterator)) == 4     # with workers, torch's len() of an iterable is an estimate too

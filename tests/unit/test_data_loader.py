@@ -18,11 +18,12 @@ from tests.unit.test_data_support import (
     global_rng,
     roundtrip,
     same_all,
+    take,
 )
 
 N, BATCH, EPOCHS = 22, 4, 3           # 6 batches an epoch, the last one short
 PER_EPOCH = 6
-WORKERS = [dict(num_workers=0), dict(num_workers=2), dict(num_workers=2, persistent_workers=True)]
+WORKERS = [{"num_workers": 0}, {"num_workers": 2}, {"num_workers": 2, "persistent_workers": True}]
 WORKER_IDS = ["main", "workers", "persistent"]
 
 
@@ -41,12 +42,7 @@ def reference() -> list[Any]:
 def interrupted(stop: int, save_kwargs: dict, load_kwargs: dict) -> tuple[list[Any], DataLoader]:
     """Consume ``stop`` batches, save, then resume into a fresh loader and read to the end of EPOCHS."""
     loader = make(**save_kwargs)
-    head: list[Any] = []
-    while len(head) < stop:
-        for batch in loader:
-            head.append(batch)
-            if len(head) == stop:
-                break
+    head = take(loader, stop)
     state = roundtrip(loader.state_dict())
     resumed = make(**{**load_kwargs, "seed": 999})
     resumed.load_state_dict(state)
@@ -176,23 +172,25 @@ def test_a_stateful_sampler_is_restored_not_replayed(workers: int) -> None:
     head = [next(iterator)[0] for _ in range(2)]
     sampler = CountingSampler(N)
     resumed = make(sampler=sampler, shuffle=None, num_workers=workers)
-    resumed.load_state_dict(roundtrip(loader.state_dict()))
-    assert sampler.yielded == 2 * BATCH
+    state = roundtrip(loader.state_dict())
+    resumed.load_state_dict(state)
+    ahead = sum(len(unit) for _, unit in state["pending"])     # drawn for prefetching, not consumed
+    assert sampler.yielded == 2 * BATCH + ahead and (ahead > 0) == (workers > 0)
     rest = [b[0] for b in resumed]
     assert same_all(head + rest, full)
-    assert sampler.produced == N - 2 * BATCH, "the sampler was asked only for the remaining indices"
+    assert sampler.produced + ahead == N - 2 * BATCH, "no consumed index was produced again"
 
 
 def plain_samplers() -> dict[str, Any]:
     return {
-        "RandomSampler-global": lambda d: dict(sampler=torch.utils.data.RandomSampler(d), shuffle=None),
-        "RandomSampler-generator": lambda d: dict(
-            sampler=torch.utils.data.RandomSampler(d, generator=torch.Generator().manual_seed(1)), shuffle=None),
-        "DistributedSampler": lambda d: dict(
-            sampler=torch.utils.data.DistributedSampler(d, num_replicas=2, rank=1, seed=3), shuffle=None),
-        "BatchSampler": lambda d: dict(batch_sampler=torch.utils.data.BatchSampler(
-            torch.utils.data.RandomSampler(d), 3, drop_last=True), batch_size=1, shuffle=None),
-        "no-batching": lambda d: dict(batch_size=None),
+        "RandomSampler-global": lambda d: {"sampler": torch.utils.data.RandomSampler(d), "shuffle": None},
+        "RandomSampler-generator": lambda d: {
+            "sampler": torch.utils.data.RandomSampler(d, generator=torch.Generator().manual_seed(1)), "shuffle": None},
+        "DistributedSampler": lambda d: {
+            "sampler": torch.utils.data.DistributedSampler(d, num_replicas=2, rank=1, seed=3), "shuffle": None},
+        "BatchSampler": lambda d: {"batch_sampler": torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(d), 3, drop_last=True), "batch_size": 1, "shuffle": None},
+        "no-batching": lambda d: {"batch_size": None},
     }
 
 
@@ -256,8 +254,8 @@ def test_out_of_order_workers_resume_the_missing_batches() -> None:
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    (dict(batch_size=5), r"batch_size was 4 and is now 5.*batch_size=4"),
-    (dict(drop_last=True), r"drop_last was False and is now True"),
+    ({"batch_size": 5}, r"batch_size was 4 and is now 5.*batch_size=4"),
+    ({"drop_last": True}, r"drop_last was False and is now True"),
     ("length", r"length was 22 and is now 23.*length=22"),
 ])
 def test_a_changed_batch_size_or_length_mid_epoch_is_refused(change: Any, message: str) -> None:
@@ -317,3 +315,171 @@ def test_saving_again_right_after_a_restore_or_iter_gives_the_same_position(refe
     final = make(**kwargs)
     final.load_state_dict(again)
     assert same_all(reference[:2] + flatten_epochs(final, EPOCHS), reference)
+
+
+def consume(loader: DataLoader, count: int) -> tuple[list[Any], Any]:
+    """The first ``count`` batches of a new iterator over ``loader``, and the iterator."""
+    iterator = iter(loader)
+    return [next(iterator) for _ in range(count)], iterator
+
+
+@pytest.mark.parametrize("kwargs", WORKERS[:2], ids=WORKER_IDS[:2])
+@pytest.mark.parametrize("sampler", ["resumable", "distributed"])
+def test_calling_set_epoch_every_epoch_after_a_restore_repeats_nothing(kwargs: dict, sampler: str) -> None:
+    """The DistributedSampler habit: ``sampler.set_epoch(epoch)`` before each epoch, with the loader's epoch."""
+    def build(**extra: Any) -> DataLoader:
+        if sampler == "resumable":
+            return make(sampler=ResumableSampler(N, seed=11), shuffle=None, **extra)
+        return make(sampler=torch.utils.data.DistributedSampler(Augmented(N), num_replicas=1, rank=0, seed=11),
+                    shuffle=None, **extra)
+
+    expected = flatten_epochs(build(), EPOCHS)
+    loader = build(**kwargs)
+    head, _ = consume(loader, 3)
+    resumed = build(**kwargs)
+    resumed.load_state_dict(roundtrip(loader.state_dict()))
+    rest: list[Any] = []
+    while resumed.epoch < EPOCHS:
+        resumed.sampler.set_epoch(resumed.epoch)
+        rest.extend(resumed)
+    assert same_all(head + rest, expected)
+
+
+def test_set_epoch_with_another_epoch_after_a_restore_does_not_move_the_loader(
+        reference: list[Any], caplog: pytest.LogCaptureFixture) -> None:
+    """The loader decides the epoch, for ResumableSampler as for DistributedSampler; it says so."""
+    loader = make()
+    head, _ = consume(loader, 3)
+    resumed = make()
+    resumed.load_state_dict(roundtrip(loader.state_dict()))
+    resumed.sampler.set_epoch(5)
+    with caplog.at_level(logging.WARNING, logger="savegame.data"):
+        rest = list(resumed)
+    assert "set to epoch 5 after the restore, but the loader continues epoch 0" in caplog.text
+    assert same_all(head + rest, reference[:PER_EPOCH])
+
+
+class ListSampler(torch.utils.data.Sampler[int]):
+    """Seed 004's example sampler: its state is the whole index list and the position (O(N) to copy).
+
+    Counts ``state_dict()`` calls and deep copies of its index list.
+    """
+
+    def __init__(self, n: int) -> None:
+        self.n, self.epoch, self.position, self.resume = n, 0, 0, False
+        self.indices = CountedList(range(n))
+        self.state_calls = 0
+
+    def __len__(self) -> int:
+        return self.n
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.resume = epoch, False
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        if not self.resume:
+            self.indices = CountedList(torch.randperm(self.n, generator=torch.Generator().manual_seed(self.epoch))
+                                       .tolist())
+            self.position = 0
+        self.resume = False
+        while self.position < self.n:
+            self.position += 1
+            yield self.indices[self.position - 1]
+
+    def state_dict(self) -> dict:
+        self.state_calls += 1
+        return {"indices": self.indices, "position": self.position, "epoch": self.epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.indices, self.position = CountedList(state["indices"]), state["position"]
+        self.epoch, self.resume = state["epoch"], True
+
+
+class CountedList(list):
+    copies = 0
+
+    def __deepcopy__(self, memo: dict) -> list:
+        CountedList.copies += 1
+        return list(self)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_sampler_state_is_taken_per_save_not_per_batch(workers: int) -> None:
+    """A stateful sampler costs one state_dict() and one copy per save, whatever the epoch length (issue 4)."""
+    counts = []
+    for n in (64, 640):
+        sampler = ListSampler(n)
+        loader = DataLoader(range(n), batch_size=4, sampler=sampler, num_workers=workers, seed=0)
+        CountedList.copies = 0
+        list(loader)                                       # a whole epoch, no save
+        _, iterator = consume(loader, 5)
+        loader.state_dict()                                # one save, mid-epoch
+        list(iterator)
+        counts.append((sampler.state_calls, CountedList.copies))
+    assert counts == [(1, 1), (1, 1)]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("stop", [0, 5, 16, 20])
+def test_a_sampler_with_a_list_state_resumes_exactly(workers: int, stop: int) -> None:
+    """Mid-epoch, right after iter(), and at an epoch boundary (the restored pass is run out, not repeated)."""
+    def build(w: int = 0) -> DataLoader:
+        return DataLoader(range(80), batch_size=4, sampler=ListSampler(80), num_workers=w, seed=0)
+
+    expected = [b.tolist() for b in flatten_epochs(build(), 3)]
+    loader = build(workers)
+    head = [b.tolist() for b in flatten_epochs(loader, stop // 20)]
+    partial, _ = consume(loader, stop % 20)
+    head += [b.tolist() for b in partial]
+    resumed = build(workers)
+    resumed.load_state_dict(roundtrip(loader.state_dict()))
+    assert head + [b.tolist() for b in flatten_epochs(resumed, 3)] == expected
+
+
+def test_a_refused_load_changes_nothing(reference: list[Any]) -> None:
+    """ResumableSampler refuses a shuffle change mid-epoch: the loader's seed, iterator, workers and dataset stay."""
+    dataset = Curriculum(N)
+    loader = make(dataset, num_workers=2, persistent_workers=True)
+    head, iterator = consume(loader, 2)
+    other = make(Curriculum(N), shuffle=False, seed=5)
+    other.dataset.level = 7
+    consume(other, 3)
+    with pytest.raises(IncompatibleStateError, match="shuffle False -> True"):
+        loader.load_state_dict(roundtrip(other.state_dict()))
+    assert loader.seed == 11 and dataset.level == 0, "the dataset's state was put back"
+    rest = list(iterator)                                  # the same iterator goes on
+    assert same_all(head + rest + flatten_epochs(loader, EPOCHS), reference)
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("seed", "abc"), ("epoch", -1), ("in_progress", "yes"), ("position", 2.5), ("batch_size", 0),
+    ("drop_last", None), ("length", "22"), ("done", ["a"]), ("done", 3), ("pending", [[1]]),
+    ("pending", [[0, [1, 2, 3, 4]]]), ("generators", [[1, 2, 3]]), ("sampler_ended", 1), ("kind", "graph"),
+])
+def test_a_malformed_state_is_refused_naming_the_field(reference: list[Any], field: str, value: Any) -> None:
+    loader = make()
+    head, iterator = consume(loader, 2)
+    state = roundtrip(loader.state_dict())
+    state[field] = value
+    with pytest.raises(IncompatibleStateError, match=f"'{field}'"):
+        make().load_state_dict(state)
+    with pytest.raises(IncompatibleStateError, match=f"'{field}'"):
+        loader.load_state_dict(state)
+    assert same_all(head + list(iterator), reference[:PER_EPOCH])
+
+
+@pytest.mark.parametrize("kwargs", WORKERS + [{"num_workers": 2, "in_order": False}],
+                         ids=WORKER_IDS + ["out-of-order"])
+def test_len_of_a_resumed_iterator_is_what_it_yields(kwargs: dict) -> None:
+    loader = make(**kwargs)
+    fresh = iter(loader)
+    assert len(fresh) == len(loader) == PER_EPOCH
+    head = [next(fresh) for _ in range(4)]
+    assert len(fresh) == PER_EPOCH, "like torch's, an iterator's len() does not shrink as it is advanced"
+    resumed = make(**kwargs)
+    resumed.load_state_dict(roundtrip(loader.state_dict()))
+    rest_iterator = iter(resumed)
+    rest = list(rest_iterator)
+    assert len(rest_iterator) == len(rest) == PER_EPOCH - len(head) and len(resumed) == PER_EPOCH
+    assert len(iter(resumed)) == PER_EPOCH

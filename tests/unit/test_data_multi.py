@@ -9,7 +9,12 @@ import torch
 
 from savegame.data import DataLoader, MultiLoader
 from savegame.errors import ConfigurationError, IncompatibleStateError, SavegameError
-from tests.unit.test_data_support import assert_rng_unchanged, global_rng, roundtrip, same
+from tests.unit.test_data_support import (
+    assert_rng_unchanged,
+    global_rng,
+    roundtrip,
+    same,
+)
 
 CASES = [("weighted", "stop"), ("weighted", "cycle"), ("weighted", "drop"), ("round_robin", "stop"),
          ("round_robin", "cycle"), ("round_robin", "drop"), ("sequential", "stop")]
@@ -67,7 +72,8 @@ def test_sub_loaders_continue_across_multiloader_epochs() -> None:
     first = [(n, b.tolist()) for n, b in multi]
     second = [(n, b.tolist()) for n, b in multi]
     a_batches = [b for n, b in first + second if n == "a"]
-    assert sorted(sum(a_batches[:4], [])) == list(range(10)), "a's epoch spans two MultiLoader epochs"
+    indices = [i for batch in a_batches[:4] for i in batch]
+    assert sorted(indices) == list(range(10)), "a's epoch spans two MultiLoader epochs"
 
 
 def test_weighted_choices_follow_the_weights_and_leave_global_generators_alone() -> None:
@@ -90,12 +96,12 @@ def test_resume_with_workers_in_a_sub_loader() -> None:
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    (dict(mode="random"), "mode"),
-    (dict(exhaustion="never"), "exhaustion"),
-    (dict(mode="sequential", exhaustion="cycle"), "sequential"),
-    (dict(weights={"a": 1.0}), "every loader name"),
-    (dict(weights={"a": 1.0, "b": -1.0}), r"weights\['b'\]"),
-    (dict(mode="round_robin", weights={"a": 1.0, "b": 1.0}), "only with mode='weighted'"),
+    ({"mode": "random"}, "mode"),
+    ({"exhaustion": "never"}, "exhaustion"),
+    ({"mode": "sequential", "exhaustion": "cycle"}, "sequential"),
+    ({"weights": {"a": 1.0}}, "every loader name"),
+    ({"weights": {"a": 1.0, "b": -1.0}}, r"weights\['b'\]"),
+    ({"mode": "round_robin", "weights": {"a": 1.0, "b": 1.0}}, "only with mode='weighted'"),
 ])
 def test_bad_arguments_are_named(kwargs: dict, message: str) -> None:
     loaders = {"a": DataLoader(range(3), seed=0), "b": DataLoader(range(3), seed=0)}

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from savegame.data import ResumableSampler
+from savegame.data import DataLoader, ResumableSampler
 from savegame.errors import ConfigurationError, IncompatibleStateError
 from tests.unit.test_data_support import assert_rng_unchanged, global_rng, roundtrip
 
@@ -82,8 +85,8 @@ def test_load_refuses_a_changed_length_mid_epoch_and_warns_at_a_boundary(caplog:
     assert sorted(grown) == list(range(21))
 
 
-@pytest.mark.parametrize("kwargs", [dict(world_size=0), dict(rank=2, world_size=2), dict(seed="1"),
-                                    dict(seed=True)])
+@pytest.mark.parametrize("kwargs", [{"world_size": 0}, {"rank": 2, "world_size": 2}, {"seed": "1"},
+                                    {"seed": True}])
 def test_bad_arguments_are_named(kwargs: dict) -> None:
     with pytest.raises(ConfigurationError, match=next(iter(kwargs))):
         ResumableSampler(5, **kwargs)
@@ -92,3 +95,113 @@ def test_bad_arguments_are_named(kwargs: dict) -> None:
 def test_unsized_source_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="sized"):
         ResumableSampler(iter(range(3)))  # type: ignore[arg-type]
+
+
+def _restored(stop: int, epoch: int = 2) -> tuple[ResumableSampler, list[int]]:
+    """A ResumableSampler restored after ``stop`` indices of ``epoch``, and that epoch's full order."""
+    sampler = ResumableSampler(30, seed=4)
+    sampler.set_epoch(epoch)
+    iterator = iter(sampler)
+    for _ in range(stop):
+        next(iterator)
+    resumed = ResumableSampler(30, seed=4)
+    resumed.load_state_dict(roundtrip(sampler.state_dict()))
+    return resumed, sampler.indices(epoch)
+
+
+def test_set_epoch_with_the_restored_epoch_keeps_the_position() -> None:
+    resumed, full = _restored(13)
+    resumed.set_epoch(2)                    # the DistributedSampler habit, every epoch
+    assert resumed.state_dict()["position"] == 13
+    assert list(resumed) == full[13:]
+    resumed.set_epoch(2)
+    assert list(resumed) == full, "the restored position is used once; later passes start at the beginning"
+
+
+def test_set_epoch_with_another_epoch_starts_it_from_the_beginning() -> None:
+    resumed, _ = _restored(13)
+    resumed.set_epoch(3)
+    assert resumed.state_dict()["position"] == 0
+    assert list(resumed) == resumed.indices(3) and sorted(resumed.indices(3)) == list(range(30))
+
+
+@pytest.mark.parametrize(("field", "value"), [("seed", "abc"), ("epoch", -1), ("position", 1.5), ("length", None),
+                                              ("world_size", 0), ("shuffle", "yes"), ("drop_last", 1)])
+def test_a_malformed_state_is_refused_naming_the_field_and_changes_nothing(field: str, value: object) -> None:
+    resumed, full = _restored(5)
+    bad = {**resumed.state_dict(), field: value}
+    with pytest.raises(IncompatibleStateError, match=f"'{field}'"):
+        resumed.load_state_dict(bad)
+    assert list(resumed) == full[5:]
+
+
+def test_rank_and_world_size_default_to_one_process_without_torch_distributed() -> None:
+    sampler = ResumableSampler(10)
+    assert (sampler.rank, sampler.world_size) == (0, 1)
+
+
+@pytest.fixture
+def gloo_group(tmp_path: Path) -> Iterator[None]:
+    """A real single-process gloo process group, torn down afterwards."""
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("gloo_group")
+def test_rank_and_world_size_come_from_an_initialised_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert dist.is_initialized()
+    sampler = ResumableSampler(10, shuffle=False)
+    assert (sampler.rank, sampler.world_size) == (0, 1) and list(sampler) == list(range(10))
+    # As if this process were rank 2 of 3 in the same (initialised) group: the values are asked for, not assumed.
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 3)
+    third = ResumableSampler(10, shuffle=False)
+    assert (third.rank, third.world_size) == (2, 3) and list(third) == [2, 5, 8, 1]
+    assert ResumableSampler(10, rank=0).world_size == 3, "an explicit rank keeps the group's world size"
+    with pytest.raises(ConfigurationError, match=r"rank must be an int in \[0, world_size=2\)"):
+        ResumableSampler(10, world_size=2)      # rank 2 from the group does not fit an explicit world size of 2
+
+
+def test_the_default_loader_sampler_ignores_torch_distributed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """DataLoader(shuffle=...) keeps torch's meaning (the whole dataset) even under DDP."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    assert ResumableSampler(8).world_size == 4
+    loader = DataLoader(list(range(8)), batch_size=2, shuffle=True, seed=0)
+    assert isinstance(loader.sampler, ResumableSampler) and loader.sampler.world_size == 1 and len(loader) == 4
+
+
+@pytest.mark.parametrize(("n", "world", "drop_last"), [(10, 3, False), (10, 3, True), (12, 4, False)])
+def test_ranks_resumed_mid_epoch_cover_every_epoch_exactly_once(n: int, world: int, drop_last: bool) -> None:
+    """Per epoch, the union of the ranks is the dataset once: padded by repeating the first indices
+    of the permutation (drop_last=False) or without the last ``n % world`` (drop_last=True)."""
+    def build(rank: int) -> ResumableSampler:
+        return ResumableSampler(n, seed=3, rank=rank, world_size=world, drop_last=drop_last)
+
+    for epoch in range(3):
+        parts = []
+        for rank in range(world):
+            sampler = build(rank)
+            sampler.set_epoch(epoch)
+            iterator = iter(sampler)
+            head = [next(iterator) for _ in range(rank % 2 + 1)]       # each rank stops elsewhere
+            resumed = build(rank)
+            resumed.load_state_dict(roundtrip(sampler.state_dict()))
+            resumed.set_epoch(epoch)
+            parts.append(head + list(resumed))
+        merged = sorted(i for part in parts for i in part)
+        per_rank = n // world if drop_last else -(-n // world)
+        assert all(len(part) == per_rank for part in parts)
+        if drop_last:
+            assert len(set(merged)) == len(merged) == per_rank * world
+        else:
+            assert set(merged) == set(range(n)) and len(merged) == per_rank * world
+            order = ResumableSampler(n, seed=3, world_size=1)
+            order.set_epoch(epoch)
+            padding = order.indices()[: per_rank * world - n]
+            assert sorted(merged) == sorted(list(range(n)) + padding), "padding repeats the permutation's first"

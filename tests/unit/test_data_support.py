@@ -17,7 +17,7 @@ PLAIN = (type(None), bool, int, float, str)
 
 def assert_plain(value: Any, path: str = "state") -> None:
     """Fail unless ``value`` holds only None/bool/int/float/str/tuple/list/dict/tensor/ndarray."""
-    if isinstance(value, PLAIN) or isinstance(value, (torch.Tensor, np.ndarray)):
+    if isinstance(value, (PLAIN, torch.Tensor, np.ndarray)):
         return
     if isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
@@ -99,3 +99,14 @@ def flatten_epochs(loader: Any, epochs: int) -> list[Any]:
     while loader.epoch < epochs:
         out.extend(loader)
     return out
+
+
+def take(loader: Any, count: int) -> list[Any]:
+    """The next ``count`` batches of ``loader``, across epochs; the last iterator is left unfinished."""
+    head: list[Any] = []
+    while len(head) < count:
+        for batch in loader:
+            head.append(batch)
+            if len(head) == count:
+                break
+    return head

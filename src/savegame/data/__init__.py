@@ -11,4 +11,4 @@ from savegame.data.loader import DataLoader
 from savegame.data.multi import MultiLoader
 from savegame.data.sampler import ResumableSampler
 
-__all__ = ["DataLoader", "ResumableSampler", "MultiLoader"]
+__all__ = ["DataLoader", "MultiLoader", "ResumableSampler"]

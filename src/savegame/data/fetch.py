@@ -26,7 +26,7 @@ class Produced:
     ``end`` marks a slot of an iterable dataset that has no more batches this epoch.
     """
 
-    __slots__ = ("batch", "position", "slot", "state", "end")
+    __slots__ = ("batch", "end", "position", "slot", "state")
 
     def __init__(self, batch: Any, position: int, slot: int = -1, state: Any = None, end: bool = False) -> None:
         self.batch, self.position, self.slot, self.state, self.end = batch, position, slot, state, end

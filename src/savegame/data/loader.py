@@ -6,35 +6,27 @@ import copy
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset
 
-from savegame.data import compat, seeding
-from savegame.data.fetch import IterStream, MapFetch, Produced, SlotStart, StreamPlan, identity
+from savegame.data import compat, mapstate, seeding, streamstate
+from savegame.data.fetch import (
+    IterStream,
+    MapFetch,
+    Produced,
+    SlotStart,
+    StreamPlan,
+    identity,
+)
 from savegame.data.merge import SlotMerge
 from savegame.data.plan import IndexSource, MapEpoch, TicketSource, is_stateful
+from savegame.data.progress import Progress
 from savegame.data.sampler import ResumableSampler
 from savegame.errors import ConfigurationError, SavegameError
 
 log = logging.getLogger("savegame.data")
-
-
-@dataclass
-class _Progress:
-    """Where the loader stands. ``epoch`` is the epoch in progress, or the next one to start."""
-
-    epoch: int = 0
-    in_progress: bool = False
-    position: int = 0                       # batches consumed in this epoch (map: contiguous prefix)
-    done: set[int] = field(default_factory=set)   # map, in_order=False: consumed positions past the prefix
-    slots: list[SlotStart] = field(default_factory=list)   # iterable: per worker slot
-    next_slot: int = 0
-    resume_pending: bool = False            # the next iter() continues the restored epoch
-    sampler_restored: bool = False          # map: the sampler holds the restored position itself
-
 
 class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
     """A drop-in ``torch.utils.data.DataLoader`` with ``state_dict()`` / ``load_state_dict()``.
@@ -57,7 +49,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
     Epochs are counted by ``iter()``: every new iterator starts the next epoch (a
     sampler's or dataset's ``set_epoch(epoch)`` is called), except the first one
     after restoring a mid-epoch state. Calling ``next()`` on an older iterator
-    raises SavegameError.
+    raises SavegameError. ``len(loader)`` is the length of a whole epoch, as in
+    torch; ``len(iterator)`` is the number of batches that iterator yields (fewer
+    for the rest of a restored epoch).
     """
 
     def __init__(
@@ -82,14 +76,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         in_order: bool = True,
         seed: int | None = None,
     ) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ConfigurationError(f"seed must be an int or None, got {seed!r}")
-        own_seed = seed if seed is not None else (
-            generator.initial_seed() if generator is not None else seeding.draw_seed())
-        iterable = isinstance(dataset, IterableDataset)
-        if not iterable and sampler is None and batch_sampler is None:
-            sampler = ResumableSampler(_length(dataset), shuffle=bool(shuffle), seed=own_seed)
-            shuffle = None
+        own_seed = _own_seed(seed, generator)
+        if not isinstance(dataset, IterableDataset) and sampler is None and batch_sampler is None:
+            sampler, shuffle = _default_sampler(dataset, shuffle, own_seed), None
         try:
             super().__init__(dataset, batch_size, shuffle, sampler, batch_sampler, num_workers, collate_fn, pin_memory,
                              drop_last, timeout, worker_init_fn, multiprocessing_context, generator,
@@ -97,11 +86,15 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
                              pin_memory_device=pin_memory_device, in_order=in_order)
         except ValueError as exc:
             raise ConfigurationError(f"savegame.DataLoader: {exc}") from exc
-        self._seed = own_seed
-        self._iterable = iterable
-        self._source = None if iterable else IndexSource(self.sampler, self.batch_sampler, self._auto_collation)
-        self._dataset_stateful = is_stateful(dataset)
-        self._progress = _Progress()
+        self._setup(own_seed)
+
+    def _setup(self, seed: int) -> None:
+        """Our own machinery, once torch has checked and stored its arguments."""
+        self._seed = seed
+        self._iterable = isinstance(self.dataset, IterableDataset)
+        self._source = None if self._iterable else IndexSource(self.sampler, self.batch_sampler, self._auto_collation)
+        self._dataset_stateful = is_stateful(self.dataset)
+        self._progress = Progress(slots=[SlotStart() for _ in range(self._slot_count())])
         self._generation = 0
         self._tickets = TicketSource()
         self._plan: MapEpoch | None = None
@@ -123,8 +116,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out (not after prefetched ones), and the seed.
 
-        Holds only plain values, tensors and arrays: the sampler's, batch sampler's
-        or dataset's own ``state_dict()`` where they have one.
+        Holds only plain values, tensors and arrays, and the sampler's, batch
+        sampler's or dataset's own ``state_dict()`` where they have one. The result
+        is a copy: iterating on does not change it.
         """
         progress = self._progress
         state: dict[str, Any] = {
@@ -133,95 +127,53 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             "batch_size": self.batch_size, "drop_last": self.drop_last, "length": _length_or_none(self.dataset),
         }
         if self._iterable:
-            state["num_workers"] = self._slot_count()
-            state["slots"] = [{"batches": s.batches, "state": s.state, "ended": s.ended} for s in progress.slots]
-            state["next_slot"] = progress.next_slot
-            return state
-        source = self._source
-        assert source is not None
-        # Mid-epoch the sampler may have run ahead (workers prefetch): use what it was after the last consumed batch.
-        plan = self._plan if progress.in_progress and not progress.resume_pending else None
-        sampler_state = None
-        if source.target is not None:
-            sampler_state = plan.snapshot_at(progress.position) if plan is not None else source.snapshot()
-        generators = plan.epoch_start_generators if plan is not None else source.generator_states()
-        state.update({"done": sorted(progress.done), "sampler": sampler_state, "generators": list(generators),
-                      "dataset": cast(Any, self.dataset).state_dict() if self._dataset_stateful else None})
-        return state
+            state.update(streamstate.capture(progress, self.num_workers))
+        else:
+            assert self._source is not None
+            state.update(mapstate.capture(self._source, self.dataset, self._plan, progress))
+        return copy.deepcopy(state)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue from ``state``: the next ``iter()`` yields the rest of its epoch (or the next epoch).
 
-        Raises IncompatibleStateError, naming the change and the remedy, when the
-        batch size, drop_last, the dataset's length or (for an iterable dataset) the
-        number of workers changed since a mid-epoch save. Any iterator of this loader
-        stops being valid, and persistent workers are restarted.
+        Raises IncompatibleStateError, naming the field or the change and the
+        remedy, when a value is malformed or when the batch size, drop_last, the
+        dataset's length or (for an iterable dataset) the number of worker slots
+        changed since a mid-epoch save. A refused state changes nothing: the
+        loader and its current iterator go on as before. An accepted one makes
+        any iterator of this loader invalid and restarts persistent workers.
         """
-        compat.check(state, {"kind": "iterable" if self._iterable else "map", "batch_size": self.batch_size,
-                             "drop_last": self.drop_last, "length": _length_or_none(self.dataset),
-                             "num_workers": self._slot_count()})
+        saved = compat.parse(state)
+        compat.check(saved, {"kind": "iterable" if self._iterable else "map",
+                             "batch_size": self.batch_size, "drop_last": self.drop_last,
+                             "length": _length_or_none(self.dataset), "num_workers": self.num_workers})
+        progress = Progress(epoch=saved.epoch, in_progress=saved.in_progress, position=saved.position,
+                            resume_pending=saved.in_progress)
+        if self._iterable:
+            streamstate.restore(saved, progress, self._slot_count(), self.dataset, self._dataset_stateful)
+        else:
+            assert self._source is not None
+            mapstate.restore(self._source, self.dataset, saved, progress)
         self._stop_workers()
         self._generation += 1
         self._plan = self._merge = None
-        self._seed = int(state["seed"])
-        in_progress = bool(state["in_progress"])
-        progress = _Progress(epoch=int(state["epoch"]), in_progress=in_progress, position=int(state["position"]),
-                             resume_pending=in_progress)
-        if self._iterable:
-            self._load_iterable(state, progress)
-        else:
-            self._load_map(state, progress)
-        self._progress = progress
-
-    def _load_map(self, state: Mapping[str, Any], progress: _Progress) -> None:
-        source = self._source
-        assert source is not None
-        progress.done = set(int(p) for p in state.get("done", ()))
-        if state.get("sampler") is not None and source.target is not None:
-            source.target.load_state_dict(state["sampler"])
-            progress.sampler_restored = True
-        elif state.get("sampler") is not None:
-            log.warning("savegame.DataLoader: the checkpoint holds a sampler state but this loader's sampler has no "
-                        "load_state_dict(); its order is rebuilt from the seed and epoch instead")
-        source.set_generator_states(list(state.get("generators") or []))
-        if state.get("dataset") is not None and self._dataset_stateful:
-            cast(Any, self.dataset).load_state_dict(state["dataset"])
-
-    def _load_iterable(self, state: Mapping[str, Any], progress: _Progress) -> None:
-        saved = state.get("slots") or []
-        progress.slots = [SlotStart(int(s["batches"]), s["state"], bool(s["ended"])) for s in saved]
-        if len(progress.slots) != self._slot_count():
-            progress.slots = [SlotStart() for _ in range(self._slot_count())]
-        progress.next_slot = int(state.get("next_slot", 0))
-        skipped = sum(s.batches for s in progress.slots if s.state is None and not s.ended)
-        if progress.in_progress and skipped and not self._dataset_stateful:
-            log.warning(
-                "savegame.DataLoader: the iterable dataset %s has no state_dict()/load_state_dict(), so resuming "
-                "epoch %d reads and discards the %d batches already consumed (this takes longer the further the "
-                "epoch went). Implement state_dict()/load_state_dict() on the dataset to resume without re-reading.",
-                type(self.dataset).__name__, progress.epoch, skipped)
+        self._seed, self._progress = saved.seed, progress
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]  # ours is not torch's iterator class
         progress = self._progress
-        resume = progress.resume_pending
-        progress.resume_pending = False
-        if not resume:
-            if progress.in_progress:
-                progress.epoch += 1        # the previous iterator was abandoned mid-epoch
-            progress.in_progress, progress.position, progress.next_slot = True, 0, 0
-            progress.done = set()
-            progress.slots = [SlotStart() for _ in range(self._slot_count())]
+        drain = progress.sampler_restored and progress.sampler_ended
+        resume = progress.begin(self._slot_count())
         self._generation += 1
         self._base_generator.manual_seed(seeding.derive(self._seed, seeding.BASE, progress.epoch))
-        source = self._start_iterable(resume) if self._iterable else self._start_map(resume)
-        return _LoaderIterator(self, source, self._generation)
+        source = self._start_iterable(resume) if self._iterable else self._start_map(resume, drain)
+        return _LoaderIterator(self, source, self._generation, progress.consumed_count())
 
-    def _start_map(self, resume: bool) -> Iterator[Produced]:
+    def _start_map(self, resume: bool, drain: bool) -> Iterator[Produced]:
         assert self._source is not None
         progress = self._progress
-        self._plan = MapEpoch(self._source, self._seed, progress.epoch, progress.position,
-                              frozenset(progress.done), resume, progress.sampler_restored)
+        self._plan = MapEpoch(self._source, self._seed, progress.epoch, progress.position, frozenset(progress.done),
+                              resume, progress.sampler_restored, progress.pending, drain)
         self._tickets.plan = self._plan
         return iter(self._inner_loader())
 
@@ -257,28 +209,16 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         return self._inner
 
     def _consumed(self, produced: Produced) -> None:
-        progress = self._progress
         if self._iterable:
-            progress.position += 1
             assert self._merge is not None
-            progress.next_slot = self._merge.next_slot
+            self._progress.consumed_slot(self._merge.next_slot)
             return
-        if produced.position != progress.position:
-            progress.done.add(produced.position)
-            return
-        progress.position += 1
-        while progress.position in progress.done:
-            progress.done.remove(progress.position)
-            progress.position += 1
+        self._progress.consumed_map(produced.position)
         if self._plan is not None:
-            self._plan.forget_before(progress.position)
+            self._plan.consumed(produced.position)
 
     def _finish_epoch(self) -> None:
-        progress = self._progress
-        progress.epoch += 1
-        progress.in_progress, progress.position, progress.next_slot = False, 0, 0
-        progress.done = set()
-        progress.slots = [SlotStart() for _ in range(self._slot_count())]
+        self._progress.finish(self._slot_count())
 
     def _check_current(self, generation: int) -> None:
         if generation != self._generation:
@@ -288,7 +228,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
             )
 
     def _slot_count(self) -> int:
-        return max(1, self.num_workers) if self._iterable else 0
+        return compat.slot_count("iterable" if self._iterable else "map", self.num_workers)
 
     def _stop_workers(self) -> None:
         """Drop the inner loader (and its persistent workers): they hold copies of the old state."""
@@ -300,10 +240,15 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
 
 
 class _LoaderIterator(Iterator[Any]):
-    """One epoch of a savegame.DataLoader; records each batch as consumed when it is handed out."""
+    """One epoch of a savegame.DataLoader; records each batch as consumed when it is handed out.
 
-    def __init__(self, loader: DataLoader, source: Iterator[Produced], generation: int) -> None:
+    ``len()`` is the number of batches this iterator yields in all: the loader's
+    epoch length less the batches consumed before it started (a restored epoch).
+    """
+
+    def __init__(self, loader: DataLoader, source: Iterator[Produced], generation: int, consumed: int) -> None:
         self._loader, self._source, self._generation = loader, source, generation
+        self._consumed_before = consumed
         self._finished = False
 
     def __iter__(self) -> _LoaderIterator:
@@ -323,7 +268,24 @@ class _LoaderIterator(Iterator[Any]):
         return produced.batch
 
     def __len__(self) -> int:
-        return len(self._loader)
+        return max(0, len(self._loader) - self._consumed_before)
+
+
+def _own_seed(seed: int | None, generator: torch.Generator | None) -> int:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ConfigurationError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None:
+        return seed
+    return generator.initial_seed() if generator is not None else seeding.draw_seed()
+
+
+def _default_sampler(dataset: Any, shuffle: bool | None, seed: int) -> ResumableSampler:
+    """What ``shuffle=`` means without a sampler: a ResumableSampler over the whole dataset.
+
+    rank 0 of 1, as torch's own default: under DDP pass a sampler (e.g. a
+    ResumableSampler, which finds the rank and world size by itself).
+    """
+    return ResumableSampler(_length(dataset), shuffle=bool(shuffle), seed=seed, rank=0, world_size=1)
 
 
 def _length(dataset: Any) -> int:

@@ -25,34 +25,34 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     * The order of epoch ``e`` is a pure function of ``(seed, e, length,
       world_size, rank, shuffle, drop_last)``; no global generator is read or
       changed, so two processes built alike yield the same indices.
+    * ``rank`` and ``world_size`` default to ``torch.distributed``'s when a process
+      group is initialised (like ``DistributedSampler``), else to 0 and 1.
     * With ``world_size`` ranks, every rank yields ``len(self)`` indices and the
       ranks partition one permutation like ``DistributedSampler``: disjoint when
-      ``drop_last=True`` or the length divides evenly, otherwise the first
-      indices of the permutation are repeated to pad.
+      ``drop_last=True`` (the last ``length % world_size`` indices of the
+      permutation are left out) or the length divides evenly; otherwise the first
+      indices of the permutation are repeated to pad every rank to the same length.
     * After ``load_state_dict(s)``, the next ``iter()`` yields exactly the indices
       the saved sampler had not yielded yet in its epoch; the cost does not depend on
-      the position. Later ``iter()`` calls, or ``set_epoch(e)``, start from the
-      beginning of an epoch.
+      the position. ``set_epoch(e)`` with the restored epoch keeps that position (the
+      ``DistributedSampler`` habit of calling it every epoch is safe); ``set_epoch``
+      with another epoch, and every later ``iter()``, start an epoch from its beginning.
 
     ``seed`` defaults to 0 (like ``DistributedSampler``) so that every rank agrees
     without communication; pass a different one per experiment.
     """
 
-    def __init__(self, data_source_or_len: Sized | int, *, shuffle: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, drop_last: bool = False) -> None:
+    def __init__(self, data_source_or_len: Sized | int, *, shuffle: bool = True, seed: int = 0,
+                 rank: int | None = None, world_size: int | None = None, drop_last: bool = False) -> None:
         length = data_source_or_len if isinstance(data_source_or_len, int) else _length(data_source_or_len)
         if isinstance(length, bool) or length < 0:
             raise ConfigurationError(f"data_source_or_len must be a sized dataset or a length >= 0, got {length!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ConfigurationError(f"seed must be an int, got {seed!r}")
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ConfigurationError(f"world_size must be an int >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ConfigurationError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-        self._length, self._shuffle, self._seed = length, bool(shuffle), seed
-        self._rank, self._world_size, self._drop_last = rank, world_size, bool(drop_last)
+        self._rank, self._world_size = _placement(rank, world_size)
+        self._length, self._shuffle, self._seed, self._drop_last = length, bool(shuffle), seed, bool(drop_last)
         self._epoch, self._position = 0, 0
-        self._resume_at: int | None = None
+        self._resume: tuple[int, int] | None = None     # (epoch, position) the next iter() of that epoch starts at
 
     @property
     def epoch(self) -> int:
@@ -62,14 +62,28 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
     def seed(self) -> int:
         return self._seed
 
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        return self._world_size
+
     def __len__(self) -> int:
         return _per_rank(self._length, self._world_size, self._drop_last)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select epoch ``epoch``'s order; the next ``iter()`` starts at its beginning."""
+        """Select epoch ``epoch``'s order.
+
+        The next ``iter()`` starts at the beginning of that epoch, except when
+        ``epoch`` is the epoch restored by ``load_state_dict`` and not iterated yet:
+        then it continues at the restored position.
+        """
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
             raise ConfigurationError(f"epoch must be an int >= 0, got {epoch!r}")
-        self._epoch, self._position, self._resume_at = epoch, 0, None
+        self._epoch = epoch
+        self._position = self._resume[1] if self._resume is not None and self._resume[0] == epoch else 0
 
     def indices(self, epoch: int | None = None) -> list[int]:
         """This rank's whole index list for ``epoch`` (the current one by default)."""
@@ -86,10 +100,12 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         return order[:total][self._rank:total:self._world_size].tolist()
 
     def __iter__(self) -> Iterator[int]:
-        start = self._resume_at or 0
-        self._resume_at = None
-        order = self.indices()
-        self._position = start
+        resume, self._resume = self._resume, None
+        self._position = resume[1] if resume is not None and resume[0] == self._epoch else 0
+        return self._run(self._epoch, self._position)
+
+    def _run(self, epoch: int, start: int) -> Iterator[int]:
+        order = self.indices(epoch)
         for position in range(start, len(order)):
             self._position = position + 1
             yield order[position]
@@ -100,33 +116,66 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
                 "world_size": self._world_size, "shuffle": self._shuffle, "drop_last": self._drop_last}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue where ``state`` left off.
+        """Continue where ``state`` left off; nothing changes if the state is refused.
 
-        Raises IncompatibleStateError when the saved position lies inside an epoch and
-        the length, world size, shuffle or drop_last differ: the rest of that epoch
-        cannot be told. At an epoch boundary such changes are accepted with a warning.
+        Raises IncompatibleStateError when a value is missing or malformed, or when
+        the saved position lies inside an epoch and the length, world size, shuffle
+        or drop_last differ: the rest of that epoch cannot be told. At an epoch
+        boundary such changes are accepted with a warning.
         """
-        missing = [k for k in _KEYS if k not in state]
-        if missing:
-            raise IncompatibleStateError(
-                f"ResumableSampler state lacks {missing}; it was not saved by a ResumableSampler")
-        old_len = _per_rank(state["length"], state["world_size"], state["drop_last"])
-        position = int(state["position"])
+        seed, epoch, position, old_len = _parse(state)
         changed = [f"{k} {state[k]!r} -> {getattr(self, '_' + k)!r}" for k in _KEYS[3:]
                    if state[k] != getattr(self, "_" + k)]
         if changed and 0 < position < old_len:
             raise IncompatibleStateError(
-                f"ResumableSampler: the checkpoint stopped at index {position} of {old_len} in epoch {state['epoch']}, "
+                f"ResumableSampler: the checkpoint stopped at index {position} of {old_len} in epoch {epoch}, "
                 f"but {', '.join(changed)} since then, so the rest of that epoch is undefined. Build the sampler with "
                 "the saved settings to resume exactly, or resume from a checkpoint taken at an epoch boundary."
             )
         if changed:
             log.warning("ResumableSampler: %s since the checkpoint; accepted at an epoch boundary", ", ".join(changed))
             position = len(self) if position >= old_len > 0 else 0
-        if state["seed"] != self._seed:
-            log.info("ResumableSampler: using the checkpoint's seed %d instead of %d", state["seed"], self._seed)
-        self._seed, self._epoch = int(state["seed"]), int(state["epoch"])
-        self._position = self._resume_at = position
+        if seed != self._seed:
+            log.info("ResumableSampler: using the checkpoint's seed %d instead of %d", seed, self._seed)
+        self._seed, self._epoch, self._position = seed, epoch, position
+        self._resume = (epoch, position)
+
+
+def _parse(state: Any) -> tuple[int, int, int, int]:
+    """(seed, epoch, position, saved per-rank length) of a saved state, or IncompatibleStateError naming the field."""
+    if not isinstance(state, Mapping) or any(k not in state for k in _KEYS):
+        missing = [k for k in _KEYS if k not in state] if isinstance(state, Mapping) else list(_KEYS)
+        raise IncompatibleStateError(
+            f"ResumableSampler state lacks {missing}; it was not saved by a ResumableSampler")
+    for key, least in (("seed", None), ("epoch", 0), ("position", 0), ("length", 0), ("world_size", 1)):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or (least is not None and value < least):
+            raise IncompatibleStateError(
+                f"ResumableSampler state field {key!r} must be an int{'' if least is None else f' >= {least}'}, "
+                f"got {value!r}; the checkpoint is damaged or was not written by a ResumableSampler")
+    for key in ("shuffle", "drop_last"):
+        if not isinstance(state[key], bool):
+            raise IncompatibleStateError(
+                f"ResumableSampler state field {key!r} must be a bool, got {state[key]!r}; "
+                "the checkpoint is damaged or was not written by a ResumableSampler")
+    old_len = _per_rank(state["length"], state["world_size"], state["drop_last"])
+    return state["seed"], state["epoch"], state["position"], old_len
+
+
+def _placement(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """(rank, world_size): the given ones, else torch.distributed's when initialised, else 0 and 1."""
+    dist = torch.distributed
+    initialised = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialised else 1
+    if rank is None:
+        rank = dist.get_rank() if initialised else 0
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigurationError(f"world_size must be an int >= 1 (or None: from torch.distributed), got {world_size!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ConfigurationError(f"rank must be an int in [0, world_size={world_size}) (or None: from "
+                                 f"torch.distributed), got {rank!r}")
+    return rank, world_size
 
 
 def _per_rank(length: int, world_size: int, drop_last: bool) -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 from contextlib import AbstractContextManager, nullcontext
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
@@ -82,14 +82,14 @@ class RngScope:
     reading NumPy's state costs ~35 us).
     """
 
-    __slots__ = ("_seed", "_continues", "_own", "_saved")
+    __slots__ = ("_continues", "_own", "_saved", "_seed")
 
     def __init__(self, seed: int, *, continues: bool = False) -> None:
         self._seed, self._continues = seed, continues
         self._own: tuple[Any, Any, torch.Tensor] | None = None
         self._saved: tuple[Any, Any, torch.Tensor] | None = None
 
-    def __enter__(self) -> RngScope:
+    def __enter__(self) -> Self:
         self._saved = _capture()
         if self._own is None:
             reseed_globals(self._seed)
