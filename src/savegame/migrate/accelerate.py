@@ -20,11 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from savegame.errors import CorruptCheckpointError
-from savegame.migrate.draft import Draft, ForeignCheckpoint
-from savegame.migrate.restricted_unpickler import safe_pickle_load
-from savegame.migrate.weights import TorchLoader, load_weights
+from savegame.migrate.builder import Draft
+from savegame.migrate.files import Loader, list_dir
+from savegame.migrate.hf_trainer import tied_weights_note
+from savegame.migrate.weights import load_weights
 
 LAYOUT = "accelerate"
+COUNTS_EPOCHS = False
 
 RNG_FILE = "random_states_0.pkl"
 RNG_KINDS = {"random_state": "python", "numpy_random_seed": "numpy", "torch_manual_seed": "torch",
@@ -34,35 +36,38 @@ _OBJECT = re.compile(r"^(?P<base>optimizer|scheduler)(?:_(?P<n>\d+))?\.bin$")
 
 
 def matches(directory: Path) -> bool:
-    return any(directory.glob("random_states_*.pkl")) or (directory / "optimizer.bin").is_file()
+    names = list_dir(directory)
+    return any(n.startswith("random_states_") and n.endswith(".pkl") for n in names) or "optimizer.bin" in names
 
 
-def convert(directory: Path, load_torch: TorchLoader) -> ForeignCheckpoint:
+def convert(directory: Path, loader: Loader) -> Draft:
     draft = Draft()
     read: set[str] = set()
-    names = sorted(p.name for p in directory.iterdir())
+    names = list_dir(directory)
     for name in _by_index(names, _MODEL):
         target = _numbered("model", name, _MODEL)
         if target in draft.state:
             draft.leave_out(name, f"state.{target} was read from another file")
         else:
-            state, files = load_weights(directory / name, load_torch)
+            state, files = load_weights(directory / name, loader)
             draft.model(name, state, target)
             read.update(files)
+            if ".safetensors" in name:  # Accelerate drops the second name of tied weights before writing
+                draft.notes.append(tied_weights_note(name, "Accelerate writes safetensors without duplicates"))
         read.add(name)
     for name in _by_index(names, _OBJECT):
-        draft.obj(name, load_torch(directory / name), _numbered(None, name, _OBJECT))
+        draft.obj(name, loader.load_torch(directory / name), _numbered(None, name, _OBJECT))
         read.add(name)
     if "scaler.pt" in names:
-        draft.obj("scaler.pt", load_torch(directory / "scaler.pt"), "scaler")
+        draft.obj("scaler.pt", loader.load_torch(directory / "scaler.pt"), "scaler")
         read.add("scaler.pt")
     if RNG_FILE in names:
-        _rng(draft, _load_rng(directory / RNG_FILE, load_torch))
+        _rng(draft, _load_rng(directory / RNG_FILE, loader))
         read.add(RNG_FILE)
     for name in names:
         if name not in read:
             draft.leave_out(name, "never read" if name.endswith((".pkl", ".bin")) else "")
-    return draft.finish(LAYOUT)
+    return draft
 
 
 def _by_index(names: list[str], pattern: re.Pattern[str]) -> list[str]:
@@ -79,8 +84,8 @@ def _numbered(base: str | None, name: str, pattern: re.Pattern[str]) -> str:
     return base if found.group("n") in (None, "0") else f"{base}_{found.group('n')}"
 
 
-def _load_rng(file: Path, load_torch: TorchLoader) -> Any:
-    return load_torch(file) if zipfile.is_zipfile(file) else safe_pickle_load(file)
+def _load_rng(file: Path, loader: Loader) -> Any:
+    return loader.load_torch(file) if zipfile.is_zipfile(file) else loader.load_pickle(file)
 
 
 def _rng(draft: Draft, states: Any) -> None:

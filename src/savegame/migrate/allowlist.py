@@ -1,4 +1,4 @@
-"""The globals a foreign pickle may name, and the guards that keep NumPy's inert.
+"""The globals a foreign pickle may name, and the guards that keep them inert and bounded.
 
 Both foreign loaders (``torch.load(weights_only=True)`` in :mod:`.safe_load` and
 the restricted plain unpickler in :mod:`.restricted_unpickler`) resolve a pickle's
@@ -9,10 +9,15 @@ PyTorch's error message suggests) lets a pickle call ``dtype.__setstate__`` with
 forged flags and fields, turning a ``uint32`` dtype into one that "holds objects";
 an array built on it would read attacker bytes as object pointers. So the names
 below map to guards: ``numpy.dtype`` makes a fresh copy (never the shared
-singleton) of a numeric dtype only, arrays are built as :class:`SafeArray` whose
-``__setstate__`` rebuilds a clean numeric dtype before numpy sees the data, and
-scalars accept clean numeric dtypes only. :func:`plain` turns what was loaded back
-into ordinary ``numpy.ndarray`` values and re-checks every dtype.
+singleton) of a numeric dtype only, arrays are built as :class:`SafeArray` only
+through numpy's ``_reconstruct`` + BUILD path, whose ``__setstate__`` rebuilds a
+clean numeric dtype before numpy sees the data, and scalars accept clean numeric
+dtypes only. :func:`~.plain.plain` turns what was loaded back into ordinary
+``numpy.ndarray`` values and re-checks every dtype.
+
+Every guard that allocates charges the load's byte budget (:mod:`.budget`) first,
+so ``bytearray(2**30)`` or ``numpy.ndarray((2**30,), "u1")`` in a 30-byte pickle is
+refused, not allocated.
 
 ``argparse.Namespace`` is deliberately absent although constructing one runs no
 foreign code: it carries command-line arguments, never training state, so there
@@ -22,14 +27,14 @@ is nothing to import from it; leaving it out keeps the list to what resuming nee
 from __future__ import annotations
 
 from _compat_pickle import IMPORT_MAPPING, NAME_MAPPING
-from collections import OrderedDict
 from codecs import encode as _codecs_encode
-from typing import Any
+from collections import OrderedDict
+from typing import Any, Self, cast
 
 import numpy as np
-import torch
 
 from savegame.errors import UnsafeCheckpointError
+from savegame.migrate import budget
 
 try:  # NumPy 2 moved the pickle helpers to numpy._core; NumPy 1 files name numpy.core.
     from numpy._core import multiarray as _multiarray
@@ -69,23 +74,35 @@ def _dtype(obj: Any, align: Any = False, copy: Any = True) -> np.dtype[Any]:
     return np.dtype(obj, bool(align), True)
 
 
-class SafeArray(np.ndarray):  # type: ignore[type-arg]
-    """What a pickle's ``numpy.ndarray`` becomes while loading: validates its state first."""
+class SafeArray(np.ndarray):
+    """What a pickle's ``numpy.ndarray`` becomes while loading: validates its state first.
+
+    Only numpy's own pickle path builds one: ``_reconstruct`` makes an empty array
+    and BUILD calls :meth:`__setstate__` with the raw bytes the file holds. Calling
+    ``numpy.ndarray(shape, dtype)`` directly (REDUCE or NEWOBJ) is refused: it
+    would allocate whatever shape the file names.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        raise UnsafeCheckpointError("refused a pickle that calls numpy.ndarray(...) directly (it could allocate any "
+                                    "amount of memory); NumPy itself pickles arrays through _reconstruct")
 
     def __setstate__(self, state: Any) -> None:
         if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[4], bytes)):
             raise UnsafeCheckpointError("refused a NumPy array whose pickled state is not (version, shape, "
                                         "dtype, fortran, raw bytes): only numeric arrays are loaded")
         version, shape, dtype, fortran, data = state
-        super().__setstate__((version, shape, clean_dtype(dtype), bool(fortran), data))
+        budget.spend(len(data), "a NumPy array")
+        clean: Any = (version, shape, clean_dtype(dtype), bool(fortran), data)
+        super().__setstate__(clean)
 
 
 def _reconstruct(cls: Any, shape: Any, dtype: Any) -> SafeArray:
     """Stands for ``numpy.core.multiarray._reconstruct``: an empty SafeArray, filled by BUILD."""
     if cls is not SafeArray:
         raise UnsafeCheckpointError(f"refused numpy _reconstruct of {cls!r}: only numpy.ndarray is loaded")
-    result: SafeArray = _multiarray._reconstruct(SafeArray, (0,), b"b")
-    return result
+    result: Any = _multiarray._reconstruct(SafeArray, (0,), b"b")
+    return cast(SafeArray, result)
 
 
 def _scalar(dtype: Any, data: Any = None) -> Any:
@@ -103,7 +120,28 @@ def _frombuffer(buf: Any, dtype: Any, shape: Any, order: Any = "C", axis_order: 
         raise UnsafeCheckpointError("refused a protocol-5 NumPy array that is not plain in-band C/F data")
     if not (isinstance(shape, tuple) and all(type(d) is int and d >= 0 for d in shape)):
         raise UnsafeCheckpointError(f"refused a NumPy array of shape {shape!r}")
+    budget.spend(len(buf), "a NumPy array")
     return np.frombuffer(bytes(buf), dtype=fresh).reshape(shape, order=order).copy(order="K")
+
+
+def _bytearray(*args: Any) -> bytearray:
+    """Stands for ``builtins.bytearray``: only the forms pickle writes (``bytearray(text, "latin-1")``)."""
+    if args and not (isinstance(args[0], (bytes, str)) and all(isinstance(a, str) for a in args[1:3])):
+        raise UnsafeCheckpointError(f"refused bytearray({type(args[0]).__name__}, ...) in a pickle: only "
+                                    "bytearray(bytes or text, encoding) is loaded (bytearray(N) allocates N bytes)")
+    budget.spend(len(args[0]) if args else 0, "a bytearray")
+    return bytearray(*args)
+
+
+def _encode(obj: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+    """Stands for ``_codecs.encode`` (how protocol 2 writes bytes): text to bytes, charged to the budget."""
+    if not (isinstance(obj, str) and isinstance(encoding, str) and isinstance(errors, str)):
+        raise UnsafeCheckpointError("refused _codecs.encode of anything but text in a pickle")
+    result = _codecs_encode(obj, encoding, errors)
+    if not isinstance(result, bytes):
+        raise UnsafeCheckpointError(f"refused _codecs.encode with the {encoding!r} codec: it does not make bytes")
+    budget.spend(len(result), "a bytes value")
+    return result
 
 
 def _numpy_entries() -> dict[str, Any]:
@@ -125,18 +163,11 @@ ALLOWLIST: dict[str, Any] = _numpy_entries()
 #: Python builtins and containers for the plain unpickler (torch.load allows them itself).
 PLAIN_PYTHON: dict[str, Any] = {
     "collections.OrderedDict": OrderedDict,
-    "_codecs.encode": _codecs_encode,
+    "_codecs.encode": _encode,
     "builtins.set": set,
     "builtins.frozenset": frozenset,
-    "builtins.bytearray": bytearray,
+    "builtins.bytearray": _bytearray,
     "builtins.complex": complex,
-}
-
-#: Tensor rebuilders for plain pickles of tensors (torch.load allows them itself).
-PLAIN_TORCH: dict[str, Any] = {
-    "torch._utils._rebuild_tensor": torch._utils._rebuild_tensor,
-    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
-    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
 }
 
 #: Modules whose globals are refused even with trust=True: each one is a known way
@@ -171,37 +202,3 @@ def py3_name(name: str) -> str:
 def never_trusted(name: str) -> bool:
     """Whether the dotted global ``name`` lives in (a submodule of) a NEVER_TRUSTED module."""
     return any(name == m or name.startswith(m + ".") for m in NEVER_TRUSTED)
-
-
-MAX_DEPTH = 100
-
-
-def plain(value: Any, depth: int = 0) -> Any:
-    """``value`` with every SafeArray turned into a plain ndarray and every dtype re-checked.
-
-    Containers are rebuilt only where something inside changed, so tensors and large
-    dicts pass through untouched.
-    """
-    if depth > MAX_DEPTH:  # the unpicklers are iterative; walking deeper would exhaust Python's stack
-        raise UnsafeCheckpointError(f"refused a pickle nested more than {MAX_DEPTH} levels deep")
-    if isinstance(value, SafeArray):
-        clean_dtype(value.dtype)
-        return np.array(value, dtype=value.dtype, copy=True, subok=False)
-    if isinstance(value, np.dtype):
-        return clean_dtype(value)
-    if isinstance(value, np.generic):
-        clean_dtype(value.dtype)
-        return value
-    if isinstance(value, dict):
-        items = [(plain(k, depth + 1), plain(v, depth + 1)) for k, v in value.items()]
-        if all(a is k and b is v for (a, b), (k, v) in zip(items, value.items())):
-            return value
-        rebuilt = type(value)() if type(value) in (dict, OrderedDict) else {}
-        rebuilt.update(items)
-        return rebuilt
-    if isinstance(value, (list, tuple, set, frozenset)):
-        items = [plain(v, depth + 1) for v in value]
-        if all(a is b for a, b in zip(items, value)):
-            return value
-        return type(value)(items) if type(value) in (list, tuple, set, frozenset) else list(items)
-    return value

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from savegame.migrate.draft import Draft, ForeignCheckpoint
+from savegame.migrate.builder import Draft
 
 LAYOUT = "state-dict"
+COUNTS_EPOCHS = False
 
 
 def matches(checkpoint: Mapping[Any, Any]) -> bool:
@@ -21,7 +22,7 @@ def matches(checkpoint: Mapping[Any, Any]) -> bool:
                                     for k, v in checkpoint.items())
 
 
-def convert(checkpoint: Mapping[str, Any]) -> ForeignCheckpoint:
+def convert(checkpoint: Mapping[str, Any]) -> Draft:
     draft = Draft()
     draft.model("(the whole file)", checkpoint)
-    return draft.finish(LAYOUT)
+    return draft

@@ -15,22 +15,41 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from savegame.migrate.draft import Draft, ForeignCheckpoint, apply_rules, marker
+from savegame.migrate.builder import Draft, apply_rules, marker
 from savegame.migrate.rules import nested_rng, to_epoch, to_model, to_state, to_step
 
 LAYOUT = "mtf-format-v1"
+COUNTS_EPOCHS = False
 
 
 def _metrics_history(draft: Draft, key: str, value: Any) -> None:
-    """The latest value of each metric: a dict of lists (or numbers), or a list of per-epoch dicts."""
-    if isinstance(value, (list, tuple)) and value and isinstance(value[-1], Mapping):
-        value = value[-1]
-    if not isinstance(value, Mapping):
+    """Per-epoch values: a dict of lists (or numbers), or a list of per-epoch dicts.
+
+    Every epoch becomes a line of the metrics history; the latest value of each
+    metric becomes the checkpoint's metrics.
+    """
+    epochs = _by_epoch(value)
+    if epochs is None:
         draft.leave_out(key, "None" if value is None else "not a dict of metrics")
         return
-    for name, history in value.items():
-        latest = history[-1] if isinstance(history, (list, tuple)) and history else history
-        draft.metric(f"{key}.{name}", latest, str(name))
+    latest: dict[str, Any] = {}
+    for epoch, metrics in enumerate(epochs):
+        draft.add_history(None, epoch, metrics)
+        latest.update(metrics)
+    for name, number in latest.items():
+        draft.metric(f"{key}.{name}", number, name)
+    draft.map(key, f"metrics history ({len(epochs)} epochs)")
+
+
+def _by_epoch(value: Any) -> list[dict[str, Any]] | None:
+    """{"loss": [a, b], "acc": [c]} or [{"loss": a, "acc": c}, {"loss": b}] -> one dict per epoch."""
+    if isinstance(value, (list, tuple)) and all(isinstance(e, Mapping) for e in value):
+        return [{str(k): v for k, v in e.items()} for e in value]
+    if not isinstance(value, Mapping):
+        return None
+    series = {str(k): list(v) if isinstance(v, (list, tuple)) else [v] for k, v in value.items()}
+    count = max((len(v) for v in series.values()), default=0)
+    return [{k: v[i] for k, v in series.items() if i < len(v)} for i in range(count)]
 
 
 RULES = {
@@ -52,7 +71,7 @@ def matches(checkpoint: Mapping[str, Any]) -> bool:
         "optimizer_state_dicts" in checkpoint or "rng_states" in checkpoint)
 
 
-def convert(checkpoint: Mapping[str, Any]) -> ForeignCheckpoint:
+def convert(checkpoint: Mapping[str, Any]) -> Draft:
     draft = Draft()
     apply_rules(draft, checkpoint, RULES)
-    return draft.finish(LAYOUT)
+    return draft

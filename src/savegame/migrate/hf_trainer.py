@@ -16,18 +16,20 @@ becomes device 0's.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from savegame.errors import CorruptCheckpointError, StorageError
-from savegame.migrate.draft import Draft, ForeignCheckpoint, as_float, early_stopping_state
-from savegame.migrate.weights import TorchLoader, load_weights
+from savegame.errors import CorruptCheckpointError
+from savegame.migrate.builder import Draft, early_stopping_state
+from savegame.migrate.files import Loader, list_dir, read_json_object
+from savegame.migrate.values import as_float
+from savegame.migrate.weights import load_weights
 
 LAYOUT = "hf-trainer"
+COUNTS_EPOCHS = False
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -39,33 +41,53 @@ _CHECKPOINT_STEP = re.compile(r"checkpoint-(\d+)$")
 
 
 def matches(directory: Path) -> bool:
-    return (directory / STATE_FILE).is_file() or any(directory.glob("rng_state*.pth"))
+    return (directory / STATE_FILE).is_file() or any(n.startswith("rng_state") and n.endswith(".pth")
+                                                     for n in list_dir(directory))
 
 
-def convert(directory: Path, load_torch: TorchLoader) -> ForeignCheckpoint:
+def convert(directory: Path, loader: Loader) -> Draft:
     draft = Draft()
     read: set[str] = set()
     model = next((name for name in MODEL_FILES if (directory / name).is_file()), None)
     if model is not None:
-        state, files = load_weights(directory / model, load_torch)
+        state, files = load_weights(directory / model, loader)
         draft.model(model, state)
         read.update(files)
+        if model.startswith("model.safetensors"):
+            _tied_weights_note(draft, directory, model)
     for name, target in OBJECT_FILES.items():
         if (directory / name).is_file():
-            draft.obj(name, load_torch(directory / name), target)
+            draft.obj(name, loader.load_torch(directory / name), target)
             read.add(name)
     rng_file = next((n for n in ("rng_state.pth", "rng_state_0.pth") if (directory / n).is_file()), None)
     if rng_file is not None:
-        _rng(draft, rng_file, load_torch(directory / rng_file))
+        _rng(draft, rng_file, loader.load_torch(directory / rng_file))
         read.add(rng_file)
     if (directory / STATE_FILE).is_file():
-        _trainer_state(draft, _read_json(directory / STATE_FILE))
+        _trainer_state(draft, read_json_object(directory / STATE_FILE))
         read.add(STATE_FILE)
-    for path in sorted(directory.iterdir()):
-        if path.name not in read:
-            draft.leave_out(path.name, NOT_READ.get(path.name, "other ranks' RNG" if path.name.startswith(
-                "rng_state_") else ""))
-    return draft.finish(LAYOUT)
+    for name in list_dir(directory):
+        if name not in read:
+            draft.leave_out(name, NOT_READ.get(name, "other ranks' RNG" if name.startswith("rng_state_") else ""))
+    return draft
+
+
+def _tied_weights_note(draft: Draft, directory: Path, model: str) -> None:
+    """save_pretrained writes a tied parameter once; say what to do when restore misses its other name."""
+    if not (directory / "config.json").is_file():
+        return
+    config = read_json_object(directory / "config.json")
+    if config.get("tie_word_embeddings", True) is not False:  # transformers' default is True
+        draft.notes.append(tied_weights_note(model, "config.json ties the word embeddings"))
+
+
+def tied_weights_note(model: str, why: str) -> str:
+    """What to do when a safetensors model file left out the second name of a tied weight."""
+    return (f"{model} may hold tied weights under one name only ({why}; safetensors cannot store one tensor "
+            "twice, so its writer drops the second name, e.g. lm_head.weight). If Checkpointer(...).restore() "
+            "then reports such a key missing, resume with restore(strict=False): a tied parameter shares the "
+            "tensor of the one that is loaded, so it gets the same values. The warning lists what was missing; "
+            "check it names tied keys only.")
 
 
 def _rng(draft: Draft, name: str, states: Any) -> None:
@@ -79,18 +101,6 @@ def _rng(draft: Draft, name: str, states: Any) -> None:
             draft.put_rng(kind, f"{name}:{key}", value)
 
 
-def _read_json(file: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise StorageError(f"cannot read {file}: {exc}") from exc
-    except ValueError as exc:
-        raise CorruptCheckpointError(f"{file} is not valid JSON: {exc}") from exc
-    if not isinstance(data, dict):
-        raise CorruptCheckpointError(f"{file} does not hold a JSON object")
-    return data
-
-
 def _trainer_state(draft: Draft, state: dict[str, Any]) -> None:
     used = {"global_step", "epoch", "log_history", "best_metric", "best_model_checkpoint", "best_global_step",
             "stateful_callbacks"}
@@ -99,16 +109,28 @@ def _trainer_state(draft: Draft, state: dict[str, Any]) -> None:
     if state.get("epoch") is not None:
         draft.set_epoch(f"{STATE_FILE}:epoch", state["epoch"])
     history = [e for e in state.get("log_history") or [] if isinstance(e, Mapping)]
-    for entry in history:
-        if entry.get("step") == draft.step:
-            for key, value in entry.items():
-                if key not in ("step", "epoch") and as_float(value) is not None:
-                    draft.metric(f"{STATE_FILE}:log_history[step={draft.step}].{key}", value, key)
+    _log_history(draft, history)
     metric = _best(draft, state, history)
     _early_stopping(draft, state, metric)
     for key in state:
         if key not in used:
             draft.leave_out(f"{STATE_FILE}:{key}")
+
+
+def _log_history(draft: Draft, history: list[Mapping[str, Any]]) -> None:
+    """Every logged step becomes a history line; the entries at the checkpoint's step, its metrics."""
+    for entry in history:
+        step, epoch = entry.get("step"), as_float(entry.get("epoch"))
+        if type(step) is not int or step < 0:
+            continue
+        numbers = {k: v for k, v in entry.items() if k not in ("step", "epoch") and as_float(v) is not None}
+        draft.add_history(step, None if epoch is None or not math.isfinite(epoch) else max(0, math.floor(epoch)),
+                          numbers)
+        if step == draft.step:
+            for key, value in numbers.items():
+                draft.metric(f"{STATE_FILE}:log_history[step={step}].{key}", value, key)
+    if history:
+        draft.map(f"{STATE_FILE}:log_history", f"metrics history ({len(history)} entries)")
 
 
 def _best(draft: Draft, state: Mapping[str, Any], history: list[Mapping[str, Any]]) -> str | None:
@@ -144,9 +166,9 @@ def _early_stopping(draft: Draft, state: Mapping[str, Any], metric: str | None) 
             continue
         mode, entries = draft.best[metric]
         patience = _field(saved, "args").get("early_stopping_patience")
-        draft.early_stopping = early_stopping_state(
-            metric, mode, best=entries[0][0], best_step=entries[0][1] if entries[0][1] is not None else draft.step,
-            bad_epochs=counter, patience=patience if type(patience) is int else None)
+        draft.early_stopping = early_stopping_state(  # best_step None: the import's step
+            metric, mode, best=entries[0][0], best_step=entries[0][1], bad_epochs=counter,
+            patience=patience if type(patience) is int else None)
         draft.map(source, "run.early_stopping")
 
 

@@ -1,9 +1,10 @@
 """``import_checkpoint``: detect a foreign checkpoint's layout and translate it.
 
-Files are read with :func:`~.safe_load.safe_torch_load` (never full unpickling).
-A file that needs a refused global is refused unless the caller opts in:
+Files are read with :func:`~.safe_load.safe_torch_load` (never full unpickling),
+each under a byte budget (:mod:`.budget`). A file that needs a refused global is
+refused unless the caller opts in:
 
-* ``trust=True``: the file's globals are imported and allowed (see safe_load);
+* ``trust=True``: the classes the file names are imported and allowed (see :mod:`.trust`);
 * ``drop_unsafe=True``: objects that need a refused global are replaced by inert
   stand-ins (nothing is imported or called) and dropped; the import fails if any
   of them was needed for the state it imports rather than for a left-out key.
@@ -12,17 +13,21 @@ A file that needs a refused global is refused unless the caller opts in:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from savegame.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
     SavegameError,
+    StorageError,
     UnsafeCheckpointError,
 )
 from savegame.migrate import (
@@ -35,9 +40,14 @@ from savegame.migrate import (
     nested_rng,
     state_dicts,
 )
-from savegame.migrate.draft import ForeignCheckpoint
-from savegame.migrate.safe_load import load_with_stand_ins, safe_torch_load, stand_ins_in
-from savegame.migrate.weights import load_weights
+from savegame.migrate.budget import check_max_bytes
+from savegame.migrate.builder import Draft
+from savegame.migrate.files import list_dir
+from savegame.migrate.restricted_unpickler import safe_pickle_load
+from savegame.migrate.result import ForeignCheckpoint
+from savegame.migrate.safe_load import load_with_stand_ins, safe_torch_load
+from savegame.migrate.stand_ins import stand_ins_in
+from savegame.migrate.weights import load_weights, read_safetensors
 
 log = logging.getLogger("savegame.migrate")
 
@@ -47,57 +57,85 @@ DIRECTORY_LAYOUTS = (hf_trainer, accelerate)
 LAYOUTS = tuple(m.LAYOUT for m in (*FILE_LAYOUTS, *DIRECTORY_LAYOUTS))
 
 
-def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool = False) -> ForeignCheckpoint:
+def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool = False, step: int | None = None,
+                      max_bytes: int | None = None, progress: Callable[[int], None] | None = None) -> ForeignCheckpoint:
     """Translate the foreign checkpoint file or directory ``src`` into a savegame state tree.
+
+    ``step`` replaces the step the file records (best values and early stopping the
+    tool saved without a step take it too); ``max_bytes`` bounds what loading each
+    file may allocate (default: a small multiple of its size, see :mod:`.budget`);
+    ``progress`` is called with byte counts as files are read.
 
     Raises CheckpointNotFoundError if ``src`` does not exist, ConfigurationError for
     an unrecognised layout (naming the keys or files found), UnsafeCheckpointError
     for a file that needs a global outside the allowlist (naming it and where it
-    sits), CorruptCheckpointError for damaged files and malformed states.
+    sits) or too much memory, CorruptCheckpointError for damaged files and malformed
+    states, StorageError when a file or directory cannot be read.
     """
     for name, flag in (("trust", trust), ("drop_unsafe", drop_unsafe)):
         if not isinstance(flag, bool):
             raise ConfigurationError(f"{name} must be True or False, got {flag!r}")
+    if step is not None and (type(step) is not int or step < 0):
+        raise ConfigurationError(f"step must be a non-negative int or None, got {step!r}")
+    check_max_bytes(max_bytes)
     path = Path(src)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
-    loader = _Loader(trust=trust, drop_unsafe=drop_unsafe)
+    loader = _Loader(trust=trust, drop_unsafe=drop_unsafe, max_bytes=max_bytes, progress=progress)
     try:
-        result = _import_directory(path, loader) if path.is_dir() else _import_file(path, loader)
+        layout, draft = _import_directory(path, loader) if path.is_dir() else _import_file(path, loader)
+        result = draft.finish(layout.LAYOUT, step=step, step_from_epoch=layout.COUNTS_EPOCHS)
     except CorruptCheckpointError as exc:
         if loader.dropped:  # the "malformed" value is most likely one drop_unsafe replaced
             raise UnsafeCheckpointError(f"{exc}; note that drop_unsafe=True dropped "
                                         f"{loader.describe_dropped()}, which the import needs") from exc
         raise
+    except SavegameError:
+        raise
+    except OSError as exc:
+        raise StorageError(f"cannot read {path}: {exc}") from exc
+    except RecursionError as exc:
+        raise CorruptCheckpointError(f"{path} holds values nested too deeply to import") from exc
     result = loader.check(result)
     log.info("imported %s as %s: step %d, %d states, left out: %s", path, result.layout, result.step,
              len(result.tree["state"]), ", ".join(result.left_out) or "nothing")
     return result
 
 
-def _import_file(path: Path, loader: _Loader) -> ForeignCheckpoint:
+def input_bytes(src: str | Path) -> int:
+    """The bytes an import of ``src`` reads at most: its size, or the sizes of the files in it."""
+    path = Path(src)
+    try:
+        if path.is_dir():
+            return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _import_file(path: Path, loader: _Loader) -> tuple[Any, Draft]:
     if path.suffix == ".safetensors":
         state, _ = load_weights(path, loader)
-        return bare_state_dict.convert(state)
-    checkpoint = loader(path)
+        return bare_state_dict, bare_state_dict.convert(state)
+    checkpoint = loader.load_torch(path)
     if not isinstance(checkpoint, Mapping):
         raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, not a dict: not a checkpoint "
                                  f"layout savegame can import (supported: {', '.join(LAYOUTS)})")
     for layout in FILE_LAYOUTS:
         if layout.matches(checkpoint):
             with _malformed(path, layout.LAYOUT):
-                return layout.convert(checkpoint)
+                return layout, layout.convert(checkpoint)
     keys = ", ".join(sorted(repr(k) for k in checkpoint)[:40]) or "none"
     raise ConfigurationError(f"{path}: unknown checkpoint layout; its top-level keys are {keys}. Supported "
                              f"layouts: {', '.join(LAYOUTS)} (see docs/migrate.md)")
 
 
-def _import_directory(path: Path, loader: _Loader) -> ForeignCheckpoint:
+def _import_directory(path: Path, loader: _Loader) -> tuple[Any, Draft]:
     for layout in DIRECTORY_LAYOUTS:
         if layout.matches(path):
             with _malformed(path, layout.LAYOUT):
-                return layout.convert(path, loader)
-    files = ", ".join(sorted(p.name for p in path.iterdir())[:40]) or "none"
+                return layout, layout.convert(path, loader)
+    files = ", ".join(list_dir(path)[:40]) or "none"
     raise ConfigurationError(f"{path}: unknown checkpoint directory layout; its files are {files}. Supported "
                              f"directories: Hugging Face Trainer checkpoint-N/ (trainer_state.json) and "
                              f"Accelerate save_state (random_states_0.pkl)")
@@ -117,31 +155,55 @@ def _malformed(path: Path, layout: str) -> Iterator[None]:
 
 @dataclass
 class _Loader:
-    """Reads each torch file of one import with the import's trust settings; remembers what it dropped."""
+    """Reads each file of one import with the import's settings; remembers what it dropped.
+
+    Implements :class:`~.files.Loader`.
+    """
 
     trust: bool
     drop_unsafe: bool
+    max_bytes: int | None = None
+    progress: Callable[[int], None] | None = None
     dropped: list[tuple[str, str, str]] = field(default_factory=list)  # (file, where, global)
 
-    def __call__(self, file: Path) -> Any:
+    def load_torch(self, file: Path) -> Any:
         try:
-            return safe_torch_load(file, trust=self.trust)
+            return safe_torch_load(file, trust=self.trust, max_bytes=self.max_bytes, progress=self.progress)
         except UnsafeCheckpointError as refusal:
             if self.trust:
                 raise
-            try:
-                loaded = load_with_stand_ins(file)
-            except UnsafeCheckpointError:
-                raise refusal from None  # a module torch blocks outright: the first message says it all
-            found = list(stand_ins_in(loaded))
-            if not self.drop_unsafe:
-                where = "; ".join(f"{name} at {place}" for place, name in found[:8])
-                raise UnsafeCheckpointError(
-                    f"{refusal} It sits at: {where}. To import without those objects (they are never "
-                    "constructed) pass drop_unsafe=True (savegame import --drop-unsafe).") from refusal
-            self.dropped += [(file.name, place, name) for place, name in found]
-            log.warning("drop_unsafe=True: not loading %s", self.describe_dropped())
-            return loaded
+            return self._without_unsafe(file, refusal)
+
+    def load_pickle(self, file: Path) -> Any:
+        loaded = safe_pickle_load(file, max_bytes=self.max_bytes)
+        self._read(file)
+        return loaded
+
+    def load_safetensors(self, file: Path) -> dict[str, torch.Tensor]:
+        loaded = read_safetensors(file)
+        self._read(file)
+        return loaded
+
+    def _read(self, file: Path) -> None:
+        if self.progress is not None:
+            self.progress(file.stat().st_size)
+
+    def _without_unsafe(self, file: Path, refusal: UnsafeCheckpointError) -> Any:
+        try:
+            loaded = load_with_stand_ins(file, max_bytes=self.max_bytes, progress=self.progress)
+        except UnsafeCheckpointError:
+            raise refusal from None  # a module torch blocks outright, or too much memory: the first message says it
+        found = list(stand_ins_in(loaded))
+        if not found:
+            raise refusal
+        if not self.drop_unsafe:
+            where = "; ".join(f"{name} at {place}" for place, name in found[:8])
+            raise UnsafeCheckpointError(
+                f"{refusal} It sits at: {where}. To import without those objects (they are never "
+                "constructed) pass drop_unsafe=True (savegame migrate --drop-unsafe).") from refusal
+        self.dropped += [(file.name, place, name) for place, name in found]
+        log.warning("drop_unsafe=True: not loading %s", self.describe_dropped())
+        return loaded
 
     def describe_dropped(self) -> str:
         return "; ".join(f"{name} at {file}:{place}" for file, place, name in self.dropped[:8])

@@ -8,6 +8,12 @@ become best tracking (scores of ``best_k_models``, steps read from the
 ``step=N`` part of their file names when present) and an EarlyStopping callback
 state becomes early stopping. Loops, hyper-parameters and other callbacks are
 left out.
+
+Lightning 1.x keys ``callbacks`` by the callback *class* (a pickled reference to
+``pytorch_lightning.callbacks...ModelCheckpoint``), which the safe loader refuses
+to import: with ``drop_unsafe=True`` the key becomes an inert stand-in that still
+says which class it named, and the state is mapped as usual. Such keys record no
+mode; Lightning's default, ``min``, is assumed and reported.
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from savegame.migrate.draft import Draft, ForeignCheckpoint, apply_rules, as_float, early_stopping_state, marker
+from savegame.migrate.builder import Draft, apply_rules, early_stopping_state, marker
 from savegame.migrate.rules import to_epoch, to_model, to_state, to_step
+from savegame.migrate.stand_ins import stand_in_name
+from savegame.migrate.values import as_float
 
 LAYOUT = "lightning"
+COUNTS_EPOCHS = False
 
 _MODE = re.compile(r"'mode': '(min|max)'")
 _MONITOR = re.compile(r"'monitor': '([^']+)'")
@@ -45,12 +54,12 @@ def matches(checkpoint: Mapping[str, Any]) -> bool:
         and any(k in checkpoint for k in ("optimizer_states", "lr_schedulers", "loops", "callbacks")))
 
 
-def convert(checkpoint: Mapping[str, Any]) -> ForeignCheckpoint:
+def convert(checkpoint: Mapping[str, Any]) -> Draft:
     draft = Draft()
     apply_rules(draft, {k: v for k, v in checkpoint.items() if k != "callbacks"}, RULES)
     if "callbacks" in checkpoint:  # after global_step, which best tracking falls back to
         _callbacks(draft, checkpoint["callbacks"])
-    return draft.finish(LAYOUT)
+    return draft
 
 
 def _callbacks(draft: Draft, callbacks: Any) -> None:
@@ -58,15 +67,26 @@ def _callbacks(draft: Draft, callbacks: Any) -> None:
         draft.leave_out("callbacks", "not a dict of callback states")
         return
     for key, state in callbacks.items():
-        source, name = f"callbacks[{key!r}]", str(key)
+        name = _callback_name(key)
+        source = f"callbacks[{name!r}]"
         mode = _MODE.search(name)
         monitor = state.get("monitor") if isinstance(state, Mapping) else None
         if name.startswith("ModelCheckpoint") and isinstance(monitor, str) and monitor not in draft.best:
+            if mode is None:
+                source += " (mode not recorded; Lightning's default min assumed)"
             _model_checkpoint(draft, source, state, monitor, mode.group(1) if mode else "min")
         elif name.startswith("EarlyStopping") and isinstance(state, Mapping) and draft.early_stopping is None:
             _early_stopping(draft, source, state, name)
         else:
             draft.leave_out(source)
+
+
+def _callback_name(key: Any) -> str:
+    """Lightning 2.x keys: "ModelCheckpoint{...}"; 1.x keys: the class, here a stand-in naming it."""
+    named = stand_in_name(key)
+    if named is not None:
+        return named.rsplit(".", 1)[-1]
+    return key if isinstance(key, str) else getattr(key, "__name__", str(key))
 
 
 def _model_checkpoint(draft: Draft, source: str, state: Mapping[str, Any], monitor: str, mode: str) -> None:
@@ -81,15 +101,16 @@ def _model_checkpoint(draft: Draft, source: str, state: Mapping[str, Any], monit
 
 
 def _early_stopping(draft: Draft, source: str, state: Mapping[str, Any], key: str) -> None:
-    monitor = _MONITOR.search(key)
+    found = _MONITOR.search(key)
     mode = _MODE.search(key)
     wait = state.get("wait_count")
-    if monitor is None or type(wait) is not int:
+    metric = found.group(1) if found else state.get("monitor")
+    if not isinstance(metric, str) or type(wait) is not int:
         draft.leave_out(source, "no monitor or wait count")
         return
-    metric, best = monitor.group(1), as_float(state.get("best_score"))
+    best = as_float(state.get("best_score"))
     held = draft.best.get(metric, ("", []))[1]
-    best_step = next((s for v, s in held if v == best and s is not None), draft.step)
+    best_step = next((s for v, s in held if v == best and s is not None), None)  # None: the import's step
     patience = state.get("patience")
     draft.early_stopping = early_stopping_state(
         metric, mode.group(1) if mode else "min", best=best, best_step=best_step, bad_epochs=wait,

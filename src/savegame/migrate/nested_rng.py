@@ -10,10 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from savegame.migrate.draft import Draft, ForeignCheckpoint, apply_rules
+from savegame.migrate.builder import Draft, apply_rules
 from savegame.migrate.rules import COUNTERS, TRACKING, nested_rng, to_model, to_state
 
 LAYOUT = "dict-nested-rng"
+COUNTS_EPOCHS = True  # the tool counts epochs only: without a step key, the step is the epoch
 
 RULES = {
     **COUNTERS, **TRACKING,
@@ -31,7 +32,7 @@ def matches(checkpoint: Mapping[str, Any]) -> bool:
     return isinstance(checkpoint.get("model"), Mapping) and isinstance(checkpoint.get("rng_state"), Mapping)
 
 
-def convert(checkpoint: Mapping[str, Any]) -> ForeignCheckpoint:
+def convert(checkpoint: Mapping[str, Any]) -> Draft:
     draft = Draft()
     apply_rules(draft, checkpoint, RULES)
-    return draft.finish(LAYOUT, step_from_epoch=True)
+    return draft

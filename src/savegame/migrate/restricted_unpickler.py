@@ -7,6 +7,11 @@ tensor rebuilders; anything else raises
 imported. Tensors in a plain pickle carry their storage as a small legacy
 ``torch.save`` blob whose stock loader unpickles without restriction; here it is
 parsed by :func:`_storage_from_bytes` with the same restricted unpickler.
+
+It is built on the pure-Python ``pickle._Unpickler``, whose memo is a dict: the C
+unpickler sizes its memo array by the largest index a file names, so a 9-byte
+pickle with ``LONG_BINPUT 0x0f0f6161`` would make it allocate gigabytes. Whatever
+the allowed globals allocate is charged to the load's :class:`~.budget.Budget`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import pickle
 import struct
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -27,16 +32,19 @@ from savegame.errors import (
     StorageError,
     UnsafeCheckpointError,
 )
-from savegame.migrate.allowlist import ALLOWLIST, PLAIN_PYTHON, PLAIN_TORCH, plain, py3_name
+from savegame.migrate import budget
+from savegame.migrate.allowlist import ALLOWLIST, PLAIN_PYTHON, py3_name
+from savegame.migrate.plain import plain
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_MAX_STORAGE_BYTES = 1 << 31
+_TORCH_UTILS: Any = torch._utils  # untyped modules: called through Any
+_STORAGE: Any = torch.storage
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose globals come from a fixed allowlist only."""
+class RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler, whose globals come from a fixed allowlist only."""
 
-    allowed: dict[str, Any] = {}  # set below, once the storage loader exists
+    allowed: ClassVar[dict[str, Any]] = {}  # set below, once the storage loader exists
 
     def find_class(self, module: str, name: str) -> Any:
         full = py3_name(f"{module}.{name}")  # an overridden find_class sees Python 2 spellings unmapped
@@ -45,21 +53,23 @@ class RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise UnsafeCheckpointError(
                 f"the pickle needs {full}, which savegame does not load from foreign files: unpickling it "
-                "could run code of the file's choosing") from None
+                "could run code of the file's choosing. If it is not needed, re-save the file without it") from None
 
     def persistent_load(self, pid: Any) -> Any:
         raise CorruptCheckpointError("the pickle refers to external storage (a persistent id): it is not a "
                                      "plain pickle; torch.save files are read with safe_torch_load")
 
 
-def safe_pickle_load(path: str | Path) -> Any:
+def safe_pickle_load(path: str | Path, *, max_bytes: int | None = None) -> Any:
     """Unpickle a plain pickle file with the restricted unpickler; no code from the file runs.
 
-    Raises UnsafeCheckpointError naming the first global outside the allowlist,
-    CorruptCheckpointError for truncated or non-pickle files (a torch zip file
-    included: read those with safe_torch_load), CheckpointNotFoundError for a
-    missing path and ConfigurationError for a directory.
+    Raises UnsafeCheckpointError naming the first global outside the allowlist, or
+    when loading would allocate more than ``max_bytes`` (default: a small multiple of
+    the file's size, see :mod:`.budget`); CorruptCheckpointError for truncated or
+    non-pickle files (a torch zip file included: read those with safe_torch_load),
+    CheckpointNotFoundError for a missing path and ConfigurationError for a directory.
     """
+    budget.check_max_bytes(max_bytes)
     file = Path(path)
     if not file.exists():
         raise CheckpointNotFoundError(f"{file} does not exist")
@@ -73,13 +83,19 @@ def safe_pickle_load(path: str | Path) -> Any:
         raise CorruptCheckpointError(f"{file} is a zip archive (torch.save format), not a plain pickle; "
                                      "read it with safe_torch_load")
     try:
-        return plain(_unpickle(data))
+        with budget.charged_to(budget.Budget(str(file), len(data), max_bytes)):
+            return plain(_unpickle(data))
     except UnsafeCheckpointError as exc:
-        raise UnsafeCheckpointError(f"{file}: {exc}. If it is not needed, re-save the file without it") from exc
+        raise UnsafeCheckpointError(_named(file, exc)) from exc
     except CorruptCheckpointError as exc:
-        raise CorruptCheckpointError(f"{file}: {exc}") from exc
+        raise CorruptCheckpointError(_named(file, exc)) from exc
     except Exception as exc:  # pickle reports damage as UnpicklingError, EOFError, ValueError, ...
-        raise CorruptCheckpointError(f"{file} is not a readable pickle: {type(exc).__name__}: {exc}") from exc
+        raise CorruptCheckpointError(f"{file} is not a readable pickle: {type(exc).__name__}: {exc!s:.300}") from exc
+
+
+def _named(file: Path, exc: Exception) -> str:
+    """The message of ``exc``, starting with the file it is about."""
+    return str(exc) if str(exc).startswith(str(file)) else f"{file}: {exc}"
 
 
 def _unpickle(data: bytes) -> Any:
@@ -110,15 +126,16 @@ def _storage_from_bytes(blob: Any) -> Any:
         raise CorruptCheckpointError("a pickled tensor storage is truncated")
     (count,) = struct.unpack("<q", size)  # torch writes the element count little-endian everywhere
     nbytes = count * record.element_size
-    if not 0 <= nbytes <= _MAX_STORAGE_BYTES:
-        raise CorruptCheckpointError(f"a pickled tensor storage claims {nbytes} bytes")
+    if not 0 <= nbytes <= len(blob) - f.tell():
+        raise CorruptCheckpointError(f"a pickled tensor storage claims {nbytes} bytes but holds {len(blob) - f.tell()}")
+    budget.spend(nbytes, "a tensor storage")
     raw = f.read(nbytes)
     if len(raw) != nbytes:
         raise CorruptCheckpointError("a pickled tensor storage is truncated")
-    untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage()
+    untyped = torch.frombuffer(bytearray(raw), dtype=torch.uint8).untyped_storage() if raw else _STORAGE.UntypedStorage()
     if record.dtype is None:
         return untyped
-    return torch.storage.TypedStorage(wrap_storage=untyped, dtype=record.dtype, _internal=True)
+    return _STORAGE.TypedStorage(wrap_storage=untyped, dtype=record.dtype, _internal=True)
 
 
 _STORAGE_DTYPES: dict[str, torch.dtype | None] = {
@@ -133,13 +150,13 @@ _STORAGE_TYPES: dict[str, Any] = {name: getattr(torch, name) for name in _STORAG
 class _StorageRef:
     def __init__(self, key: str, dtype: torch.dtype | None) -> None:
         self.key, self.dtype = key, dtype
-        self.element_size = 1 if dtype is None else torch._utils._element_size(dtype)
+        self.element_size = 1 if dtype is None else dtype.itemsize
 
 
 class _LegacyHeader(RestrictedUnpickler):
     """Reads the legacy blob's pickles: plain values, and one persistent id naming the storage."""
 
-    allowed = {**PLAIN_PYTHON, **{f"torch.{n}": t for n, t in _STORAGE_TYPES.items()}}
+    allowed: ClassVar[dict[str, Any]] = {**PLAIN_PYTHON, **{f"torch.{n}": t for n, t in _STORAGE_TYPES.items()}}
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 6 and pid[0] == "storage"
@@ -150,5 +167,32 @@ class _LegacyHeader(RestrictedUnpickler):
         return _StorageRef(pid[2], _STORAGE_DTYPES[name])
 
 
-RestrictedUnpickler.allowed = {**ALLOWLIST, **PLAIN_PYTHON, **PLAIN_TORCH,
-                               "torch.storage._load_from_bytes": _storage_from_bytes}
+def _storage_bytes(storage: Any) -> int:
+    if isinstance(storage, torch.storage.TypedStorage):
+        return int(storage._untyped_storage.nbytes())
+    if isinstance(storage, torch.UntypedStorage):
+        return int(storage.nbytes())
+    raise CorruptCheckpointError(f"a pickled tensor is built on a {type(storage).__name__}, not a storage")
+
+
+def _element_size(storage: Any) -> int:
+    return int(storage.dtype.itemsize) if isinstance(storage, torch.storage.TypedStorage) else 1
+
+
+def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+    """Stands for torch's ``_rebuild_tensor`` / ``_rebuild_tensor_v2``: the view is charged before it exists."""
+    budget.charge_tensor(size, _element_size(storage), _storage_bytes(storage))
+    rebuilt: torch.Tensor = (_TORCH_UTILS._rebuild_tensor(storage, offset, size, stride) if not rest
+                             else _TORCH_UTILS._rebuild_tensor_v2(storage, offset, size, stride, *rest))
+    return rebuilt
+
+
+#: Tensor rebuilders for plain pickles of tensors (torch.load allows torch's own, in a dry run first).
+PLAIN_TORCH: dict[str, Any] = {
+    "torch._utils._rebuild_tensor": _rebuild_tensor,
+    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "torch.storage._load_from_bytes": _storage_from_bytes,
+}
+
+RestrictedUnpickler.allowed = {**ALLOWLIST, **PLAIN_PYTHON, **PLAIN_TORCH}

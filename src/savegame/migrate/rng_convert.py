@@ -4,7 +4,9 @@ python: the tuple ``random.getstate()`` returns; numpy: the legacy tuple
 ``('MT19937', uint32[624], pos, has_gauss, cached_gaussian)``; torch: a uint8 CPU
 tensor; cuda: a list of uint8 CPU tensors. A malformed state raises
 CorruptCheckpointError naming the foreign key, because restoring it would fail
-later, far from its cause.
+later, far from its cause. A well-formed state of a generator savegame does not
+track (a ``numpy.random.default_rng`` Generator: PCG64, Philox, ...) raises
+:class:`Untracked`, and the import leaves it out with that reason.
 """
 
 from __future__ import annotations
@@ -18,6 +20,11 @@ import torch
 from savegame.errors import CorruptCheckpointError
 
 _MT_WORDS = 624
+_OTHER_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64")
+
+
+class Untracked(Exception):
+    """A valid state of a generator savegame does not restore; the message says what it is."""
 
 
 def python_state(value: Any, key: str) -> tuple[Any, ...]:
@@ -28,11 +35,19 @@ def python_state(value: Any, key: str) -> tuple[Any, ...]:
     raise CorruptCheckpointError(f"{key} is not a Python random state (version, internal state, gauss)")
 
 
-def numpy_state(value: Any, key: str) -> tuple[str, np.ndarray, int, int, float]:  # type: ignore[type-arg]
+NumpyState = tuple[str, "np.ndarray[Any, np.dtype[np.uint32]]", int, int, float]
+
+
+def numpy_state(value: Any, key: str) -> NumpyState:
     """Accepts the legacy tuple and the dict of ``get_state(legacy=False)`` / ``bit_generator.state``."""
     if isinstance(value, Mapping):
         inner = value.get("state")
-        if value.get("bit_generator") != "MT19937" or not isinstance(inner, Mapping):
+        kind = value.get("bit_generator")
+        if kind in _OTHER_BIT_GENERATORS and isinstance(inner, Mapping):
+            raise Untracked(f"a NumPy {kind} state, as numpy.random.default_rng() keeps: savegame restores the "
+                            "global legacy generator (np.random, MT19937) only; save and restore your Generator "
+                            "yourself, e.g. as part of a Stateful object")
+        if kind != "MT19937" or not isinstance(inner, Mapping):
             raise CorruptCheckpointError(f"{key} is not an MT19937 NumPy random state")
         value = ("MT19937", inner.get("key"), inner.get("pos"), value.get("has_gauss", 0), value.get("gauss", 0.0))
     if not (isinstance(value, (tuple, list)) and len(value) == 5 and value[0] == "MT19937"):

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from savegame.errors import CorruptCheckpointError
-from savegame.migrate.draft import Draft, Rule, as_count
+from savegame.migrate.builder import Draft, Rule
+from savegame.migrate.values import as_count
 
 
 def to_model(name: str = "model") -> Rule:

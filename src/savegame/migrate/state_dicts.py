@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from savegame.migrate.draft import Draft, ForeignCheckpoint, apply_rules
+from savegame.migrate.builder import Draft, apply_rules
 from savegame.migrate.rules import COUNTERS, FLAT_RNG, TRACKING, to_model, to_state
 
 LAYOUT = "dict-state-dicts"
+COUNTS_EPOCHS = True  # the tool counts epochs only: without a step key, the step is the epoch
 
 RULES = {
     **COUNTERS, **TRACKING, **FLAT_RNG,
@@ -33,7 +34,7 @@ def matches(checkpoint: Mapping[str, Any]) -> bool:
     return isinstance(checkpoint.get("model_state_dict"), Mapping)
 
 
-def convert(checkpoint: Mapping[str, Any]) -> ForeignCheckpoint:
+def convert(checkpoint: Mapping[str, Any]) -> Draft:
     draft = Draft()
     apply_rules(draft, checkpoint, RULES)
-    return draft.finish(LAYOUT, step_from_epoch=True)
+    return draft

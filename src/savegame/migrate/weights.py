@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,24 +10,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from savegame.errors import CorruptCheckpointError, StorageError
-
-#: Reads one torch.save file safely (safe_torch_load with the import's trust settings).
-TorchLoader = Callable[[Path], Any]
+from savegame.migrate.files import Loader, read_json_object
 
 
-def load_weights(file: Path, load_torch: TorchLoader) -> tuple[dict[str, Any], list[str]]:
+def load_weights(file: Path, loader: Loader) -> tuple[dict[str, Any], list[str]]:
     """The state dict in ``file`` and the names of the files read for it (shards included)."""
     if file.name.endswith(".index.json"):
-        return _sharded(file, load_torch)
+        return _sharded(file, loader)
     if file.suffix == ".safetensors":
-        return _safetensors(file), [file.name]
-    state = load_torch(file)
+        return loader.load_safetensors(file), [file.name]
+    state = loader.load_torch(file)
     if not isinstance(state, dict):
         raise CorruptCheckpointError(f"{file} holds a {type(state).__name__}, not a model state dict")
     return state, [file.name]
 
 
-def _safetensors(file: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors on the CPU (the format holds no code: only a JSON header and bytes)."""
     try:
         return load_file(str(file), device="cpu")
     except (SafetensorError, ValueError) as exc:
@@ -38,17 +35,19 @@ def _safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise StorageError(f"cannot read {file}: {exc}") from exc
 
 
-def _sharded(index: Path, load_torch: TorchLoader) -> tuple[dict[str, Any], list[str]]:
+def _sharded(index: Path, loader: Loader) -> tuple[dict[str, Any], list[str]]:
+    weight_map = read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise CorruptCheckpointError(f"{index} is not a weight index: it has no weight_map object")
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
         shards = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CorruptCheckpointError(f"{index} is not a readable weight index (weight_map): {exc}") from exc
+    except TypeError as exc:  # unhashable or unorderable values: not shard file names
+        raise CorruptCheckpointError(f"{index} names its shards with values that are not file names") from exc
     state: dict[str, Any] = {}
     for shard in shards:
         if not isinstance(shard, str) or Path(shard).name != shard or shard.endswith(".index.json"):
             raise CorruptCheckpointError(f"{index} names a shard outside its directory: {shard!r}")
-        part, _ = load_weights(index.parent / shard, load_torch)
+        part, _ = load_weights(index.parent / shard, loader)
         state.update(part)
     missing = sorted(set(weight_map) - set(state))
     if missing:

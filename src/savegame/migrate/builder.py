@@ -1,43 +1,25 @@
-"""The result of an import, and the bookkeeping every importer shares.
+"""Building a :class:`~.result.ForeignCheckpoint`: the bookkeeping every importer shares.
 
 An importer walks the foreign checkpoint and tells a :class:`Draft` where each
 piece goes; every foreign key ends up either in ``mapped`` (with where it went)
 or in ``left_out``, so the user sees exactly what was and was not carried over.
+The importer then finishes the draft at the import's step (the file's own, or
+the one the user chose): best values and early stopping the tool recorded without
+a step, and history lines placed by epoch, take that step.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-import torch
-
 from savegame.errors import CorruptCheckpointError
 from savegame.keys import canonical_state
 from savegame.migrate import rng_convert
-
-
-@dataclass(frozen=True)
-class ForeignCheckpoint:
-    """A foreign checkpoint translated into savegame's state tree.
-
-    ``tree`` is exactly the tree of docs/design.md: ``{"state": {name: state_dict},
-    "rng": {...only the generators the file saved...}, "run": {"best": {...},
-    "early_stopping": {...} | None}}``. ``mapped`` says where each foreign key went
-    ("model_state_dict -> state.model"); ``left_out`` lists what was not carried over.
-    """
-
-    layout: str
-    tree: dict[str, Any]
-    step: int
-    epoch: int | None
-    metrics: dict[str, float]
-    mapped: list[str]
-    left_out: list[str]
+from savegame.migrate.result import ForeignCheckpoint
+from savegame.migrate.values import as_count, as_float, not_weights
 
 
 @dataclass
@@ -54,6 +36,8 @@ class Draft:
     metrics: dict[str, float] = field(default_factory=dict)
     mapped: list[str] = field(default_factory=list)
     left_out: list[str] = field(default_factory=list)
+    history: list[tuple[int | None, int | None, dict[str, float]]] = field(default_factory=list)  # step, epoch
+    notes: list[str] = field(default_factory=list)
 
     def map(self, source: str, target: str) -> None:
         self.mapped.append(f"{source} -> {target}")
@@ -63,8 +47,9 @@ class Draft:
 
     def model(self, source: str, value: Any, name: str = "model") -> None:
         """A model state dict, stored under canonical keys (no _orig_mod., no common module.)."""
-        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-            raise CorruptCheckpointError(f"{source} is not a model state dict (str -> tensor)")
+        problem = not_weights(value)
+        if problem is not None:
+            raise CorruptCheckpointError(f"{source} is not a model state dict (str -> tensor): it is {problem}")
         self._put(name, canonical_state(value), source)
 
     def obj(self, source: str, value: Any, name: str) -> None:
@@ -92,7 +77,11 @@ class Draft:
     def put_rng(self, kind: str, source: str, value: Any) -> None:
         convert = {"python": rng_convert.python_state, "numpy": rng_convert.numpy_state,
                    "torch": rng_convert.torch_state, "cuda": rng_convert.cuda_states}[kind]
-        self.rng[kind] = convert(value, source)
+        try:
+            self.rng[kind] = convert(value, source)
+        except rng_convert.Untracked as why:
+            self.leave_out(source, str(why))
+            return
         self.map(source, f"rng.{kind}")
 
     def set_step(self, source: str, value: Any) -> None:
@@ -125,18 +114,44 @@ class Draft:
         self.best[metric] = (mode, kept)
         self.map(source, f"run.best.{metric}")
 
-    def finish(self, layout: str, *, step_from_epoch: bool = False) -> ForeignCheckpoint:
-        """The ForeignCheckpoint; ``step_from_epoch``: a tool that counts epochs only uses the epoch as step."""
+    def add_history(self, step: int | None, epoch: int | None, metrics: Mapping[str, Any]) -> None:
+        """One line of the metrics history; ``step`` None: placed by ``epoch`` when the draft is finished."""
+        numbers = {str(k): v for k, v in ((k, as_float(v)) for k, v in metrics.items()) if v is not None}
+        if numbers:
+            self.history.append((step, epoch, numbers))
+
+    def finish(self, layout: str, *, step: int | None = None, step_from_epoch: bool = False) -> ForeignCheckpoint:
+        """The ForeignCheckpoint at ``step`` (None: the file's own).
+
+        ``step_from_epoch``: a tool that counts epochs only uses the epoch as its step.
+        """
         if self.step is None and step_from_epoch and self.epoch is not None:
             self.step = self.epoch
             self.map("epoch", "step (the tool counts epochs only)")
-        step = 0 if self.step is None else self.step
-        best = {m: {"mode": mode, "entries": _ranked(entries, mode, step)} for m, (mode, entries) in self.best.items()}
-        if self.bad_epochs is not None and self.early_stopping is None:
-            self.early_stopping = _from_count(self.bad_epochs, best, step)
-        tree = {"state": self.state, "rng": self.rng, "run": {"best": best, "early_stopping": self.early_stopping}}
-        return ForeignCheckpoint(layout=layout, tree=tree, step=step, epoch=self.epoch, metrics=dict(self.metrics),
-                                 mapped=list(self.mapped), left_out=list(self.left_out))
+        own = 0 if self.step is None else self.step
+        if step is not None and step != own:
+            self.map(f"step {own} (the file's)", f"step {step} (chosen for the import)")
+        final = own if step is None else step
+        best = {m: {"mode": mode, "entries": _ranked(entries, mode, final)} for m, (mode, entries) in self.best.items()}
+        stopping = self.early_stopping
+        if self.bad_epochs is not None and stopping is None:
+            stopping = _from_count(self.bad_epochs, best)
+        if stopping is not None and stopping["best"] is not None and stopping["best_step"] is None:
+            stopping = {**stopping, "best_step": final}
+        tree = {"state": self.state, "rng": self.rng, "run": {"best": best, "early_stopping": stopping}}
+        return ForeignCheckpoint(layout=layout, tree=tree, step=final, epoch=self.epoch, metrics=dict(self.metrics),
+                                 mapped=list(self.mapped), left_out=list(self.left_out),
+                                 history=self._history(final), notes=list(self.notes))
+
+    def _history(self, final: int) -> list[dict[str, Any]]:
+        """History lines, oldest first. A line known by epoch only ends that epoch's share of the steps
+        (epoch e of a run at epoch E, step S: step round((e + 1) * S / (E + 1)))."""
+        lines = []
+        for step, epoch, metrics in self.history:
+            if step is None:
+                step = epoch if self.epoch is None or epoch is None else round((epoch + 1) * final / (self.epoch + 1))
+            lines.append({"step": step, "epoch": epoch, "metrics": metrics})
+        return sorted(lines, key=lambda line: line["step"] or 0)
 
 
 def early_stopping_state(metric: str, mode: str, *, best: float | None, best_step: int | None, bad_epochs: int,
@@ -151,7 +166,7 @@ def early_stopping_state(metric: str, mode: str, *, best: float | None, best_ste
             "config": {"metric": metric, "mode": mode, "patience": patience, "min_delta": 0.0, "smoothing": None}}
 
 
-def _from_count(count: int, best: Mapping[str, Any], step: int) -> dict[str, Any]:
+def _from_count(count: int, best: Mapping[str, Any]) -> dict[str, Any]:
     """Early stopping from a bare count: it tracks pck when a best pck exists, else val_loss (seed 001's rule)."""
     metric = "pck" if "pck" in best else "val_loss"
     mode = "max" if metric == "pck" else "min"
@@ -163,29 +178,6 @@ def _ranked(entries: list[tuple[float, int | None]], mode: str, step: int) -> li
     filled = [(v, step if s is None else s) for v, s in entries]
     filled.sort(key=lambda e: (e[0] if mode == "min" else -e[0], -e[1]))
     return [[v, s] for v, s in filled]
-
-
-def as_float(value: Any) -> float | None:
-    """A plain float of a number, a NumPy scalar or a one-element tensor; None for anything else."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            return None
-        value = value.item()
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        return None
-    return float(value)
-
-
-def as_count(value: Any, source: str) -> int:
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        value = value.item()
-    if isinstance(value, np.integer):
-        value = int(value)
-    if type(value) is not int or value < 0:
-        raise CorruptCheckpointError(f"{source} is {value!r}, not a non-negative int")
-    return value
 
 
 Rule = Callable[[Draft, str, Any], None]
