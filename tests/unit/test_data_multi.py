@@ -20,11 +20,11 @@ CASES = [("weighted", "stop"), ("weighted", "cycle"), ("weighted", "drop"), ("ro
          ("round_robin", "cycle"), ("round_robin", "drop"), ("sequential", "stop")]
 
 
-def make(mode: str, exhaustion: str, workers: int = 0) -> MultiLoader:
+def make(mode: str, exhaustion: str, workers: int = 0, **c_kwargs: Any) -> MultiLoader:
     loaders = {
         "a": DataLoader(list(range(10)), batch_size=3, shuffle=True, seed=1, num_workers=workers),
         "b": DataLoader(list(range(100, 105)), batch_size=2, shuffle=True, seed=2),
-        "c": DataLoader(list(range(200, 207)), batch_size=4, seed=3),
+        "c": DataLoader(list(range(200, 207)), **{"batch_size": 4, "seed": 3, **c_kwargs}),
     }
     weights = {"a": 0.5, "b": 0.2, "c": 0.3} if mode == "weighted" else None
     return MultiLoader(loaders, weights=weights, mode=mode, exhaustion=exhaustion, seed=7)
@@ -137,3 +137,34 @@ def test_an_older_iterator_cannot_be_advanced() -> None:
 def test_batches_are_the_sub_loaders_batches() -> None:
     name, batch = next(iter(make("sequential", "stop")))
     assert name == "a" and same(batch, next(iter(DataLoader(list(range(10)), batch_size=3, shuffle=True, seed=1))))
+
+
+def refusing_state(change: str) -> dict:
+    """A MultiLoader state, taken with loader "c" mid-epoch, that this file's make() cannot load."""
+    # c shuffled: c's ResumableSampler refuses, after a and b were loaded (and are put back);
+    # c's batches of 2: savegame.DataLoader's own check refuses before anything is loaded.
+    c_kwargs = {"sampler": {"shuffle": True}, "batch_size": {"batch_size": 2}}.get(change, {})
+    multi = make("round_robin", "cycle", **c_kwargs)
+    iterator = iter(multi)
+    for _ in range(4):
+        next(iterator)
+    state = roundtrip(multi.state_dict())
+    if change in ("seed", "rng", "dropped"):
+        state[change] = {"seed": "abc", "rng": {"state": 1}, "dropped": ["z"]}[change]
+    return state
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ("sampler", "shuffle True -> False"), ("batch_size", "batch_size was 2 and is now 4"),
+    ("seed", "'seed'"), ("rng", "'rng'"), ("dropped", "'dropped'"),
+])
+def test_a_refused_state_changes_nothing(change: str, message: str) -> None:
+    reference = stream(make("round_robin", "cycle"), 2)
+    multi = make("round_robin", "cycle")
+    iterator = iter(multi)
+    head = [(name, batch.tolist()) for name, batch in (next(iterator) for _ in range(5))]
+    state = refusing_state(change)
+    with pytest.raises(IncompatibleStateError, match=message):
+        multi.load_state_dict(state)
+    rest = [(name, batch.tolist()) for name, batch in iterator]
+    assert head + rest + stream(multi, 2) == reference

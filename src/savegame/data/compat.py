@@ -8,7 +8,6 @@ rest of a saved epoch undefined.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,8 +16,6 @@ import torch
 
 from savegame.data.fetch import SlotStart
 from savegame.errors import IncompatibleStateError
-
-log = logging.getLogger("savegame.data")
 
 VERSION = 1
 _REQUIRED = ("version", "kind", "seed", "epoch", "in_progress", "position", "batch_size", "drop_last", "length")
@@ -108,13 +105,14 @@ def _parse_iterable(state: Mapping[str, Any], saved: Saved) -> None:
     saved.next_slot = _int(state, "next_slot") if "next_slot" in state else 0
 
 
-def check(saved: Saved, current: Mapping[str, Any]) -> None:
+def check(saved: Saved, current: Mapping[str, Any]) -> str | None:
     """Raise IncompatibleStateError if ``saved`` cannot resume a loader whose settings are ``current``.
 
     ``current`` holds this loader's ``kind``, ``batch_size``, ``drop_last``,
     ``length`` and ``num_workers``. A change that moves the saved position
-    inside an epoch is refused; at an epoch boundary it is accepted with a
-    warning, since the next epoch is well defined either way.
+    inside an epoch is refused; at an epoch boundary it is accepted, since the
+    next epoch is well defined either way: the returned text says what changed,
+    for the caller to log when it loads the state.
     """
     if saved.kind != current["kind"]:
         raise IncompatibleStateError(
@@ -123,7 +121,7 @@ def check(saved: Saved, current: Mapping[str, Any]) -> None:
         )
     changed = _changed(saved, current)
     if not changed:
-        return
+        return None
     what = ", ".join(f"{key} was {old!r} and is now {new!r}" for key, (old, new) in changed.items())
     if saved.mid_epoch:
         fix = " and ".join(f"{key}={old!r}" for key, (old, _) in changed.items())
@@ -132,8 +130,8 @@ def check(saved: Saved, current: Mapping[str, Any]) -> None:
             f"but {what}, so the rest of that epoch cannot be reproduced. Build the loader with {fix} to resume "
             "exactly, or resume from a checkpoint taken at an epoch boundary, where such changes are accepted."
         )
-    log.warning("savegame.DataLoader: %s since the checkpoint; accepted at an epoch boundary (epoch %s starts "
-                "afresh with the new settings)", what, saved.epoch)
+    return (f"savegame.DataLoader: {what} since the checkpoint; accepted at an epoch boundary (epoch "
+            f"{saved.epoch} starts afresh with the new settings)")
 
 
 def _changed(saved: Saved, current: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:

@@ -143,10 +143,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         loader and its current iterator go on as before. An accepted one makes
         any iterator of this loader invalid and restarts persistent workers.
         """
-        saved = compat.parse(state)
-        compat.check(saved, {"kind": "iterable" if self._iterable else "map",
-                             "batch_size": self.batch_size, "drop_last": self.drop_last,
-                             "length": _length_or_none(self.dataset), "num_workers": self.num_workers})
+        saved, note = self._check_state(state)
+        if note:
+            log.warning("%s", note)
         progress = Progress(epoch=saved.epoch, in_progress=saved.in_progress, position=saved.position,
                             resume_pending=saved.in_progress)
         if self._iterable:
@@ -158,6 +157,14 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         self._generation += 1
         self._plan = self._merge = None
         self._seed, self._progress = saved.seed, progress
+
+    def _check_state(self, state: Mapping[str, Any]) -> tuple[compat.Saved, str | None]:
+        """The parsed ``state`` if this loader can load it, and what changed at an epoch boundary; changes nothing."""
+        saved = compat.parse(state)
+        note = compat.check(saved, {"kind": "iterable" if self._iterable else "map",
+                                    "batch_size": self.batch_size, "drop_last": self.drop_last,
+                                    "length": _length_or_none(self.dataset), "num_workers": self.num_workers})
+        return saved, note
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]  # ours is not torch's iterator class

@@ -170,21 +170,43 @@ class MultiLoader:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from ``state``; raises IncompatibleStateError if the loaders or, mid-epoch, the mode differ."""
+        """Continue from ``state``; raises IncompatibleStateError if the loaders or, mid-epoch, the mode differ.
+
+        All or nothing: every field and every loader's state is checked first
+        (those of savegame.DataLoaders fully), and if a loader still refuses its
+        state, the loaders loaded before it get their previous states back, so the
+        MultiLoader and its iterator go on as before.
+        """
         _check_state(state, self._names, self._mode, self._exhaustion)
+        for name, loader in self._loaders.items():
+            precheck = getattr(loader, "_check_state", None)
+            if callable(precheck):
+                precheck(state["loaders"][name])
         if dict(state["weights"]) != self._weights:
             log.warning("MultiLoader: weights were %s and are now %s; later choices use the new weights",
                         dict(state["weights"]), self._weights)
-        for name, loader in self._loaders.items():
-            loader.load_state_dict(state["loaders"][name])
-        self._seed = int(state["seed"])
+        self._load_loaders(state["loaders"])
+        self._seed = state["seed"]
         self._rng.bit_generator.state = state["rng"]
-        self._epoch, self._in_progress = int(state["epoch"]), bool(state["in_progress"])
-        self._position, self._cursor = int(state["position"]), int(state["cursor"])
+        self._epoch, self._in_progress = state["epoch"], state["in_progress"]
+        self._position, self._cursor = state["position"], state["cursor"]
         self._dropped, self._ran_out = set(state["dropped"]), set(state["ran_out"])
         self._iters = dict.fromkeys(self._names)
         self._resume_pending = self._in_progress
         self._generation += 1
+
+    def _load_loaders(self, states: Mapping[str, Any]) -> None:
+        loaded: list[tuple[str, Any]] = []
+        try:
+            for name, loader in self._loaders.items():
+                before = loader.state_dict()
+                loader.load_state_dict(states[name])
+                loaded.append((name, before))
+        except BaseException:
+            for name, before in reversed(loaded):
+                self._loaders[name].load_state_dict(before)
+                self._iters[name] = None        # the next pull continues it from where it was
+            raise
 
 
 def _check_loaders(loaders: Mapping[str, Any]) -> dict[str, Any]:
@@ -231,9 +253,34 @@ def _check_state(state: Any, names: list[str], mode: str, exhaustion: str) -> No
             f"the checkpoint's MultiLoader had loaders {list(state['names'])}, this one has {names}; "
             "build it with the same names in the same order"
         )
+    _check_fields(state, names)
     if state["in_progress"] and (state["mode"], state["exhaustion"]) != (mode, exhaustion):
         raise IncompatibleStateError(
             f"the checkpoint stopped mid-epoch with mode={state['mode']!r}, exhaustion={state['exhaustion']!r}; "
             f"this MultiLoader has mode={mode!r}, exhaustion={exhaustion!r}. Use the saved settings to resume, "
             "or resume from a checkpoint taken at an epoch boundary"
         )
+
+
+def _check_fields(state: Mapping[str, Any], names: list[str]) -> None:
+    """Refuse, naming the field, a value of the wrong type: nothing is loaded from a malformed state."""
+    damaged = "the checkpoint is damaged or was not written by savegame.MultiLoader"
+    for key in ("seed", "epoch", "position", "cursor"):
+        value = state[key]
+        if isinstance(value, bool) or not isinstance(value, int) or (key != "seed" and value < 0):
+            raise IncompatibleStateError(f"MultiLoader state field {key!r} holds {value!r}, not an int; {damaged}")
+    if not isinstance(state["in_progress"], bool):
+        raise IncompatibleStateError(f"MultiLoader state field 'in_progress' holds {state['in_progress']!r}, "
+                                     f"not a bool; {damaged}")
+    for key in ("dropped", "ran_out"):
+        if not isinstance(state[key], (list, tuple)) or not set(state[key]) <= set(names):
+            raise IncompatibleStateError(f"MultiLoader state field {key!r} holds {state[key]!r}, not a list of "
+                                         f"loader names; {damaged}")
+    if not isinstance(state["weights"], Mapping) or not isinstance(state["loaders"], Mapping) \
+            or set(state["loaders"]) != set(names):
+        raise IncompatibleStateError(f"MultiLoader state fields 'weights' and 'loaders' must map the loader "
+                                     f"names; {damaged}")
+    try:
+        np.random.PCG64().state = state["rng"]       # a scratch generator: refuse now, change nothing
+    except (TypeError, ValueError, KeyError) as exc:
+        raise IncompatibleStateError(f"MultiLoader state field 'rng' is not a PCG64 state ({exc}); {damaged}") from exc
