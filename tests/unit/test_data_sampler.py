@@ -86,7 +86,8 @@ def test_load_refuses_a_changed_length_mid_epoch_and_warns_at_a_boundary(caplog:
 
 
 @pytest.mark.parametrize("kwargs", [{"world_size": 0}, {"rank": 2, "world_size": 2}, {"seed": "1"},
-                                    {"seed": True}])
+                                    {"seed": True}, {"rank": "0"}, {"rank": -1}, {"world_size": 2.0},
+                                    {"rank": True, "world_size": 2}])
 def test_bad_arguments_are_named(kwargs: dict) -> None:
     with pytest.raises(ConfigurationError, match=next(iter(kwargs))):
         ResumableSampler(5, **kwargs)
