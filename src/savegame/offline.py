@@ -2,25 +2,37 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from savegame.errors import ConfigurationError
 from savegame.format import codec
 from savegame.format import names as n
+from savegame.history import History
 from savegame.run_dir import RunDir, RunLock
 from savegame.storage.local import LocalStorage
 from savegame.writer import prepare, snapshot, write_checkpoint
 
+Progress = Callable[[int], None]  # called with the number of bytes just written
+
 
 def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step: int, epoch: int | None = None,
-               metrics: Mapping[str, float] | None = None, extra: Any = None) -> str:
+               metrics: Mapping[str, float] | None = None, extra: Any = None,
+               history: Iterable[Mapping[str, Any]] = (), progress: Progress | None = None) -> str:
     """Commit ``tree`` ({"state", "rng", "run"}) as a checkpoint of ``run_dir``; return its path.
 
     Takes the run directory's writer lock for the duration, so it cannot race a
-    training process writing to the same directory.
+    training process writing to the same directory. After the commit, the run's
+    metrics history (``metrics.jsonl``) gets the ``history`` lines (``{"step",
+    "epoch", "metrics"}``, e.g. what a foreign tool logged; their ``time`` is null)
+    and then this checkpoint's own line, as a Checkpointer writes it. The ``latest``
+    alias moves to the new checkpoint only if it is the run's newest (highest step).
     """
+    lines = [_history_line(line.get("step"), line.get("epoch"), line.get("metrics") or {}) for line in history]
     storage = LocalStorage(run_dir)
     storage.makedirs("")
     lock = RunLock(storage.root)
@@ -28,17 +40,72 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
     try:
         run = RunDir(storage)
         name = run.unique_name(step)
+        now = time.time()
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(dict(metrics or {}), _refuse),
-                n.M_EXTRA: codec.encode(extra, _refuse), n.M_TIME: time.time(), n.M_PINNED: False}
+                n.M_EXTRA: codec.encode(extra, _refuse), n.M_TIME: now, n.M_PINNED: False}
         prepared = prepare(dict(tree), meta)
-        write_checkpoint(storage, name, prepared, snapshot(prepared, None), run.commit)
-        run.write_alias("latest", name)
+        target = _Reporting(storage.root, progress) if progress is not None else storage
+        write_checkpoint(target, name, prepared, snapshot(prepared, None), run.commit)
+        if lines:
+            torn = _ends_torn(storage)
+            storage.append(n.HISTORY_FILE, (b"\n" if torn else b"") + "".join(json.dumps(x) + "\n" for x in lines).encode())
+        History(storage).append(step, epoch, {k: float(v) for k, v in (metrics or {}).items()}, now)
+        if run.names()[-1] == name:
+            run.write_alias("latest", name)
         return os.path.join(storage.root, name)
     finally:
         lock.release()
 
 
-def _refuse(tensor: Any, path: str) -> int:
-    from savegame.errors import ConfigurationError
+def _history_line(step: Any, epoch: Any, metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A foreign line of metrics.jsonl, in the Checkpointer's format (non-finite values as strings).
 
+    Its ``time`` is null: foreign tools rarely record when they logged a value.
+    """
+    if type(step) is not int or step < 0 or (epoch is not None and (type(epoch) is not int or epoch < 0)):
+        raise ConfigurationError(f"a history line needs a non-negative int step and epoch, got {step!r}, {epoch!r}")
+    values: dict[str, float | str] = {}
+    for key, value in metrics.items():
+        if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigurationError(f"history metric {key!r} must be a number keyed by a str, got {value!r}")
+        values[key] = float(value) if math.isfinite(value) else str(float(value))
+    return {"step": step, "epoch": epoch, "time": None, "metrics": values}
+
+
+def _ends_torn(storage: LocalStorage) -> bool:
+    """Whether the history file ends without a newline (a write torn by a crash)."""
+    if not storage.exists(n.HISTORY_FILE) or storage.size(n.HISTORY_FILE) == 0:
+        return False
+    with storage.open_read(n.HISTORY_FILE) as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+class _Reporting(LocalStorage):
+    """Local storage whose new files report each write's size (progress of a large write)."""
+
+    def __init__(self, root: str, progress: Progress) -> None:
+        super().__init__(root)
+        self._progress = progress
+
+    def create(self, path: str) -> Any:
+        return _ReportingWrite(super().create(path), self._progress)
+
+
+class _ReportingWrite:
+    def __init__(self, inner: Any, progress: Progress) -> None:
+        self._inner, self._progress = inner, progress
+
+    def write(self, data: memoryview) -> None:
+        self._inner.write(data)
+        self._progress(data.nbytes)
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def abort(self) -> None:
+        self._inner.abort()
+
+
+def _refuse(tensor: Any, path: str) -> int:
     raise ConfigurationError(f"{path or 'value'} holds a tensor; metrics and extra must be plain JSON values")

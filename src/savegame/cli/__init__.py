@@ -11,7 +11,7 @@ import click
 
 from savegame._version import __version__
 from savegame.cli import export, inspect, migrate, plot, runs
-from savegame.cli._common import App
+from savegame.cli._app import App
 
 
 @click.group(cls=App, context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from savegame.cli._common import dtype_name, nbytes, short, tensor_text
+from savegame.cli._output import dtype_name, nbytes, short, tensor_text
 
 Tensorish = torch.Tensor | np.ndarray
 _CHUNK = 1 << 22  # elements compared at a time: bounds the float64 copies diff makes
@@ -117,7 +117,7 @@ def same_value(a: Any, b: Any) -> bool:
         return diff_trees(a, b).same
     try:
         return bool(a == b)
-    except Exception:  # a value whose == is not a bool (exotic NumPy scalars): compare their text
+    except (TypeError, ValueError, RuntimeError):  # == is not a bool (arrays, exotic scalars): compare the text
         return repr(a) == repr(b)
 
 

@@ -3,6 +3,7 @@
 Formats by suffix: ``.safetensors`` (``safetensors.torch.save_file``), ``.pt`` /
 ``.pth`` (a plain ``{key: tensor}`` dict, loadable with ``torch.load(weights_only=True)``),
 ``.npz`` (``numpy.savez``). Files are written to a temporary name and renamed into place.
+The checkpoint is verified first, byte by byte (with a progress bar on terminals).
 """
 
 from __future__ import annotations
@@ -16,7 +17,13 @@ import numpy as np
 import torch
 
 import savegame
-from savegame.cli._common import CliError, atomic_output, console, human_bytes, locate, nbytes, progress
+from savegame import reader
+from savegame.cli._app import CliError
+from savegame.cli._output import console, human_bytes, nbytes
+from savegame.cli._paths import atomic_output, locate
+from savegame.cli._progress import ByteProgress, CountingStorage
+from savegame.errors import CorruptCheckpointError
+from savegame.storage.local import LocalStorage
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = (".safetensors", ".pt", ".pth", ".npz")
@@ -35,18 +42,15 @@ def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) ->
         raise click.UsageError(f"--to {target!r}: unknown format {suffix or '(no suffix)'!r}; "
                                f"use one of {', '.join(FORMATS)}")
     storage, name = locate(ckpt)
-    err = console(stderr=True)
-    with err.status(f"reading and verifying {name}"):
-        loaded = savegame.load(os.path.join(storage.root, name), mmap=True)
-    chosen = pick_state(loaded["state"] or {}, state_name)
-    weights = flatten(loaded["state"][chosen], chosen)
-    cast = DTYPES[dtype] if dtype else None
-    total = sum(nbytes(t) for t in weights.values())
-    with progress(total) as bar:
-        task = bar.add_task(f"exporting {chosen}", total=total)
-        tensors, tied = prepare(weights, cast, separate=suffix == ".safetensors",
-                                tick=lambda size: bar.advance(task, size))
-        bar.update(task, description=f"writing {target}")
+    with ByteProgress() as bar:
+        verify(storage, name, bar)
+        loaded = savegame.load(os.path.join(storage.root, name), mmap=True, verify=False)  # verified just now
+        chosen = pick_state(loaded["state"] or {}, state_name)
+        weights = flatten(loaded["state"][chosen], chosen)
+        cast = DTYPES[dtype] if dtype else None
+        bar.phase(f"exporting {chosen}", sum(nbytes(t) for t in weights.values()))
+        tensors, tied = prepare(weights, cast, separate=suffix == ".safetensors", tick=bar.advance)
+        bar.describe(f"writing {target}")
         notes = _write(tensors, target, suffix, step=loaded["step"])
     out = console()
     size = sum(nbytes(t) for t in tensors.values())
@@ -58,6 +62,23 @@ def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) ->
                      else "; they still share it in the file"))
     for note in notes:
         out.print(f"note: {note}")
+
+
+def verify(storage: LocalStorage, name: str, bar: ByteProgress) -> None:
+    """Check every byte of checkpoint ``name`` (progress by bytes); CorruptCheckpointError if damaged."""
+    doc = reader.read_manifest(storage, name)
+    where = os.path.join(storage.root, name)
+    bar.phase(f"verifying {name}", sum(_size(os.path.join(where, f)) for f in reader.data_files(doc)))
+    problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
+    if problems:
+        raise CorruptCheckpointError("; ".join(problems))
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
 def pick_state(states: Mapping[str, Any], wanted: str | None) -> str:

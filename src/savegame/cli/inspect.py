@@ -15,23 +15,31 @@ from rich.tree import Tree
 
 import savegame
 from savegame import reader
-from savegame.cli._common import (
-    FINDING,
+from savegame.cli._app import FINDING
+from savegame.cli._output import (
     console,
     echo_json,
     human_age,
     human_bytes,
     jsonable,
-    locate,
     metrics_text,
     nbytes,
     new_table,
     number,
-    progress,
     short,
     tensor_text,
 )
-from savegame.cli._tree import Diff, describe, diff_trees, is_tensor, structural, tensor_row, walk_tensors
+from savegame.cli._paths import locate
+from savegame.cli._progress import ByteProgress
+from savegame.cli._tree import (
+    Diff,
+    describe,
+    diff_trees,
+    is_tensor,
+    structural,
+    tensor_row,
+    walk_tensors,
+)
 from savegame.format import names as n
 
 CKPT = click.Path(exists=True)
@@ -191,10 +199,9 @@ def diff(a: str, b: str, exit_code: bool, as_json: bool) -> None:
     """
     (where_a, _, tree_a), (where_b, _, tree_b) = _load(a), _load(b)
     parts_a, parts_b = _comparable(tree_a), _comparable(tree_b)
-    total = sum(nbytes(t) for _, t in walk_tensors(parts_a))
-    with progress(total) as bar:
-        task = bar.add_task("comparing", total=total)
-        result = diff_trees(parts_a, parts_b, out=Diff(tick=lambda size: bar.advance(task, size)))
+    with ByteProgress() as bar:
+        bar.phase("comparing", sum(nbytes(t) for _, t in walk_tensors(parts_a)))
+        result = diff_trees(parts_a, parts_b, out=Diff(tick=bar.advance))
     if as_json:
         echo_json(_diff_json(where_a, where_b, result))
     else:

@@ -2,20 +2,40 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import click
+from rich.console import Console
 from rich.panel import Panel
 from rich.text import Text
 
-from savegame.cli._common import console, metrics_text, new_table
-from savegame.run_dir import RunDir
+from savegame.cli._output import console, human_bytes, metrics_text, new_table
+from savegame.cli._progress import ByteProgress
+from savegame.run_dir import RunDir, parse_step
 from savegame.storage.local import LocalStorage
 
 TRUST_WARNING = (
-    "--trust: the globals this file names will be IMPORTED and CALLED while it loads. A malicious file "
-    "can run any code on this machine. Only use --trust for files you would also run as a script."
+    "--trust: the classes this file names will be IMPORTED, and their constructors and __setstate__ RUN, while it "
+    "loads. Functions, builtins and modules stay refused, but a malicious file can still abuse a class to run code "
+    "on this machine. Only use --trust for files you would also run as a script."
 )
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+
+
+class ByteSize(click.ParamType[int]):
+    """A number of bytes: ``1000000``, ``512MiB``, ``2GB``, ``1.5G`` (K/M/G/T count 1024s)."""
+
+    name = "SIZE"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        found = _SIZE.fullmatch(str(value).strip())
+        if found is None or float(found.group(1)) <= 0:
+            self.fail(f"{value!r} is not a size such as 2GiB, 512M or 1000000", param, ctx)
+        unit = 1024 ** " kmgt".index(found.group(2).lower() or " ")
+        return max(1, int(float(found.group(1)) * unit))
 
 
 @click.command("migrate")
@@ -23,31 +43,54 @@ TRUST_WARNING = (
 @click.option("--to", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory to write the imported checkpoint into (created if needed).")
 @click.option("--step", type=click.IntRange(min=0), help="Step to record (default: the step the file records).")
-@click.option("--trust", is_flag=True, help="Allow the globals the file needs (runs their code: trusted files only).")
 @click.option("--drop-unsafe", is_flag=True,
               help="Drop objects that need refused globals, when the import does not need them.")
-def migrate(src: str, run_dir: str, step: int | None, trust: bool, drop_unsafe: bool) -> None:
+@click.option("--trust", is_flag=True, help="Allow the classes the file names (runs their code: trusted files only).")
+@click.option("--max-bytes", type=ByteSize(), metavar="SIZE",
+              help="Memory a file may claim while loading (default: 4 x its size + 64 MiB).")
+def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: bool, max_bytes: int | None) -> None:
     """Import the foreign checkpoint SRC (a file or a directory) as a checkpoint of RUN_DIR.
 
     Loading never runs code from SRC unless --trust is given. Prints the layout detected,
-    where each foreign key went, and what was left out.
+    where each foreign key went, what was left out, and what to do to resume.
     """
-    from savegame.migrate import import_checkpoint  # torch-pickle machinery: only when asked for
+    from savegame.migrate import (  # torch-pickle machinery: only when asked for
+        import_checkpoint,
+        input_bytes,
+    )
     from savegame.offline import write_tree
 
     out, err = console(), console(stderr=True)
     if trust:
         err.print(Panel(TRUST_WARNING, title="WARNING", style="bold red"))
-    fc = import_checkpoint(src, trust=trust, drop_unsafe=drop_unsafe)  # its errors say when --trust/--drop-unsafe help
     existing = RunDir(LocalStorage(run_dir)).names()
-    path = write_tree(run_dir, fc.tree, step=fc.step if step is None else step, epoch=fc.epoch, metrics=fc.metrics)
+    with ByteProgress(err) as bar:
+        bar.phase(f"reading {src}", input_bytes(src))
+        fc = import_checkpoint(src, trust=trust, drop_unsafe=drop_unsafe, step=step, max_bytes=max_bytes,
+                               progress=bar.advance)
+        bar.phase(f"writing step {fc.step} to {run_dir}", _tensor_bytes(fc.tree))
+        path = write_tree(run_dir, fc.tree, step=fc.step, epoch=fc.epoch, metrics=fc.metrics, history=fc.history,
+                          progress=bar.advance)
     _report(out, src, fc, path)
-    if existing:
-        out.print(f"note: {run_dir} already had {len(existing)} checkpoint(s); the import is the newest "
-                  "only if its step is the highest")
+    newer = [name for name in existing if (parse_step(name) or 0) > fc.step]
+    if newer:
+        out.print(f"note: {run_dir} already has {len(newer)} checkpoint(s) with a higher step (newest {newer[-1]}); "
+                  "restore('latest') picks those, so restore this one by its step or path")
 
 
-def _report(out: Any, src: str, fc: Any, path: str) -> None:
+def _tensor_bytes(tree: Any) -> int:
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return tree.numel() * tree.element_size()
+    if isinstance(tree, dict):
+        return sum(_tensor_bytes(v) for v in tree.values())
+    if isinstance(tree, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in tree)
+    return 0
+
+
+def _report(out: Console, src: str, fc: Any, path: str) -> None:
     out.print(f"layout: {fc.layout}")
     out.print(f"step {fc.step}, epoch {fc.epoch}" + (f", metrics {metrics_text(fc.metrics)}" if fc.metrics else ""))
     table = new_table(f"{src}: what was imported", "foreign key", "savegame")
@@ -57,7 +100,11 @@ def _report(out: Any, src: str, fc: Any, path: str) -> None:
     for line in fc.left_out:
         table.add_row(line, Text("left out", style="yellow"))
     out.print(table)
-    out.print(f"wrote {path}")
+    if fc.history:
+        out.print(f"metrics history: {len(fc.history)} line(s) written to metrics.jsonl (savegame plot shows them)")
+    out.print(f"wrote {path} ({human_bytes(_tensor_bytes(fc.tree))} of tensors)")
+    for note in fc.notes:
+        out.print(Text(f"to resume: {note}", style="bold yellow"))
 
 
 import_alias = click.Command("import", callback=migrate.callback, params=migrate.params, help=migrate.help,

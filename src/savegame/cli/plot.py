@@ -9,7 +9,9 @@ from typing import Any
 
 import click
 
-from savegame.cli._common import CliError, atomic_output, console
+from savegame.cli._app import CliError
+from savegame.cli._output import console
+from savegame.cli._paths import atomic_output
 from savegame.format import names as n
 
 History = dict[str, dict[int, float]]  # metric -> step -> value (the last recorded for that step)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,20 +11,18 @@ import click
 from rich.text import Text
 
 from savegame import policies, reader
-from savegame.cli._common import (
-    FINDING,
-    CliError,
+from savegame.cli._app import FINDING, CliError
+from savegame.cli._output import (
     console,
-    disk_bytes,
     echo_json,
     human_age,
     human_bytes,
-    is_checkpoint_dir,
     metrics_text,
     new_table,
     number,
-    progress,
 )
+from savegame.cli._paths import disk_bytes, is_checkpoint_dir
+from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.errors import CorruptCheckpointError, RunLockedError
 from savegame.format import names as n
 from savegame.run_dir import RunDir, RunLock, parse_step
@@ -58,13 +57,14 @@ class Row:
                 "aliases": self.aliases, "damaged": bool(self.problems), "problems": self.problems}
 
 
-def scan(run_dir: str, *, full: bool = False) -> list[Row]:
+def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | None = None) -> list[Row]:
     """Every checkpoint of ``run_dir``, oldest first, damaged ones included (with their problems).
 
     Without ``full`` only the manifest and the tensor file headers are checked (cheap:
-    catches missing files, truncation and a damaged manifest); ``full`` checks every byte.
+    catches missing files, truncation and a damaged manifest); ``full`` checks every byte,
+    reporting the bytes read to ``progress``.
     """
-    storage = LocalStorage(run_dir)
+    storage = LocalStorage(run_dir) if progress is None else CountingStorage(run_dir, progress)
     run = RunDir(storage)
     by_target: dict[str, list[str]] = {}
     for alias, target in sorted(run.aliases().items()):
@@ -100,7 +100,13 @@ def _mtime(path: str) -> float:
 @click.option("--verify", "full", is_flag=True, help="Check every byte, not only manifests and headers.")
 def ls(run_dir: str, as_json: bool, full: bool) -> None:
     """List the checkpoints of RUN_DIR, oldest first; damaged ones are marked, not hidden."""
-    rows = scan(run_dir, full=full)
+    if full:
+        with ByteProgress() as bar:
+            names = RunDir(LocalStorage(run_dir)).names()
+            bar.phase("verifying", sum(disk_bytes(os.path.join(run_dir, name)) for name in names))
+            rows = scan(run_dir, full=True, progress=bar.advance)
+    else:
+        rows = scan(run_dir)
     if as_json:
         echo_json([row.to_json() for row in rows])
         return
@@ -140,12 +146,12 @@ def verify(path: str) -> None:
             raise CliError(f"{path}: no savegame checkpoint in this directory")
     sizes = {name: disk_bytes(os.path.join(storage.root, name)) for name in names}
     out, bad = console(), 0
-    with progress(sum(sizes.values())) as bar:
-        task = bar.add_task("verifying", total=sum(sizes.values()))
+    with ByteProgress() as bar:
+        bar.phase("verifying", sum(sizes.values()))
+        counting = CountingStorage(storage.root, bar.advance)
         for name in names:
-            bar.update(task, description=f"verifying {name}")
-            problems = reader.verify_checkpoint(storage, name)
-            bar.advance(task, sizes[name])
+            bar.describe(f"verifying {name}")
+            problems = reader.verify_checkpoint(counting, name)
             if problems:
                 bad += 1
                 out.print(Text(f"DAMAGED {name}: " + "; ".join(problems), style="bold red"))

@@ -1,0 +1,75 @@
+"""Finding checkpoints from command-line paths, and writing output files atomically."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from savegame.cli._app import CliError
+from savegame.format import names as n
+from savegame.run_dir import RunDir, parse_step
+from savegame.storage.local import LocalStorage
+
+
+def locate(path: str) -> tuple[LocalStorage, str]:
+    """(storage of the run directory, checkpoint name) for a checkpoint dir, its manifest, or a run dir (newest)."""
+    p = Path(os.path.abspath(path))
+    if p.name == n.MANIFEST:
+        p = p.parent
+    if (p / n.MANIFEST).is_file() or (p.is_dir() and parse_step(p.name) is not None):
+        return LocalStorage(str(p.parent)), p.name
+    if p.is_dir():
+        names = RunDir(LocalStorage(str(p))).names()
+        if names:
+            return LocalStorage(str(p)), names[-1]
+        raise CliError(f"{path}: no savegame checkpoint in this directory")
+    if p.exists():
+        raise CliError(f"{path}: not a savegame checkpoint directory or run directory")
+    raise CliError(f"{path}: no such file or directory")
+
+
+def is_checkpoint_dir(path: str) -> bool:
+    p = Path(os.path.abspath(path))
+    return (p / n.MANIFEST).is_file() or (p.is_dir() and parse_step(p.name) is not None)
+
+
+def disk_bytes(directory: str) -> int:
+    """Bytes of the files directly in ``directory`` (a checkpoint has no subdirectories)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(directory) if e.is_file(follow_symlinks=False))
+    except OSError:
+        return 0
+
+
+@contextmanager
+def atomic_output(target: str) -> Iterator[str]:
+    """Yield a temporary path next to ``target``; on success it replaces ``target`` durably, else it goes."""
+    final = os.path.abspath(target)
+    directory = os.path.dirname(final)
+    if not os.path.isdir(directory):
+        raise CliError(f"{target}: the directory {directory!r} does not exist")
+    tmp = os.path.join(directory, f".{os.path.basename(final)}.{uuid.uuid4().hex[:8]}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # the umask applies, as for any new file
+    mode = os.stat(tmp).st_mode & 0o777
+    try:
+        yield tmp
+        os.chmod(tmp, mode)  # writers that replace the file (safetensors) create it 0600
+        _fsync(tmp, os.O_RDONLY)
+        os.replace(tmp, final)
+        if os.name != "nt":
+            _fsync(directory, os.O_RDONLY)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _fsync(path: str, flags: int) -> None:
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
