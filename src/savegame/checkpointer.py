@@ -30,7 +30,7 @@ from savegame.run_dir import CheckpointInfo, RunDir, RunLock, parse_step
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
 from savegame.tracking import Pending, RunTracker
-from savegame.writer import BackgroundWriter, Staging, prepare, snapshot, write_checkpoint
+from savegame.writer import BackgroundWriter, Prepared, Staging, prepare, snapshot, write_checkpoint
 
 log = logging.getLogger("savegame")
 
@@ -131,15 +131,7 @@ class Checkpointer:
         clean = _clean_metrics(metrics)
         self._refuse_non_finite("metrics", clean)
         self._wait()
-        abandon = self._tracker.ahead()
-        name = self._run.unique_name(step, self._fields(step, epoch, clean), freed=frozenset(abandon))
-        info = CheckpointInfo(name, step, epoch, clean, extra, time.time(), pinned=pin)
-        pending = self._tracker.propose(info, abandon)
-        tree = capture.capture(self._objects, pending.run_state)
-        self._refuse_non_finite("state", tree[n.TREE_STATE])
-        meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(clean, _no_tensor),
-                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin}
-        prepared = prepare(tree, meta, self._opts.shard_bytes)
+        pending, prepared = self._prepare(step, epoch, clean, extra, pin)
         shards = snapshot(prepared, self._staging)
         self._tracker.accept(pending)  # accepted: from here on only the write can fail
         self._schedule.saved(step)
@@ -147,18 +139,31 @@ class Checkpointer:
         def job() -> None:
             try:
                 self._tracker.settle_line(pending)
-                write_checkpoint(self._storage, name, prepared, shards, self._run.commit)
+                write_checkpoint(self._storage, pending.info.name, prepared, shards, self._run.commit)
             except BaseException:
                 self._tracker.rollback()
                 raise
-            log.info("saved checkpoint %s (%d bytes)", name, prepared.nbytes)
+            log.info("saved checkpoint %s (%d bytes)", pending.info.name, prepared.nbytes)
             self._tracker.committed(_sized(pending, prepared.nbytes))
 
         if self._opts.async_save:
             self._writer.submit(job)
         else:
             job()
-        return os.path.join(self.path, name)
+        return os.path.join(self.path, pending.info.name)
+
+    def _prepare(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
+                 pin: bool) -> tuple[Pending, Prepared]:
+        """Name the checkpoint, work out its run state and encode everything; raises before any change."""
+        abandon = self._tracker.ahead()
+        name = self._run.unique_name(step, self._fields(step, epoch, metrics), freed=frozenset(abandon))
+        info = CheckpointInfo(name, step, epoch, metrics, extra, time.time(), pinned=pin)
+        pending = self._tracker.propose(info, abandon)
+        tree = capture.capture(self._objects, pending.run_state)
+        self._refuse_non_finite("state", tree[n.TREE_STATE])
+        meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(metrics, _no_tensor),
+                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin}
+        return pending, prepare(tree, meta, self._opts.shard_bytes)
 
     def maybe_save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
                    extra: Any = None) -> str | None:
