@@ -136,8 +136,11 @@ class Draft:
         stopping = self.early_stopping
         if self.bad_epochs is not None and stopping is None:
             stopping = _from_count(self.bad_epochs, best)
-        if stopping is not None and stopping["best"] is not None and stopping["best_step"] is None:
-            stopping = {**stopping, "best_step": final}
+        if stopping is not None:  # the file's count includes the evaluation at its own step
+            known = stopping["best_step"] is not None or stopping["best"] is None
+            stopping = {**stopping, "best_step": stopping["best_step"] if known else final, "last_step": final}
+        if best:
+            self.notes.append(_best_note(best))
         tree = {"state": self.state, "rng": self.rng, "run": {"best": best, "early_stopping": stopping}}
         return ForeignCheckpoint(layout=layout, tree=tree, step=final, epoch=self.epoch, metrics=dict(self.metrics),
                                  mapped=list(self.mapped), left_out=list(self.left_out),
@@ -162,8 +165,15 @@ def early_stopping_state(metric: str, mode: str, *, best: float | None, best_ste
     None; the EarlyStopping the run resumes with decides its own patience anyway.
     """
     return {"metric": metric, "mode": mode, "best": best, "best_step": best_step, "bad_epochs": bad_epochs,
-            "smoothed": None, "stopped": stopped,
+            "smoothed": None, "stopped": stopped, "last_step": None,
             "config": {"metric": metric, "mode": mode, "patience": patience, "min_delta": 0.0, "smoothing": None}}
+
+
+def _best_note(best: Mapping[str, Any]) -> str:
+    values = ", ".join(f"{m}={held['entries'][0][0]:.6g} at step {held['entries'][0][1]}" for m, held in best.items())
+    return (f"the file records best {values}. savegame ranks best among the run's checkpoints by their metrics, "
+            "so a best reached at another step counts only if that checkpoint is in the run: migrate the tool's "
+            "best checkpoint file too (savegame migrate BEST_FILE --to RUN_DIR --step N).")
 
 
 def _from_count(count: int, best: Mapping[str, Any]) -> dict[str, Any]:

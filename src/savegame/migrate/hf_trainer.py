@@ -118,19 +118,24 @@ def _trainer_state(draft: Draft, state: dict[str, Any]) -> None:
 
 
 def _log_history(draft: Draft, history: list[Mapping[str, Any]]) -> None:
-    """Every logged step becomes a history line; the entries at the checkpoint's step, its metrics."""
+    """Each logged step becomes one history line (train and eval logs of a step merged); the values
+    logged at the checkpoint's step become its metrics."""
+    steps: dict[int, tuple[int | None, dict[str, Any]]] = {}
     for entry in history:
         step, epoch = entry.get("step"), as_float(entry.get("epoch"))
         if type(step) is not int or step < 0:
             continue
         numbers = {k: v for k, v in entry.items() if k not in ("step", "epoch") and as_float(v) is not None}
-        draft.add_history(step, None if epoch is None or not math.isfinite(epoch) else max(0, math.floor(epoch)),
-                          numbers)
-        if step == draft.step:
-            for key, value in numbers.items():
-                draft.metric(f"{STATE_FILE}:log_history[step={step}].{key}", value, key)
+        known = None if epoch is None or not math.isfinite(epoch) or epoch < 0 else math.floor(epoch)
+        previous = steps.get(step, (None, {}))
+        steps[step] = (known if known is not None else previous[0], {**previous[1], **numbers})
+    for step, (epoch, numbers) in sorted(steps.items()):
+        draft.add_history(step, epoch, numbers)
+    at_checkpoint = steps[draft.step][1] if draft.step in steps else {}
+    for key, value in at_checkpoint.items():
+        draft.metric(f"{STATE_FILE}:log_history[step={draft.step}].{key}", value, key)
     if history:
-        draft.map(f"{STATE_FILE}:log_history", f"metrics history ({len(history)} entries)")
+        draft.map(f"{STATE_FILE}:log_history", f"metrics history ({len(steps)} steps)")
 
 
 def _best(draft: Draft, state: Mapping[str, Any], history: list[Mapping[str, Any]]) -> str | None:
