@@ -3,38 +3,32 @@
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import os
 import time
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from savegame import capture, reader
-from savegame.errors import (CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SavegameError,
-                             UnsupportedValueError)
-from savegame.finite import first_non_finite
+from savegame import capture, reader, select
+from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SavegameError
+from savegame.finite import refuse_non_finite_metrics, refuse_non_finite_state
 from savegame.format import codec
 from savegame.format import names as n
 from savegame.keys import KeyReport
-from savegame.options import Options, as_int, check_bool, run_path
+from savegame.options import Options, as_int, check_bool, clean_metrics, run_path
 from savegame.policies import EarlyStopping
 from savegame.preemption import SaveSchedule
-from savegame.run_dir import CheckpointInfo, RunDir, RunLock, parse_step
+from savegame.run_dir import CheckpointInfo, RunDir, RunLock
+from savegame.select import Which
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
 from savegame.tracking import Pending, RunTracker
 from savegame.writer import BackgroundWriter, Prepared, Staging, prepare, snapshot, write_checkpoint
 
 log = logging.getLogger("savegame")
-
-Which = int | str | os.PathLike[str] | None
 
 
 @dataclass(frozen=True)
@@ -128,8 +122,9 @@ class Checkpointer:
         step = as_int(step, "step")
         epoch = None if epoch is None else as_int(epoch, "epoch")
         check_bool(pin, "pin")
-        clean = _clean_metrics(metrics)
-        self._refuse_non_finite("metrics", clean)
+        clean = clean_metrics(metrics)
+        if self._opts.nan_policy == "refuse":
+            refuse_non_finite_metrics(clean)
         self._wait()
         pending, prepared = self._prepare(step, epoch, clean, extra, pin)
         shards = snapshot(prepared, self._staging)
@@ -160,7 +155,8 @@ class Checkpointer:
         info = CheckpointInfo(name, step, epoch, metrics, extra, time.time(), pinned=pin)
         pending = self._tracker.propose(info, abandon)
         tree = capture.capture(self._objects, pending.run_state)
-        self._refuse_non_finite("state", tree[n.TREE_STATE])
+        if self._opts.nan_policy == "refuse":
+            refuse_non_finite_state(tree[n.TREE_STATE])
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(metrics, _no_tensor),
                 n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin}
         return pending, prepare(tree, meta, self._opts.shard_bytes)
@@ -234,7 +230,7 @@ class Checkpointer:
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
         self._wait()
-        candidates = self._candidates(which)
+        candidates = select.candidates(which, self._run, self._tracker)
         if not candidates:
             if which in (None, "latest"):
                 return None
@@ -263,32 +259,6 @@ class Checkpointer:
         return RestoreInfo(meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                            os.path.join(storage.root, name), reports)
 
-    def _candidates(self, which: Which) -> list[tuple[Storage, str]]:
-        if which is None or which == "latest":
-            return [(self._storage, name) for name in self._run.newest_first()]
-        if isinstance(which, str) and (which == "best" or which.startswith("best:")):
-            if which == "best:":
-                raise ConfigurationError("restore('best:') needs a metric name after the colon, e.g. 'best:val_loss'")
-            return [(self._storage, nm) for nm in self._tracker.best_names(which)]
-        if isinstance(which, (str, os.PathLike)):
-            return self._by_path(which)
-        step = as_int(which, "restore(which)") if _int_like(which) else None
-        if step is None:
-            raise ConfigurationError(
-                f"restore() takes 'latest', 'best', 'best:<metric>', a step (int) or a checkpoint path, not {which!r}")
-        return [(self._storage, nm) for nm in self._run.newest_first() if parse_step(nm) == step]
-
-    def _by_path(self, which: str | os.PathLike[str]) -> list[tuple[Storage, str]]:
-        path = Path(which)
-        if path.name == n.MANIFEST:
-            path = path.parent
-        if not (path.is_dir() and (path / n.MANIFEST).exists()):
-            raise CheckpointNotFoundError(
-                f"{os.fspath(which)!r} is neither 'latest', 'best', 'best:<metric>', a step, nor a checkpoint directory")
-        if os.path.realpath(path.parent) == os.path.realpath(self._storage.root):
-            return [(self._storage, path.name)]  # one of this run's own: protected and on its line
-        return [(LocalStorage(str(path.parent)), path.name)]
-
     # -- helpers ----------------------------------------------------------------------------
     def _fields(self, step: int, epoch: int | None, metrics: Mapping[str, float]) -> str:
         fmt = self._opts.name_format
@@ -300,19 +270,6 @@ class Checkpointer:
             raise ConfigurationError(f"name_format {fmt!r} cannot be filled with step, epoch and metrics "
                                      f"{sorted(metrics)}: {exc!r}") from exc
         return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
-
-    def _refuse_non_finite(self, what: str, values: Any) -> None:
-        if self._opts.nan_policy != "refuse":
-            return
-        if what == "metrics":
-            bad = next((k for k, v in values.items() if not math.isfinite(v)), None)
-            where = f"metric {bad!r} = {values.get(bad)}" if bad is not None else None
-        else:
-            path = first_non_finite(values)
-            where = f"state {path!r}" if path is not None else None
-        if where is not None:
-            raise UnsupportedValueError(f"{where} is not finite (NaN or inf) and nan_policy='refuse': this state is "
-                                        "not saved; earlier checkpoints are untouched")
 
     def _check_open(self) -> None:
         if self._closed:
@@ -329,28 +286,6 @@ def _release(lock: RunLock, schedule: SaveSchedule) -> None:
 
 def _sized(pending: Pending, nbytes: int) -> Pending:
     return replace(pending, info=replace(pending.info, bytes=nbytes))
-
-
-def _int_like(value: object) -> bool:
-    return (isinstance(value, numbers.Integral) and not isinstance(value, bool)) or (
-        isinstance(value, torch.Tensor) and value.dim() == 0)
-
-
-def _clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
-    if metrics is None:
-        return {}
-    if not isinstance(metrics, Mapping):
-        raise ConfigurationError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
-    out = {}
-    for key, value in metrics.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, np.generic):
-            value = value.item()
-        if not isinstance(key, str) or not key or isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigurationError(f"metric {key!r} must be a number keyed by a non-empty str, got {value!r}")
-        out[key] = float(value)
-    return out
 
 
 def _no_tensor(tensor: torch.Tensor, path: str) -> int:

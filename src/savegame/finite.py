@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+
+from savegame.errors import UnsupportedValueError
 
 
 def _floating(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -36,3 +39,20 @@ def first_non_finite(tree: Any) -> str | None:
     if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
         return None
     return next(path for path, tensor in found if not bool(torch.isfinite(tensor).all()))
+
+
+def refuse_non_finite_metrics(metrics: Mapping[str, float]) -> None:
+    bad = next((k for k, v in metrics.items() if not math.isfinite(v)), None)
+    if bad is not None:
+        _refuse(f"metric {bad!r} = {metrics[bad]}")
+
+
+def refuse_non_finite_state(state: Any) -> None:
+    path = first_non_finite(state)
+    if path is not None:
+        _refuse(f"state {path!r}")
+
+
+def _refuse(where: str) -> None:
+    raise UnsupportedValueError(f"{where} is not finite (NaN or inf) and nan_policy='refuse': this state is not "
+                                "saved; earlier checkpoints are untouched")

@@ -14,8 +14,8 @@ import logging
 from collections.abc import Sequence
 
 from savegame.commit import write_new_file
-from savegame.history import History
 from savegame.history import FILE as HISTORY_FILE
+from savegame.history import History
 from savegame.run_dir import RunDir
 
 log = logging.getLogger("savegame.run")

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from savegame.errors import ConfigurationError
@@ -127,3 +128,21 @@ def _check_storage(storage: Any) -> None:
         lacks = ", ".join(missing + ([] if isinstance(getattr(storage, "root", None), str) else ["root (a str)"]))
         raise ConfigurationError(
             f"storage must implement savegame.storage.Storage; {type(storage).__name__} lacks {lacks}")
+
+
+def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
+    """``save(metrics=...)`` as ``{name: float}``: numbers, NumPy scalars and one-element tensors are accepted."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise ConfigurationError(f"metrics must be a mapping of names to numbers, got {type(metrics).__name__}")
+    out = {}
+    for key, value in metrics.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, np.generic):
+            value = value.item()
+        if not isinstance(key, str) or not key or isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ConfigurationError(f"metric {key!r} must be a number keyed by a non-empty str, got {value!r}")
+        out[key] = float(value)
+    return out

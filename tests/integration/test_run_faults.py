@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import savegame
-from savegame.reader import verify_checkpoint
-from savegame.run_dir import RunDir
 from savegame.errors import StorageError
 from savegame.history import History
+from savegame.reader import verify_checkpoint
+from savegame.run_dir import RunDir
 from savegame.storage import FaultyStorage, InjectedFault, LocalStorage
 from tests.integration.procs import child_env
 

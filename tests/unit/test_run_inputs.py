@@ -177,3 +177,14 @@ def test_a_failed_signal_driven_save_is_retried_at_the_next_step(tmp_path):
     faulty.fail_if = None
     assert ckpt.maybe_save(2) is not None and ckpt.should_stop
     ckpt.close()
+
+
+def test_a_lock_file_that_cannot_be_written_is_a_storage_error_and_releases_the_lock(tmp_path, monkeypatch):
+    def full(fd: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_lock.os, "ftruncate", full)
+    with pytest.raises(StorageError, match="write the lock file.*disk is full"):
+        savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)})
+    monkeypatch.undo()
+    savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)}).close()  # nothing was left locked

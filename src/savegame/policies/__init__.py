@@ -15,10 +15,27 @@ Ordering conventions shared by every function:
 
 from savegame.policies._common import MODES, CheckpointRecord, Policy, RetentionPolicy
 from savegame.policies.best import best_from_records, is_better, update_best
-from savegame.policies.early_stopping import (EarlyStopping, EarlyStoppingConfig, EarlyStoppingState,
-                                              early_stopping_step, initial_early_stopping_state)
-from savegame.policies.retention import (RetentionPlan, ahead_of, keep_best, keep_every, keep_last, keep_pinned,
-                                         latest_saves, plan_retention, rank_best, select_keep, superseded, to_delete)
+from savegame.policies.early_stopping import (
+                                              EarlyStopping,
+                                              EarlyStoppingConfig,
+                                              EarlyStoppingState,
+                                              early_stopping_step,
+                                              initial_early_stopping_state,
+)
+from savegame.policies.retention import (
+                                              RetentionPlan,
+                                              ahead_of,
+                                              keep_best,
+                                              keep_every,
+                                              keep_last,
+                                              keep_pinned,
+                                              latest_saves,
+                                              plan_retention,
+                                              rank_best,
+                                              select_keep,
+                                              superseded,
+                                              to_delete,
+)
 from savegame.policies.spec import parse_best_spec
 
 __all__ = [

@@ -10,8 +10,16 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from savegame.errors import ConfigurationError
-from savegame.policies._common import (CheckpointRecord, Policy, check_count, check_mode, finite, named, rank_key,
-                                       recency)
+from savegame.policies._common import (
+    CheckpointRecord,
+    Policy,
+    check_count,
+    check_mode,
+    finite,
+    named,
+    rank_key,
+    recency,
+)
 
 
 def keep_last(n: int) -> Policy:
