@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from savegame import capture, reader, select
+from savegame import capture, reader, selection
 from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SavegameError
 from savegame.finite import refuse_non_finite_metrics, refuse_non_finite_state
 from savegame.format import codec
@@ -22,7 +22,7 @@ from savegame.options import Options, as_int, check_bool, clean_metrics, run_pat
 from savegame.policies import EarlyStopping
 from savegame.preemption import SaveSchedule
 from savegame.run_dir import CheckpointInfo, RunDir, RunLock
-from savegame.select import Which
+from savegame.selection import Which
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
 from savegame.tracking import Pending, RunTracker
@@ -230,7 +230,7 @@ class Checkpointer:
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
         self._wait()
-        candidates = select.candidates(which, self._run, self._tracker)
+        candidates = selection.candidates(which, self._run, self._tracker)
         if not candidates:
             if which in (None, "latest"):
                 return None
