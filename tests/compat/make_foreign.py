@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import json
+import math
 import pickle
 import random
 import shutil
@@ -85,8 +87,10 @@ def assert_same(a: Any, b: Any, where: str = "") -> None:
         assert type(a) is type(b) and len(a) == len(b), where
         for i, (x, y) in enumerate(zip(a, b)):
             assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, float) and math.isnan(a):
+        assert isinstance(b, float) and math.isnan(b), (where, a, b)
     else:
-        assert type(a) is type(b) and (a == b or (a != a and b != b)), (where, a, b)
+        assert type(a) is type(b) and a == b, (where, a, b)
 
 
 # --- small real training state ----------------------------------------------------------
@@ -432,7 +436,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(GOLDEN)
     GOLDEN.mkdir(parents=True, exist_ok=True)
     # Build through the package module, not __main__: pickled classes must be named as the tests import them.
-    from tests.compat import make_foreign
+    make_foreign = importlib.import_module("tests.compat.make_foreign")
 
     for name in make_foreign.GOLDEN_LAYOUTS:
         make_foreign.build(name, GOLDEN)

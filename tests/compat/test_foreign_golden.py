@@ -16,7 +16,15 @@ import pytest
 
 from savegame import rng as sg_rng
 from savegame.migrate import ForeignCheckpoint, import_checkpoint
-from tests.compat.make_foreign import GOLDEN, GOLDEN_LAYOUTS, SUMS, Built, assert_same, build, sha256sums
+from tests.compat.make_foreign import (
+    GOLDEN,
+    GOLDEN_LAYOUTS,
+    SUMS,
+    Built,
+    assert_same,
+    build,
+    sha256sums,
+)
 
 REGENERATE = "python -m tests.compat.make_foreign --force (only for an intended, reviewed change)"
 
