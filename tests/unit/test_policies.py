@@ -493,6 +493,8 @@ def test_plan_retention_keeps_newest_protected_pinned_and_what_policies_keep_of_
         expected |= select_keep(current, policies, protected=protected & {r.name for r in current})
     if not policies:
         expected |= {r.name for r in current}
+    older_kept = {r.step for r in records if r.name in expected and r not in current}
+    expected |= {r.name for r in current if r.step in older_kept}  # a step never falls back to an older save
     assert set(plan.keep) == expected & names
     replaced = superseded(records)
     for name, why in plan.delete.items():
@@ -519,6 +521,9 @@ def test_a_pinned_save_survives_a_re_save_of_its_step_and_the_reason_is_given() 
     assert plan.keep == {"old-pinned": ("pinned",), "new": ("newest", "no retention policy")}
     assert plan.delete == {"old": "superseded by new"}
     plan = plan_retention([*records, CheckpointRecord(6, "six", 4.0)], [keep_last(1)])
+    assert plan.delete == {"old": "superseded by new"}
+    assert plan.keep["new"] == ("newest save of step 5, whose earlier save old-pinned stays",)
+    plan = plan_retention([records[1], records[2], CheckpointRecord(6, "six", 4.0)], [keep_last(1)])
     assert plan.delete == {"old": "superseded by new", "new": "kept by none of keep_last(1)"}
 
 

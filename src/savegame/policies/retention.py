@@ -149,7 +149,8 @@ def plan_retention(records: Iterable[CheckpointRecord], policies: Iterable[Polic
 
     - Always kept: the newest record, the protected ones, the pinned ones.
     - A superseded save (an older save of a step saved again) is deleted unless pinned or
-      protected: a re-save replaces the step.
+      protected: a re-save replaces the step. While such an earlier save stays, so does
+      the step's newest save (it never falls back to the earlier one).
     - The policies judge the current saves; a current save stays if any policy keeps it.
       Without policies every current save stays.
     The answer does not depend on the order of ``records``.
@@ -171,6 +172,12 @@ def plan_retention(records: Iterable[CheckpointRecord], policies: Iterable[Polic
     if not chosen:
         for r in current:
             why[r.name].append("no retention policy")
+    # While an earlier save of a step stays (pinned, protected), the step's newest save stays too:
+    # otherwise deleting it would silently make the earlier save that step's save again.
+    older_kept = {r.step: r.name for r in rows if why[r.name] and r.name not in {c.name for c in current}}
+    for r in current:
+        if r.step in older_kept and not why[r.name]:
+            why[r.name].append(f"newest save of step {r.step}, whose earlier save {older_kept[r.step]} stays")
     labels = ", ".join(p.__name__ for p in chosen)
     delete = {r.name: (f"superseded by {replaced[r.name]}" if r.name in replaced else f"kept by none of {labels}")
               for r in rows if not why[r.name]}
