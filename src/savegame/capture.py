@@ -8,10 +8,12 @@ from typing import Any
 
 import torch
 
-from savegame import rng
+from savegame import reader, rng
 from savegame.errors import ConfigurationError, IncompatibleStateError
 from savegame.format import names as n
-from savegame.keys import KeyReport, canonical_state, load_module
+from savegame.format import codec
+from savegame.gcpause import pausing
+from savegame.keys import KeyReport, canonical_state, load_module, match_module
 from savegame.stateful import Stateful
 
 log = logging.getLogger("savegame.capture")
@@ -66,12 +68,39 @@ def capture(objects: Mapping[str, Stateful], run_state: Any) -> dict[str, Any]:
     return {n.TREE_STATE: states, n.TREE_RNG: rng.capture(), n.TREE_RUN: run_state}
 
 
-def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: bool = True,
-          assign: bool = False, restore_rng: bool = True) -> dict[str, KeyReport]:
-    """Load every object's state from ``tree``, then the RNGs (last, so loading cannot disturb them)."""
-    saved = tree.get(n.TREE_STATE)
+@pausing
+def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: bool = True,
+            assign: bool = False) -> dict[int, torch.Tensor]:
+    """Check a checkpoint against the objects before reading it; return where bytes can go directly.
+
+    Raises IncompatibleStateError (``strict``) when state names, model keys or
+    shapes differ, so nothing is loaded from a checkpoint that will be refused.
+    Returns tensor numbers of the tree mapped to the models' own parameters and
+    buffers, which the reader fills in place (no second copy); with ``assign``
+    there are none, since the checkpoint's tensors replace the models' own.
+    """
+    tree = doc.get(n.M_TREE)
+    saved = tree.get(n.TREE_STATE) if isinstance(tree, Mapping) else None
     if not isinstance(saved, Mapping):
         raise IncompatibleStateError("the checkpoint holds no object states")
+    _check_names(objects, saved, strict)
+    if not any(isinstance(obj, torch.nn.Module) for obj in objects.values()):
+        return {}
+    meta = reader.tensor_meta(doc)
+    out: dict[int, torch.Tensor] = {}
+    for name, obj in objects.items():
+        encoded = saved.get(name)
+        if not isinstance(obj, torch.nn.Module) or not isinstance(encoded, Mapping):
+            continue
+        refs = codec.tensor_refs(encoded, len(meta))
+        shapes = {key: (meta[refs[key]][1] if key in refs else None) for key in encoded if not key.startswith("$")}
+        own = match_module(obj, shapes, name=name, strict=strict, assign=assign)
+        if not assign:
+            out.update((refs[key], tensor) for key, tensor in own.items() if key in refs)
+    return out
+
+
+def _check_names(objects: Mapping[str, Stateful], saved: Mapping[str, Any], strict: bool) -> None:
     absent = [k for k in objects if k not in saved]
     extra = [k for k in saved if k not in objects]
     if strict and (absent or extra):
@@ -79,6 +108,16 @@ def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: b
             f"the checkpoint has states {sorted(saved)} but the Checkpointer was given {sorted(objects)}"
             f" (missing from checkpoint: {absent}, not given: {extra}); pass strict=False to restore the common ones"
         )
+
+
+@pausing
+def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: bool = True,
+          assign: bool = False, restore_rng: bool = True) -> dict[str, KeyReport]:
+    """Load every object's state from ``tree``, then the RNGs (last, so loading cannot disturb them)."""
+    saved = tree.get(n.TREE_STATE)
+    if not isinstance(saved, Mapping):
+        raise IncompatibleStateError("the checkpoint holds no object states")
+    _check_names(objects, saved, strict)
     reports = {}
     for name, obj in objects.items():
         if name not in saved:

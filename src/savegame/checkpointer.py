@@ -239,7 +239,8 @@ class Checkpointer:
         for storage, name in candidates:
             try:
                 doc = reader.read_manifest(storage, name)
-                tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location)
+                direct = capture.targets(self._objects, doc, strict=strict, assign=assign)
+                tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)
             except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))

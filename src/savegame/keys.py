@@ -8,13 +8,13 @@ wrapped and plain models load each other's checkpoints.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from savegame.errors import IncompatibleStateError
+from savegame.errors import ConfigurationError, IncompatibleStateError
 
 _COMPILE = "_orig_mod"
 _WRAPPER = "module."
@@ -22,6 +22,9 @@ _WRAPPER = "module."
 
 def canonical_keys(keys: Iterable[str]) -> dict[str, str]:
     """Map each key to its canonical form: no ``_orig_mod`` segments, no common ``module.`` prefix."""
+    keys = list(keys)
+    if not any(_COMPILE in k for k in keys) and not (keys and all(k.startswith(_WRAPPER) for k in keys)):
+        return {k: k for k in keys}  # the common case, without splitting every key
     stripped = {k: ".".join(p for p in k.split(".") if p != _COMPILE) for k in keys}
     while stripped and all(v.startswith(_WRAPPER) for v in stripped.values()):
         stripped = {k: v[len(_WRAPPER):] for k, v in stripped.items()}
@@ -44,6 +47,10 @@ class KeyReport:
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.mismatched)
 
+    def bad(self) -> set[str]:
+        """The canonical keys whose shapes differ."""
+        return {m.split(" ", 1)[0] for m in self.mismatched}
+
     def describe(self, name: str) -> str:
         parts = []
         for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
@@ -54,24 +61,59 @@ class KeyReport:
         return f"state {name!r} does not match the checkpoint: " + "; ".join(parts)
 
 
+def match_module(module: torch.nn.Module, saved_shapes: Mapping[str, Sequence[int] | None], *, name: str,
+                 strict: bool, assign: bool) -> dict[str, torch.Tensor]:
+    """Check a checkpoint's model keys and shapes against ``module`` before anything is read.
+
+    ``saved_shapes`` maps the checkpoint's (canonical) keys to tensor shapes (None
+    for non-tensor values). Raises IncompatibleStateError when ``strict`` and they
+    differ; returns the module's own tensors (parameters and buffers themselves)
+    by canonical key, for every key whose bytes can go straight into them.
+    """
+    own = module.state_dict(keep_vars=True)
+    _check_assign(own, name, assign)
+    report, canon_to_own = _match(own, canonical_state(saved_shapes), lambda v: None if v is None else list(v))
+    if strict and report:
+        raise IncompatibleStateError(report.describe(name) + "; pass strict=False to load what matches")
+    bad = report.bad()
+    return {c: own[k] for c, k in canon_to_own.items()
+            if c in saved_shapes and c not in bad and isinstance(own[k], torch.Tensor)}
+
+
 def load_module(module: torch.nn.Module, saved: Mapping[str, Any], *, name: str, strict: bool,
                 assign: bool = False) -> KeyReport:
     """Load ``saved`` (any key style) into ``module``; raise or report mismatches."""
-    own = module.state_dict()
+    own = module.state_dict(keep_vars=True)
+    _check_assign(own, name, assign)
+    incoming = canonical_state(saved)
+    report, canon_to_own = _match(own, incoming, lambda v: list(v.shape) if isinstance(v, torch.Tensor) else None)
+    if strict and report:
+        raise IncompatibleStateError(report.describe(name) + "; pass strict=False to load what matches")
+    bad = report.bad()
+    matched = {canon_to_own[c]: v for c, v in incoming.items() if c in canon_to_own and c not in bad}
+    module.load_state_dict(matched, strict=not report, assign=assign)
+    return report
+
+
+def _match(own: Mapping[str, Any], incoming: Mapping[str, Any],
+           shape_of: Callable[[Any], list[int] | None]) -> tuple[KeyReport, dict[str, str]]:
     own_to_canon = canonical_keys(own)
     canon_to_own = {c: k for k, c in own_to_canon.items()}
-    incoming = canonical_state(saved)
     report = KeyReport(
         missing=[c for c in canon_to_own if c not in incoming],
         unexpected=[c for c in incoming if c not in canon_to_own],
     )
     for canon, value in incoming.items():
         target = own.get(canon_to_own.get(canon, ""))
-        if isinstance(value, torch.Tensor) and isinstance(target, torch.Tensor) and value.shape != target.shape:
-            report.mismatched.append(f"{canon} (checkpoint {tuple(value.shape)}, model {tuple(target.shape)})")
-    if strict and report:
-        raise IncompatibleStateError(report.describe(name) + "; pass strict=False to load what matches")
-    bad = {m.split(" ", 1)[0] for m in report.mismatched}
-    matched = {canon_to_own[c]: v for c, v in incoming.items() if c in canon_to_own and c not in bad}
-    module.load_state_dict(matched, strict=not report, assign=assign)
-    return report
+        shape = shape_of(value)
+        if shape is not None and isinstance(target, torch.Tensor) and shape != list(target.shape):
+            report.mismatched.append(f"{canon} (checkpoint {tuple(shape)}, model {tuple(target.shape)})")
+    return report, canon_to_own
+
+
+def _check_assign(own: Mapping[str, Any], name: str, assign: bool) -> None:
+    if not assign and any(isinstance(v, torch.Tensor) and v.is_meta for v in own.values()):
+        raise ConfigurationError(
+            f"state {name!r} is a model on the meta device: it has no memory to load into. "
+            "Pass assign=True to restore() so its tensors are replaced by the checkpoint's"
+        )

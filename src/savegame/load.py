@@ -9,7 +9,7 @@ from typing import Any, NoReturn
 import torch
 
 from savegame import reader
-from savegame.errors import CheckpointNotFoundError, CorruptCheckpointError
+from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
 from savegame.format import names as n
 from savegame.run_dir import RunDir
 from savegame.storage.local import LocalStorage
@@ -25,14 +25,24 @@ class FrozenDict(dict[str, Any]):
 
 
 def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = None,
-         verify: bool = True, mmap: bool = False) -> FrozenDict:
+         verify: bool | None = None, mmap: bool = False) -> FrozenDict:
     """Read a checkpoint (a checkpoint directory, its manifest, or a run directory for its newest).
 
     Returns ``{"step", "epoch", "metrics", "extra", "time", "savegame_version",
     "torch_version", "state", "rng", "run"}``. Tensors are on the CPU unless
-    ``map_location`` says otherwise; ``mmap=True`` maps tensor files lazily.
-    Never executes code: the format holds no pickle.
+    ``map_location`` says otherwise. Never executes code: the format holds no pickle.
+
+    ``mmap=True`` maps tensor files lazily: tensors are views of the files, and
+    only the pages you touch are read. ``verify`` (checking every byte against its
+    checksum) defaults to True, and to False with ``mmap=True``, where it would
+    read every page; the manifest and the tensor file headers are always checked.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigurationError(f"load() takes a checkpoint or run directory path, got {type(path).__name__}")
+    for arg, value in (("verify", verify), ("mmap", mmap)):
+        if value is not None and not isinstance(value, bool):
+            raise ConfigurationError(f"{arg} must be True or False, got {value!r}")
+    verify = not mmap if verify is None else verify
     storage, name = _locate(Path(path))
     doc = reader.read_manifest(storage, name)
     tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, mmap=mmap)

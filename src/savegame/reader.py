@@ -4,24 +4,40 @@ Every problem (missing files, truncation, bad checksums, malformed manifest)
 is a :class:`~savegame.errors.CorruptCheckpointError` naming the checkpoint.
 Nothing here can execute code: the manifest is JSON and tensor files are raw
 bytes behind a safetensors header.
+
+Restoring copies each byte once: the data section of each tensor file is
+memory-mapped, every entry is checked against its checksum and copied either
+into a target tensor the caller already owns (a model's parameters) or into a
+fresh tensor with its own storage. Large entries are checked and copied in a
+few threads (both release the GIL), in chunks small enough to stay in cache
+between the two passes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import mmap as _mmap
-import zlib
-from collections.abc import Mapping
+import operator
+import os
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import torch
 
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
-from savegame.format import codec, layout, manifest
+from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
+from savegame.gcpause import pausing
+from savegame.staging import SMALL
 from savegame.storage.base import Storage
 
+PIECE = 1 << 20  # checked then copied while still in cache
 
+
+@pausing
 def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
     where = f"{storage.root}/{name}"
     try:
@@ -44,7 +60,8 @@ def decode_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
 
 def data_bytes(doc: Mapping[str, Any]) -> int:
     """The number of tensor data bytes a checkpoint holds (from its manifest)."""
-    return sum(e["end"] - e["start"] for e in doc[n.M_ENTRIES])
+    entries = doc[n.M_ENTRIES]
+    return sum(map(operator.sub, entries[n.E_END], entries[n.E_START]))
 
 
 def data_files(doc: Mapping[str, Any]) -> list[str]:
@@ -52,18 +69,27 @@ def data_files(doc: Mapping[str, Any]) -> list[str]:
     return list(doc[n.M_FILES])
 
 
+def tensor_meta(doc: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
+    """(dtype name, shape) of every tensor of the tree, as the manifest records them."""
+    entries, table = doc[n.M_ENTRIES], doc[n.M_TENSORS]
+    dtypes, shapes = entries[n.E_DTYPE], entries[n.E_SHAPE]
+    out = [(dtypes[e], shapes[e]) for e in table[n.T_ENTRY]]
+    for view in table[n.T_VIEWS]:
+        out[view["tensor"]] = (view.get("dtype"), view.get("shape"))
+    return out
+
+
 def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str]:
     """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
-    problems = []
-    for file, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS]):
+    problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), _file_ends(doc)
+    for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
         where = f"{storage.root}/{name}/{file}"
         try:
             size = storage.size(f"{name}/{file}")
             with storage.open_read(f"{name}/{file}") as f:
-                start, _ = read_header(f, size, where, crc)
-            end = max((e["end"] for e in doc[n.M_ENTRIES] if e["file"] == file), default=0)
-            if start + end > size:
-                problems.append(f"{where}: truncated ({size} bytes, needs {start + end})")
+                start, _ = read_header(f, size, where, expected, algo=algo)
+            if start + ends[k] > size:
+                problems.append(f"{where}: truncated ({size} bytes, needs {start + ends[k]})")
         except (CorruptCheckpointError, StorageError) as exc:
             problems.append(str(exc))
     return problems
@@ -81,101 +107,232 @@ def device_of(map_location: torch.device | str | None) -> torch.device | None:
         ) from exc
 
 
+@pausing
 def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool = True,
-              map_location: torch.device | str | None = None, mmap: bool = False) -> Any:
+              map_location: torch.device | str | None = None, mmap: bool = False,
+              targets: Mapping[int, torch.Tensor] | None = None) -> Any:
     """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
 
-    Every tensor owns its storage (tensors that shared storage when saved share it
-    again), so a tensor handed to ``load_state_dict`` never keeps a whole file
-    buffer alive. NumPy arrays stay on the CPU whatever ``map_location`` says.
+    ``targets`` maps tensor numbers of the tree to tensors the caller owns (CPU,
+    contiguous, same dtype and shape): their bytes are read straight into them
+    and the tree holds those very tensors. Every other tensor owns its storage
+    (tensors that shared storage when saved share it again), so a tensor handed
+    to ``load_state_dict`` never keeps a file buffer alive; with ``mmap=True``
+    tensors are lazy views of the files instead. NumPy arrays stay on the CPU
+    whatever ``map_location`` says. If a check fails part-way, targets may hold
+    some of the checkpoint's bytes already.
     """
     device = device_of(map_location)
-    where = f"{storage.root}/{name}"
+    if device is not None and device.type != "cpu":
+        targets = None
+    entries = _read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=_by_entry(doc, targets or {}))
+    table = doc[n.M_TENSORS]
+    cpu = layout.tensors_from_entries(table, entries)
+    if device is None or device.type == "cpu":
+        return codec.decode(doc.get(n.M_TREE), cpu)
+    moved = layout.tensors_from_entries(table, [t.to(device) for t in entries])
+    return codec.decode(doc.get(n.M_TREE), moved, arrays=cpu)
+
+
+def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Targets keyed by entry, keeping only those that can take the entry's bytes as they are."""
+    if not targets:
+        return {}
+    entries, table = doc[n.M_ENTRIES], doc[n.M_TENSORS]
+    spans = {table[n.T_ENTRY][v["tensor"]] for v in table[n.T_VIEWS]}
+    dtypes = _dtypes(entries[n.E_DTYPE])
+    chosen: dict[int, torch.Tensor] = {}
+    owners: dict[int, int] = {}
+    for j, target in targets.items():
+        e = table[n.T_ENTRY][j]
+        fits = (e not in spans and target.is_cpu and target.dtype == dtypes[e] and target.is_contiguous()
+                and list(target.shape) == entries[n.E_SHAPE][e])
+        if not fits or chosen.get(e, target) is not target:
+            chosen.pop(e, None)
+            continue
+        if target.numel() and owners.setdefault(target.data_ptr(), e) != e:
+            chosen.pop(owners[target.data_ptr()], None)  # two entries into one memory: neither goes direct
+            continue
+        chosen[e] = target
+    return chosen
+
+
+def _dtypes(names: Sequence[str]) -> list[torch.dtype]:
+    known = {name: codec.dtype_from_name(name) for name in set(names)}
+    return [known[name] for name in names]
+
+
+def _file_ends(doc: Mapping[str, Any]) -> list[int]:
+    """Per tensor file, how many data bytes its entries need."""
     entries = doc[n.M_ENTRIES]
-    data = {f: _read_data(storage, f"{name}/{f}", where, mmap, crc if verify else None)
-            for f, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS])}
-    blobs, dtypes = [], []
-    for i, entry in enumerate(entries):
-        buf = data[entry["file"]]
-        if entry["end"] > buf.numel():
-            raise CorruptCheckpointError(f"{where}: entry {i} lies past the end of {entry['file']}; the file is truncated")
-        blob = buf[entry["start"]:entry["end"]]
-        if verify and _crc(blob) != entry["crc32"]:
-            raise CorruptCheckpointError(f"{where}: checksum mismatch in {entry['file']} (entry {i}); the data is damaged")
-        blobs.append(blob)
-        dtypes.append(codec.dtype_from_name(entry.get("dtype")))
-    records = doc[n.M_TENSORS]
-    tensors = layout.materialize(records, blobs, dtypes, device, own=not mmap)
-    arrays = tensors if device is None or device.type == "cpu" else _LazyCpu(records, blobs, dtypes, not mmap)
-    return codec.decode(doc.get(n.M_TREE), tensors, arrays=arrays)
+    ends = [0] * len(doc[n.M_FILES])
+    for k, end in zip(entries[n.E_FILE], entries[n.E_END], strict=True):
+        ends[k] = max(ends[k], end)
+    return ends
 
 
-class _LazyCpu:
-    """CPU tensors of chosen records, built on first use (NumPy arrays when tensors go elsewhere)."""
+def _read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool, lazy: bool,
+                  targets: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
+    entries = doc[n.M_ENTRIES]
+    algo = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
+    by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
+    for e, k in enumerate(entries[n.E_FILE]):
+        by_file[k].append(e)
+    spans = {doc[n.M_TENSORS][n.T_ENTRY][v["tensor"]] for v in doc[n.M_TENSORS][n.T_VIEWS]}
+    job = _Job(entries, _dtypes(entries[n.E_DTYPE]), algo if verify else None, targets, spans)
+    ends = _file_ends(doc)
+    for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
+        where = f"{storage.root}/{name}/{file}"
+        with _DataSection(storage, f"{name}/{file}", where, expected, algo, lazy) as data:
+            if ends[k] > data.length:
+                raise CorruptCheckpointError(f"{where}: truncated ({data.length} data bytes, needs {ends[k]})")
+            job.run(by_file[k], data, where)
+    return job.out
 
-    def __init__(self, records: list[Any], blobs: list[torch.Tensor], dtypes: list[torch.dtype], own: bool) -> None:
-        self._records, self._blobs, self._dtypes, self._own = records, blobs, dtypes, own
 
-    def __len__(self) -> int:
-        return len(self._records)
+class _DataSection:
+    """The data section of one tensor file, memory-mapped (or read, where mapping is impossible)."""
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return layout.materialize([self._records[index]], self._blobs, self._dtypes, None, own=self._own)[0]
+    def __init__(self, storage: Storage, path: str, where: str, expected: checksum.Value | None,
+                 algo: checksum.Algorithm, lazy: bool) -> None:
+        self.where, self.lazy = where, lazy
+        try:
+            size = storage.size(path)
+            with storage.open_read(path) as f:
+                self.start, _ = read_header(f, size, where, expected, algo=algo, parse=False)
+                self.length = size - self.start
+                self._map(f, size)
+        except StorageError as exc:
+            raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is incomplete") from exc
+
+    def _map(self, f: Any, size: int) -> None:
+        self._mm: _mmap.mmap | None = None
+        if self.length:
+            try:
+                self._mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY if self.lazy else _mmap.ACCESS_READ)
+            except (OSError, ValueError, AttributeError):  # no file descriptor behind this storage
+                self._mm = None
+        if self._mm is not None:
+            self._array = np.frombuffer(self._mm, dtype=np.uint8, offset=self.start, count=self.length)
+            return
+        f.seek(self.start)
+        self._array = np.empty(self.length, dtype=np.uint8)
+        if self.length and f.readinto(memoryview(self._array)) != self.length:
+            raise CorruptCheckpointError(f"{self.where}: truncated; the checkpoint is damaged")
+
+    def __enter__(self) -> _DataSection:
+        self.view = memoryview(self._array)
+        self.address = self._array.ctypes.data
+        return self
+
+    def lazy_tensor(self, start: int, size: int) -> torch.Tensor:
+        """A uint8 tensor viewing the mapping (stays valid after close, keeping the mapping alive)."""
+        if self._mm is None or not size:
+            return torch.from_numpy(self._array[start:start + size].copy())
+        return torch.frombuffer(self._mm, dtype=torch.uint8, offset=self.start + start, count=size)
+
+    def __exit__(self, *exc: object) -> None:
+        self.view.release()
+        del self._array
+        if self._mm is not None and not self.lazy:
+            self._mm.close()
+
+
+class _Job:
+    """Checks and copies the entries of a checkpoint into their tensors (``out``, per entry)."""
+
+    def __init__(self, entries: Mapping[str, Any], dtypes: list[torch.dtype], algo: checksum.Algorithm | None,
+                 targets: Mapping[int, torch.Tensor], spans: set[int]) -> None:
+        self.entries, self.dtypes, self.algo, self.targets, self.spans = entries, dtypes, algo, targets, spans
+        self.out: list[torch.Tensor] = [torch.empty(0)] * len(dtypes)
+
+    def run(self, entries: list[int], data: _DataSection, where: str) -> None:
+        starts, ends, shapes, sums = (self.entries[c] for c in (n.E_START, n.E_END, n.E_SHAPE, n.E_SUM))
+        check = self.algo.function if self.algo is not None else None
+        dtypes, targets, out, view, address = self.dtypes, self.targets, self.out, data.view, data.address
+        memmove, empty, big, lazy = ctypes.memmove, torch.empty, [], []
+        for e in entries:
+            start, size, dtype, shape = starts[e], ends[e] - starts[e], dtypes[e], shapes[e]
+            if layout.numel(shape) * dtype.itemsize != size:
+                raise CorruptCheckpointError(f"{where}: entry {e} holds {size} bytes, not {dtype} {shape}")
+            if data.lazy and e not in self.spans:  # storage spans are copied: their views need their own storage
+                lazy.append(e)
+                continue
+            if size > SMALL:
+                big.append(e)
+                continue
+            if check is not None and check(view[start:start + size]) != sums[e]:
+                raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
+            dst = targets.get(e)
+            if dst is None:
+                dst = empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype)
+            out[e] = dst
+            if size:
+                memmove(dst.data_ptr(), address + start, size)
+        for e in lazy:
+            self._map_lazy(e, data, where)
+        if big:
+            for e in big:
+                out[e] = targets.get(e, None)
+                if out[e] is None:
+                    out[e] = empty(*shapes[e], dtype=dtypes[e]) if shapes[e] else empty((), dtype=dtypes[e])
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(big))) as pool:
+                for e, ok in zip(big, pool.map(lambda e: self._copy_big(e, data), big), strict=True):
+                    if not ok:
+                        raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
+
+    def _map_lazy(self, e: int, data: _DataSection, where: str) -> None:
+        """With mmap=True: the entry's tensor is a view of the mapping (checked first if verifying)."""
+        start, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
+        if self.algo is not None and self.algo.of(data.view[start:end]) != self.entries[n.E_SUM][e]:
+            raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
+        dtype, shape = self.dtypes[e], self.entries[n.E_SHAPE][e]
+        self.out[e] = data.lazy_tensor(start, end - start).view(dtype).view(shape) if end > start \
+            else torch.empty(shape, dtype=dtype)
+
+    def _copy_big(self, e: int, data: _DataSection) -> bool:
+        start, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
+        running = self.algo.running() if self.algo is not None else None
+        address = self.out[e].data_ptr() - start
+        for lo in range(start, end, PIECE):
+            hi = min(lo + PIECE, end)
+            if running is not None:
+                running.update(data.view[lo:hi])
+            ctypes.memmove(address + lo, data.address + lo, hi - lo)
+        return running is None or running.value() == self.entries[n.E_SUM][e]
 
 
 def verify_checkpoint(storage: Storage, name: str) -> list[str]:
     """Every problem found in checkpoint ``name`` (empty when intact); reads in bounded chunks."""
     try:
         doc = read_manifest(storage, name)
-        for file, crc in zip(doc[n.M_FILES], doc[n.M_HEADER_CRCS]):
-            _verify_file(storage, name, file, crc, [e for e in doc[n.M_ENTRIES] if e["file"] == file])
-        codec.decode(doc.get(n.M_TREE), [torch.empty(0)] * len(doc[n.M_TENSORS]))
+        algo, entries = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), doc[n.M_ENTRIES]
+        for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
+            mine = [e for e, f in enumerate(entries[n.E_FILE]) if f == k]
+            _verify_file(storage, name, file, expected, algo, entries, mine)
+        codec.decode(doc.get(n.M_TREE), [torch.empty(0)] * len(doc[n.M_TENSORS][n.T_ENTRY]))
     except CorruptCheckpointError as exc:
         return [str(exc)]
     return []
 
 
-def _verify_file(storage: Storage, name: str, file: str, header_crc: int, entries: list[dict[str, Any]]) -> None:
+def _verify_file(storage: Storage, name: str, file: str, expected: checksum.Value, algo: checksum.Algorithm,
+                 entries: Mapping[str, Any], mine: list[int]) -> None:
     where = f"{storage.root}/{name}/{file}"
     try:
         size = storage.size(f"{name}/{file}")
         with storage.open_read(f"{name}/{file}") as f:
-            start, _ = read_header(f, size, where, header_crc)
-            for entry in sorted(entries, key=lambda e: e["start"]):
-                f.seek(start + entry["start"])
-                crc, left = 0, entry["end"] - entry["start"]
+            start, _ = read_header(f, size, where, expected, algo=algo)
+            for e in sorted(mine, key=lambda e: entries[n.E_START][e]):
+                f.seek(start + entries[n.E_START][e])
+                running, left = algo.running(), entries[n.E_END][e] - entries[n.E_START][e]
                 while left:
                     chunk = f.read(min(CHUNK, left))
                     if not chunk:
-                        raise CorruptCheckpointError(f"{where}: truncated (entry {entry['key']} incomplete)")
-                    crc, left = zlib.crc32(chunk, crc), left - len(chunk)
-                if crc != entry["crc32"]:
-                    raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {entry['key']}")
+                        raise CorruptCheckpointError(f"{where}: truncated (entry {e} incomplete)")
+                    running.update(chunk)
+                    left -= len(chunk)
+                if running.value() != entries[n.E_SUM][e]:
+                    raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}")
     except StorageError as exc:
         raise CorruptCheckpointError(f"{where}: cannot be read ({exc})") from exc
-
-
-def _read_data(storage: Storage, path: str, where: str, use_mmap: bool, header_crc: int | None) -> torch.Tensor:
-    """The data section of one tensor file as a uint8 tensor (read fully, or memory-mapped)."""
-    try:
-        size = storage.size(path)
-        with storage.open_read(path) as f:
-            start, _ = read_header(f, size, f"{where}/{path.rsplit('/', 1)[-1]}", header_crc)
-            length = size - start
-            if use_mmap and length:
-                mapped = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY)
-                return torch.frombuffer(mapped, dtype=torch.uint8, offset=start, count=length)
-            buf = torch.empty(length, dtype=torch.uint8)
-            view, got = memoryview(buf.numpy()), 0  # type: ignore[arg-type]
-            while got < length:
-                read = f.readinto(view[got:])  # type: ignore[attr-defined]
-                if not read:
-                    raise CorruptCheckpointError(f"{where}: {path} is truncated")
-                got += read
-            return buf
-    except StorageError as exc:
-        raise CorruptCheckpointError(f"{where}: {path} cannot be read ({exc}); the checkpoint is incomplete") from exc
-
-
-def _crc(blob: torch.Tensor) -> int:
-    return zlib.crc32(memoryview(blob.numpy())) if blob.numel() else 0  # type: ignore[arg-type]

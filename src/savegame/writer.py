@@ -1,39 +1,44 @@
 """From a state tree to a committed checkpoint: prepare, snapshot, write, commit.
 
 ``prepare`` encodes the tree (values to JSON, tensors to a layout plan) in the
-caller's thread. ``snapshot`` makes the bytes immune to later mutation: with a
-:class:`Staging` it copies every tensor into reusable host buffers (pinned for
-CUDA tensors, copied on a side stream); without one it uses the live tensors
-(the caller then writes before returning). ``write_checkpoint`` streams the
-bytes into safetensors-compatible files, computing checksums as it writes,
-writes the manifest last and commits atomically. :class:`BackgroundWriter`
-runs that last step off the training thread, one save at a time.
+caller's thread. ``snapshot`` (see :mod:`savegame.staging`) makes the bytes
+immune to later mutation. ``write_checkpoint`` streams the bytes into
+safetensors-compatible files, computing checksums as it writes, writes the
+manifest last and commits atomically. :class:`BackgroundWriter` runs that last
+step off the training thread, one save at a time.
 """
 
 from __future__ import annotations
 
+import atexit
+import ctypes
 import logging
 import threading
 import time
 import weakref
-import atexit
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from savegame._version import __version__
 from savegame.commit import RenameCommit
-from savegame.format import codec, layout, manifest
+from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
-from savegame.format.tensorfile import Entry, write_entries
-from savegame.storage.base import Storage
+from savegame.format.tensorfile import CHUNK, build_header
+from savegame.gcpause import pausing
+from savegame.staging import SMALL, Snapshot, Staging, copy_out
+from savegame.storage.base import Storage, WriteHandle
 
 log = logging.getLogger("savegame.writer")
 
 DEFAULT_SHARD_BYTES = 1 << 30
+BOUNCE = 4 << 20  # small entries written without staging are gathered into writes of this size
+
+__all__ = ["Prepared", "prepare", "Staging", "snapshot", "write_checkpoint", "BackgroundWriter"]
 
 
 @dataclass
@@ -45,9 +50,10 @@ class Prepared:
 
     @property
     def nbytes(self) -> int:
-        return sum(spec.nbytes for spec in self.plan.specs)
+        return self.plan.nbytes
 
 
+@pausing
 def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD_BYTES) -> Prepared:
     """Encode ``tree``; raises UnsupportedValueError naming the key path of a bad value."""
     tensors: list[torch.Tensor] = []
@@ -62,114 +68,127 @@ def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD
     body = {
         n.M_FORMAT: n.FORMAT_NAME, n.M_VERSION: n.FORMAT_VERSION,
         n.M_SAVEGAME_VERSION: __version__, n.M_TORCH_VERSION: torch.__version__,
-        **meta, n.M_TREE: encoded, n.M_TENSORS: plan.records,
+        **meta, n.M_TREE: encoded, n.M_TENSORS: plan.table(),
     }
     return Prepared(body, plan)
 
 
-def as_bytes(tensor: torch.Tensor) -> torch.Tensor:
-    """A contiguous 1-D uint8 view of a tensor's data (copies only if not contiguous)."""
-    if tensor.requires_grad:
-        tensor = tensor.detach()
-    return tensor.contiguous().reshape(-1).view(torch.uint8)
+def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
+    """Capture every tensor's bytes (see :mod:`savegame.staging`); then the caller may mutate its state."""
+    return copy_out(prepared.plan, staging)
 
 
-class Staging:
-    """Host buffers reused across saves, one per shard; pinned when sources live on CUDA."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[int, torch.Tensor] = {}
-
-    def buffer(self, shard: int, nbytes: int, pinned: bool) -> torch.Tensor:
-        buf = self._buffers.get(shard)
-        if buf is None or buf.numel() < nbytes or buf.is_pinned() != pinned:
-            self._buffers.pop(shard, None)
-            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
-            self._buffers[shard] = buf
-        return buf
-
-
-def snapshot(prepared: Prepared, staging: Staging | None) -> list[list[Entry]]:
-    """Capture every entry's bytes; after this returns the caller may mutate its tensors."""
-    specs = prepared.plan.specs
-    shards: list[list[Entry]] = [[] for _ in range(max((s.shard for s in specs), default=-1) + 1)]
-    if staging is None:
-        for spec in specs:
-            shards[spec.shard].append(Entry(spec.key, spec.dtype, spec.shape, as_bytes(spec.source.cpu()), spec.nbytes))
-        return shards
-    on_cuda = any(spec.source.is_cuda for spec in specs)
-    totals = [0] * len(shards)
-    for spec in specs:
-        totals[spec.shard] += spec.nbytes
-    buffers = [staging.buffer(i, total, on_cuda and torch.cuda.is_available()) for i, total in enumerate(totals)]
-    offsets = [0] * len(shards)
-    stream = torch.cuda.Stream() if on_cuda else None  # type: ignore[no-untyped-call]
-    if stream is not None:
-        stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream) if stream is not None else _null():
-        for spec in specs:
-            start = offsets[spec.shard]
-            dst = buffers[spec.shard][start:start + spec.nbytes]
-            dst.copy_(as_bytes(spec.source), non_blocking=spec.source.is_cuda)
-            offsets[spec.shard] += spec.nbytes
-            shards[spec.shard].append(Entry(spec.key, spec.dtype, spec.shape, dst, spec.nbytes))
-    if stream is not None:
-        stream.synchronize()
-    return shards
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def write_checkpoint(storage: Storage, final: str, prepared: Prepared, shards: list[list[Entry]],
+@pausing
+def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Snapshot,
                      commit: RenameCommit | None = None) -> None:
     """Write files and manifest under a temporary name, then commit atomically as ``final``."""
     commit = commit or RenameCommit()
+    plan = prepared.plan
     tmp = commit.begin(storage, final)
     try:
-        files = [n.TENSOR_FILE.format(index=i) for i in range(len(shards))]
-        jobs = [(f"{tmp}/{name}", entries) for name, entries in zip(files, shards)]
-        if len(jobs) > 1:
-            with ThreadPoolExecutor(max_workers=min(4, len(jobs))) as pool:
-                results = list(pool.map(lambda job: _write_file(storage, *job), jobs))
+        names = [n.TENSOR_FILE.format(index=k) for k in range(len(plan.files))]
+
+        def write(k: int) -> str | int:
+            buffer = snap[k] if snap is not None else None
+            return _write_file(storage, f"{tmp}/{names[k]}", plan, k, buffer, sums)
+
+        sums: list[checksum.Value] = [0] * len(plan.sources)
+        if len(names) > 1:
+            with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
+                file_sums = list(pool.map(write, range(len(names))))
         else:
-            results = [_write_file(storage, *job) for job in jobs]
-        body = {**prepared.body, n.M_ENTRIES: _entries_meta(files, shards, [crcs for _, crcs in results]),
-                n.M_FILES: files, n.M_HEADER_CRCS: [header_crc for header_crc, _ in results]}
-        _write_small(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(body))
+            file_sums = [write(k) for k in range(len(names))]
+        body = {**prepared.body, n.M_CHECKSUM_ALGO: checksum.CURRENT.name, n.M_FILES: names,
+                n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
+        _write_small(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(manifest.compact(body)))
         commit.commit(storage, tmp, final)
-    except Exception:
+    except Exception:  # not BaseException: a crash (or a simulated one) leaves what it leaves
         commit.abort(storage, tmp)
         raise
 
 
-def _entries_meta(files: list[str], shards: list[list[Entry]], crcs: list[list[int]]) -> list[dict[str, Any]]:
-    """The manifest's entry list, in entry-number order, with each entry's place and checksum."""
-    out: list[dict[str, Any]] = []
-    for name, entries, file_crcs in zip(files, shards, crcs):
-        offset = 0
-        for entry, crc in zip(entries, file_crcs):
-            out.append({"key": entry.key, "file": name, "dtype": codec.dtype_name(entry.dtype),
-                        "shape": list(entry.shape), "start": offset, "end": offset + entry.nbytes, "crc32": crc})
-            offset += entry.nbytes
-    out.sort(key=lambda e: int(e["key"][1:]))
-    return out
+def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[str, Any]:
+    names = {d: codec.dtype_name(d) for d in set(plan.dtypes)}
+    dtypes = [names[d] for d in plan.dtypes]
+    return {n.E_FILE: plan.shard, n.E_DTYPE: dtypes, n.E_SHAPE: [list(s) for s in plan.shapes],
+            n.E_START: plan.start, n.E_END: [s + z for s, z in zip(plan.start, plan.sizes, strict=True)],
+            n.E_SUM: sums}
 
 
-def _write_file(storage: Storage, path: str, entries: list[Entry]) -> tuple[int, list[int]]:
+def _write_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
+                sums: list[checksum.Value]) -> checksum.Value:
+    """Write tensor file ``k`` (header, then data); fill ``sums`` for its entries; return the header's sum."""
+    entries = plan.files[k]
+    header = build_header([f"e{e}" for e in entries], [plan.dtypes[e] for e in entries],
+                          [plan.shapes[e] for e in entries], [plan.sizes[e] for e in entries])
     handle = storage.create(path)
     try:
-        crcs = write_entries(handle, entries, {"format": n.FORMAT_NAME})
+        handle.write(memoryview(header))
+        if buffer is not None:
+            _write_staged(handle, plan, entries, buffer, sums)
+        else:
+            _write_live(handle, plan, entries, sums)
     except Exception:
         handle.abort()
         raise
     handle.close()
-    return crcs
+    return checksum.CURRENT.of(header)
+
+
+def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int], buffer: torch.Tensor,
+                  sums: list[checksum.Value]) -> None:
+    """The data section is already laid out in ``buffer``: checksum each entry, write big chunks."""
+    view = memoryview(buffer.numpy())
+    of, starts, sizes = checksum.CURRENT.function, plan.start, plan.sizes
+    for e in entries:
+        start = starts[e]
+        sums[e] = of(view[start:start + sizes[e]])
+    total = sum(plan.sizes[e] for e in entries)
+    for start in range(0, total, CHUNK):
+        handle.write(view[start:min(start + CHUNK, total)])
+
+
+def _write_live(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int],
+                sums: list[checksum.Value]) -> None:
+    """Write straight from the tensors; small ones are gathered into one write per few MB."""
+    bounce = _Bounce(handle)
+    of = checksum.CURRENT.function
+    for e in entries:
+        src, size = plan.sources[e], plan.sizes[e]
+        if src.is_cpu and size <= SMALL and src.is_contiguous():
+            sums[e] = of(bounce.add(src.data_ptr(), size))
+            continue
+        bounce.flush()
+        data = src.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        view = memoryview(data.numpy()) if size else memoryview(b"")
+        running = checksum.CURRENT.running()
+        for start in range(0, size, CHUNK):
+            chunk = view[start:start + CHUNK]
+            running.update(chunk)
+            handle.write(chunk)
+        sums[e] = running.value()
+    bounce.flush()
+
+
+class _Bounce:
+    """A reusable buffer gathering small entries into one write."""
+
+    def __init__(self, handle: WriteHandle) -> None:
+        self._handle, self._array = handle, np.empty(BOUNCE, dtype=np.uint8)
+        self._view, self._address, self._used = memoryview(self._array), self._array.ctypes.data, 0
+
+    def add(self, address: int, size: int) -> memoryview:
+        """Copy ``size`` bytes from ``address``; return a view of the copy (valid until the next flush)."""
+        if self._used + size > BOUNCE:
+            self.flush()
+        ctypes.memmove(self._address + self._used, address, size)
+        self._used += size
+        return self._view[self._used - size:self._used]
+
+    def flush(self) -> None:
+        if self._used:
+            self._handle.write(self._view[:self._used])
+            self._used = 0
 
 
 def _write_small(storage: Storage, path: str, data: bytes) -> None:

@@ -6,7 +6,6 @@ import json
 import os
 import random
 import shutil
-import struct
 
 import numpy as np
 import pytest
@@ -14,6 +13,8 @@ import torch
 from click.testing import CliRunner
 
 import savegame
+from savegame.format.names import FORMAT_VERSION
+from tests.damage import flip_data_byte
 from savegame.cli import main
 from savegame.offline import write_tree
 from savegame.run_dir import RunDir, RunLock
@@ -74,15 +75,7 @@ def name(step: int) -> str:
 
 
 def flip_first_data_byte(ckpt_dir: str) -> None:
-    with open(os.path.join(ckpt_dir, "manifest.json"), "rb") as f:
-        entry = json.loads(f.read())["entries"][0]
-    path = os.path.join(ckpt_dir, entry["file"])
-    with open(path, "r+b") as f:
-        (header,) = struct.unpack("<Q", f.read(8))
-        f.seek(8 + header + entry["start"])
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0xFF]))
+    flip_data_byte(ckpt_dir, 0)
 
 
 def assert_one_line_error(result, *fragments: str) -> None:
@@ -160,7 +153,8 @@ def test_verify_intact_flipped_and_truncated(run):
 def test_inspect_json_fields(base_run):
     report = json.loads(cli("inspect", "--json", base_run).stdout)  # a run directory: its newest
     assert report["name"] == name(40)
-    assert report["versions"] == {"savegame": savegame.__version__, "torch": torch.__version__, "format": 1}
+    assert report["versions"] == {"savegame": savegame.__version__, "torch": torch.__version__,
+                                  "format": FORMAT_VERSION}
     assert (report["step"], report["epoch"], report["metrics"]) == (40, 3, {"val_loss": 0.3})
     assert report["extra"] == {"note": "test"} and report["time"] > 0
     assert report["states"]["model"] == {"tensors": 4, "bytes": (32 + 8 + 16 + 2) * 4}

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import base64
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,12 +48,32 @@ def encode(value: Any, sink: TensorSink, path: str = "") -> Any:
     """Return a JSON-able form of ``value``; tensors and arrays go to ``sink``.
 
     Raises UnsupportedValueError naming the key path of the first value that
-    cannot be stored exactly.
+    cannot be stored exactly. Subclasses of dict, str, int and float (an
+    OrderedDict, a str enum...) are stored as their base type, with the same
+    items in the same order; subclasses of tuple and list (namedtuples) are
+    refused, since their fields would silently become positions.
     """
-    if value is None or isinstance(value, (bool, str)):
+    cls = type(value)  # exact types first: this runs once per value of the state
+    if cls is dict:
+        return _encode_dict(value, sink, path)
+    if cls is torch.Tensor or cls is torch.nn.Parameter:
+        return {"$t": sink(value, path)}
+    if cls is str or cls is int or cls is bool or value is None:
         return value
+    if cls is float:
+        return value if math.isfinite(value) else _encode_float(value)
+    if cls is list:
+        return [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]
+    if cls is tuple:
+        return {"$tuple": [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]}
+    return _encode_other(value, sink, path)
+
+
+def _encode_other(value: Any, sink: TensorSink, path: str) -> Any:
     if isinstance(value, np.generic):
         return _encode_numpy_scalar(value, path)
+    if isinstance(value, (bool, str)):
+        return str(value) if isinstance(value, str) else value
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
@@ -64,10 +84,12 @@ def encode(value: Any, sink: TensorSink, path: str = "") -> Any:
         return {"$nd": sink(_array_as_tensor(value, path), path)}
     if isinstance(value, torch.Size):
         return {"$size": [int(v) for v in value]}
-    if isinstance(value, tuple):
-        return {"$tuple": [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, (tuple, list)):
+        raise UnsupportedValueError(
+            f"cannot store the value at {path or '<root>'!r}: {type(value).__qualname__} is a subclass of "
+            f"{'tuple' if isinstance(value, tuple) else 'list'} (a namedtuple?) whose type would be lost; "
+            "convert it in state_dict() to a plain tuple, list or dict"
+        )
     if isinstance(value, dict):
         return _encode_dict(value, sink, path)
     return _encode_scalar_object(value, sink, path)
@@ -95,7 +117,7 @@ def _encode_scalar_object(value: Any, sink: TensorSink, path: str) -> Any:
 
 
 def _encode_float(value: float) -> Any:
-    if math.isfinite(value):
+    if math.isfinite(value):  # finite floats are plain JSON
         return value
     return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
 
@@ -131,6 +153,17 @@ def _array_as_tensor(array: np.ndarray, path: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(native))
 
 
+def tensor_refs(encoded: Mapping[str, Any], count: int) -> dict[str, int]:
+    """The plain keys of an encoded mapping whose values are tensors, with their tensor numbers."""
+    out = {}
+    for key, value in encoded.items():
+        if type(value) is dict and len(value) == 1:
+            index = value.get("$t")
+            if type(index) is int and 0 <= index < count:
+                out[key] = index
+    return out
+
+
 def decode(obj: Any, tensors: Sequence[torch.Tensor], depth: int = 0, *,
            arrays: Sequence[torch.Tensor] | None = None) -> Any:
     """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}``.
@@ -152,6 +185,10 @@ def _decode(obj: Any, tensors: Sequence[torch.Tensor], arrays: Sequence[torch.Te
         raise CorruptCheckpointError(f"unexpected JSON value of type {type(obj).__name__} in value tree")
     if len(obj) == 1:
         (key,) = obj
+        if key == "$t":  # the most common node of a state tree, decoded inline
+            index = obj[key]
+            if type(index) is int and 0 <= index < len(tensors):
+                return tensors[index]
         if key in _TAGS:
             return _decode_tagged(key, obj[key], tensors, arrays, depth + 1)
     if any(k.startswith("$") for k in obj):

@@ -1,42 +1,62 @@
 """Where each tensor's bytes go, and how tensors are rebuilt from them.
 
-Tensors that share storage (tied weights, views) are found by storage. If all
-of them are the same view, one entry holds it and every record points to it;
-otherwise the spanned bytes of the storage are stored once as a ``uint8`` entry
-and every tensor becomes a strided view into it, so sharing survives a round
-trip. Everything else is one compact entry per tensor.
+Tensors that share storage (tied weights, views) are found by the address of
+their storage. If all of them are the same view, one entry holds it and every
+record points to it; otherwise the spanned bytes of the storage are stored
+once as a ``uint8`` entry and every tensor becomes a strided view into it, so
+sharing survives a round trip. Everything else is one compact entry per tensor.
+
+The plan is kept by column (one list per field) rather than as an object per
+tensor: a state of 50,000 small tensors must cost microseconds per tensor.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from savegame.errors import CorruptCheckpointError, UnsupportedValueError
+from savegame.format import names as n
 from savegame.format.codec import dtype_from_name, dtype_name
 
 _ALLOWED_CLASSES = (torch.Tensor, torch.nn.Parameter)
 
 
 @dataclass
-class EntrySpec:
-    """A byte range to write. ``source`` is the live tensor (compact) or a uint8 storage span."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    nbytes: int
-    source: torch.Tensor
-    shard: int = 0
-
-
-@dataclass
 class TensorPlan:
-    records: list[dict[str, Any]]
-    specs: list[EntrySpec]
+    """Entries (byte ranges to write) and, per tensor of the tree, the entry it is."""
+
+    sources: list[torch.Tensor] = field(default_factory=list)  # per entry: live tensor or uint8 storage span
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # bytes
+    shard: list[int] = field(default_factory=list)  # per entry: which tensor file
+    start: list[int] = field(default_factory=list)  # per entry: offset in its file's data section
+    files: list[list[int]] = field(default_factory=list)  # per file: its entries in file order
+    tensor_entry: list[int] = field(default_factory=list)
+    tensor_device: list[str] = field(default_factory=list)
+    views: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.sizes)
+
+    def file_sizes(self) -> list[int]:
+        return [sum(self.sizes[e] for e in entries) for entries in self.files]
+
+    def add(self, source: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> int:
+        self.sources.append(source)
+        self.dtypes.append(dtype)
+        self.shapes.append(shape)
+        self.sizes.append(source.nbytes)
+        return len(self.sources) - 1
+
+    def table(self) -> dict[str, Any]:
+        """The manifest's ``tensors`` table."""
+        return {n.T_ENTRY: self.tensor_entry, n.T_DEVICE: self.tensor_device, n.T_VIEWS: self.views}
 
 
 def check_supported(tensor: torch.Tensor, path: str) -> None:
@@ -50,7 +70,7 @@ def check_supported(tensor: torch.Tensor, path: str) -> None:
         problem = "quantized tensors are not supported; dequantize them or store their int_repr() and scale"
     elif tensor.is_nested:
         problem = "nested tensors are not supported"
-    elif tensor.device.type == "meta":
+    elif tensor.is_meta:
         problem = "meta tensors hold no data; materialise the model before saving"
     if problem:
         raise UnsupportedValueError(f"cannot store the tensor at {path or '<root>'!r}: {problem}")
@@ -58,112 +78,93 @@ def check_supported(tensor: torch.Tensor, path: str) -> None:
 
 def plan(tensors: Sequence[torch.Tensor], shard_bytes: int) -> TensorPlan:
     """Decide entries and records for ``tensors`` (indexed as the codec numbered them)."""
-    groups: dict[tuple[torch.device, int], list[int]] = {}
-    records: list[dict[str, Any]] = [{} for _ in tensors]
-    specs: list[EntrySpec] = []
+    out = TensorPlan(tensor_entry=[0] * len(tensors), tensor_device=["cpu"] * len(tensors))
+    groups: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
-        storage = t.untyped_storage()
-        if storage.nbytes() == 0:
-            records[i] = _compact(t, _add(specs, t.dtype, tuple(t.shape), t))
+        if not t.numel():
+            groups[("empty", i)] = [i]  # no storage to share
+            continue
+        base = t.data_ptr() - t.storage_offset() * t.element_size()
+        if t.is_cpu:
+            key: Any = base
         else:
-            groups.setdefault((t.device, storage.data_ptr()), []).append(i)
+            out.tensor_device[i] = str(t.device)
+            key = (out.tensor_device[i], base)
+        members = groups.get(key)
+        if members is None:
+            groups[key] = [i]
+        else:
+            members.append(i)
+    sources, dtypes, shapes, sizes, entry_of = out.sources, out.dtypes, out.shapes, out.sizes, out.tensor_entry
     for members in groups.values():
-        _plan_group([tensors[i] for i in members], members, records, specs)
-    return TensorPlan(records, _assign_shards(specs, shard_bytes))
+        if len(members) > 1:
+            _plan_group(out, [tensors[i] for i in members], members)
+            continue
+        t = tensors[members[0]]
+        entry_of[members[0]] = len(sources)
+        sources.append(t)
+        dtypes.append(t.dtype)
+        shapes.append(tuple(t.shape))
+        sizes.append(t.nbytes)
+    _assign_files(out, shard_bytes)
+    return out
 
 
-def _plan_group(group: list[torch.Tensor], members: list[int], records: list[dict[str, Any]],
-                specs: list[EntrySpec]) -> None:
+def _plan_group(out: TensorPlan, group: list[torch.Tensor], members: list[int]) -> None:
     first = group[0]
     sig = (first.dtype, first.storage_offset(), tuple(first.shape), first.stride())
     if all((t.dtype, t.storage_offset(), tuple(t.shape), t.stride()) == sig for t in group):
-        entry = _add(specs, first.dtype, tuple(first.shape), first)
-        for i, t in zip(members, group):
-            records[i] = _compact(t, entry)
+        entry = out.add(first, first.dtype, tuple(first.shape))
+        for i in members:
+            out.tensor_entry[i] = entry
         return
     starts, ends = [], []
     for t in group:
         lo = t.storage_offset() * t.element_size()
-        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride())) + 1 if t.numel() else 0
+        extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
         starts.append(lo)
         ends.append(lo + extent * t.element_size())
     base, end = min(starts), max(ends)
     span = torch.empty(0, dtype=torch.uint8, device=first.device)
     span.set_(first.untyped_storage(), base, (end - base,), (1,))
-    entry = _add(specs, torch.uint8, (int(end - base),), span)
-    for i, t, lo in zip(members, group, starts):
-        records[i] = {**_compact(t, entry), "stride": list(t.stride()), "offset": lo - base}
+    entry = out.add(span, torch.uint8, (int(end - base),))
+    for i, t, lo in zip(members, group, starts, strict=True):
+        out.tensor_entry[i] = entry
+        out.views.append({"tensor": i, "dtype": dtype_name(t.dtype), "shape": list(t.shape),
+                          "stride": list(t.stride()), "offset": lo - base})
 
 
-def _add(specs: list[EntrySpec], dtype: torch.dtype, shape: tuple[int, ...], source: torch.Tensor) -> int:
-    nbytes = source.numel() * source.element_size()
-    specs.append(EntrySpec(f"e{len(specs)}", dtype, shape, nbytes, source))
-    return len(specs) - 1
+def _assign_files(out: TensorPlan, shard_bytes: int) -> None:
+    """Largest element size first keeps every entry aligned; storage spans (uint8) go last."""
+    span_entries = {out.tensor_entry[v["tensor"]] for v in out.views}
+    sizes = {d: -d.itemsize for d in set(out.dtypes)}
+    rank = [0 if e in span_entries else sizes[d] for e, d in enumerate(out.dtypes)]
+    order = sorted(range(len(rank)), key=rank.__getitem__)
+    out.shard, out.start = [0] * len(order), [0] * len(order)
+    out.files, filled, entry_sizes = ([[]] if order else []), 0, out.sizes
+    current = out.files[-1] if order else []
+    for e in order:
+        size = entry_sizes[e]
+        if filled and filled + size > shard_bytes:
+            current, filled = [], 0
+            out.files.append(current)
+        out.shard[e], out.start[e] = len(out.files) - 1, filled
+        current.append(e)
+        filled += size
 
 
-def _compact(t: torch.Tensor, entry: int) -> dict[str, Any]:
-    return {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "device": str(t.device), "entry": entry}
+def tensors_from_entries(table: Mapping[str, Any], entries: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The tree's tensors from each entry's tensor (typed as its entry), keeping shared storage.
 
-
-def _assign_shards(specs: list[EntrySpec], shard_bytes: int) -> list[EntrySpec]:
-    """Largest element size first keeps every entry aligned; spans (uint8) go last."""
-    ordered = sorted(specs, key=lambda s: -s.source.element_size() if s.dtype != torch.uint8 else 0)
-    shard, filled = 0, 0
-    for spec in ordered:
-        if filled and filled + spec.nbytes > shard_bytes:
-            shard, filled = shard + 1, 0
-        spec.shard = shard
-        filled += spec.nbytes
-    return ordered
-
-
-def materialize(records: Sequence[Mapping[str, Any]], entry_data: Sequence[torch.Tensor],
-                entry_dtypes: Sequence[torch.dtype], map_location: torch.device | None,
-                own: bool = True) -> list[torch.Tensor]:
-    """Rebuild tensors from entry bytes (``entry_data[i]`` is entry i as uint8), keeping shared storage.
-
-    With ``own`` every entry gets a storage of its own (a copy when ``entry_data``
-    are views into a larger buffer); without it tensors may view ``entry_data``.
+    A compact record is its entry's tensor itself (records sharing an entry are the
+    same tensor); a view record is a strided view into its entry's storage, which
+    must start at offset 0 of that storage.
     """
-    cache: dict[int, torch.Tensor] = {}
-    out = []
-    for record in records:
-        entry = record.get("entry")
-        if type(entry) is not int or not 0 <= entry < len(entry_data):
-            raise CorruptCheckpointError(f"tensor record points at missing entry {entry!r}")
-        if entry not in cache:
-            cache[entry] = _entry_tensor(entry_data[entry], entry_dtypes[entry], record, map_location, own)
-        base = cache[entry]
-        out.append(_view(base, record) if "stride" in record else base)
+    out = [entries[e] for e in table[n.T_ENTRY]]
+    for view in table[n.T_VIEWS]:
+        j = view["tensor"]
+        out[j] = _view(entries[table[n.T_ENTRY][j]], view)
     return out
-
-
-def _entry_tensor(data: torch.Tensor, dtype: torch.dtype, record: Mapping[str, Any],
-                  map_location: torch.device | None, own: bool) -> torch.Tensor:
-    if map_location is not None and map_location.type != "cpu":
-        own = False  # .to() below makes the new storage
-    if "stride" not in record:
-        shape = _dims(record.get("shape"), "shape")
-        tensor = _typed(data, dtype, shape, own)
-    else:
-        tensor = data.clone()  # a fresh, aligned storage that all views share
-    return tensor if map_location is None else tensor.to(map_location)
-
-
-def _typed(data: torch.Tensor, dtype: torch.dtype, shape: list[int], own: bool) -> torch.Tensor:
-    count = 1
-    for dim in shape:
-        count *= dim
-    if count * dtype.itemsize != data.numel():
-        raise CorruptCheckpointError(f"entry holds {data.numel()} bytes, not a {dtype_name(dtype)} tensor of shape {shape}")
-    if count == 0:
-        return torch.empty(shape, dtype=dtype)
-    if own and data.untyped_storage().nbytes() != data.numel():
-        return data.clone().view(dtype).reshape(shape)
-    try:
-        return data.view(dtype).reshape(shape)
-    except RuntimeError:  # misaligned for this dtype: copy into an aligned buffer
-        return data.clone().view(dtype).reshape(shape)
 
 
 def _view(base: torch.Tensor, record: Mapping[str, Any]) -> torch.Tensor:
@@ -172,8 +173,8 @@ def _view(base: torch.Tensor, record: Mapping[str, Any]) -> torch.Tensor:
     offset, itemsize = record.get("offset"), dtype.itemsize
     if type(offset) is not int or offset < 0 or offset % itemsize or len(stride) != len(shape):
         raise CorruptCheckpointError("bad strided view record in checkpoint")
-    extent = sum((s - 1) * st for s, st in zip(shape, stride)) + 1 if all(shape) else 0
-    if offset + extent * itemsize > base.numel():
+    extent = sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1 if all(shape) else 0
+    if base.storage_offset() or offset + extent * itemsize > base.numel() * base.element_size():
         raise CorruptCheckpointError("strided view reaches past its storage in checkpoint")
     out = torch.empty(0, dtype=dtype, device=base.device)
     return out.set_(base.untyped_storage(), offset // itemsize, shape, stride)
@@ -183,3 +184,10 @@ def _dims(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
         raise CorruptCheckpointError(f"bad tensor {what} {value!r} in checkpoint")
     return value
+
+
+def numel(shape: Sequence[int]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 FORMAT_NAME = "savegame"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 MANIFEST = "manifest.json"
 TENSOR_FILE = "tensors-{index:05d}.safetensors"
-CHECKSUM_ALGO = "crc32"
 
 # Inside a run directory.
 CHECKPOINT_PREFIX = "step-"
@@ -38,5 +37,11 @@ M_TREE = "tree"
 M_TENSORS = "tensors"
 M_ENTRIES = "entries"
 M_FILES = "files"
-M_HEADER_CRCS = "header_crc32"
-M_CHECKSUM = "manifest_crc32"
+M_CHECKSUM_ALGO = "checksum"          # the algorithm of every other checksum (v2: "xxh3_64")
+M_FILE_CHECKSUMS = "file_checksums"    # of each tensor file's length prefix and header (v2)
+M_HEADER_CRCS = "header_crc32"         # v1 name of file_checksums (CRC-32)
+M_CHECKSUM = "manifest_crc32"          # the manifest's own CRC-32, always its last member
+
+# Columns of the manifest's entry and tensor tables (v2).
+E_FILE, E_DTYPE, E_SHAPE, E_START, E_END, E_SUM = "file", "dtype", "shape", "start", "end", "checksum"
+T_ENTRY, T_DEVICE, T_VIEWS = "entry", "device", "views"

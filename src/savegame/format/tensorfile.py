@@ -1,8 +1,8 @@
-"""safetensors-compatible tensor files: header building, streaming writes, strict header parsing.
+"""safetensors-compatible tensor files: header building and strict header parsing.
 
 A file is ``u64 little-endian header length | JSON header | data``. Entries are
 laid out back to back (safetensors forbids gaps) in the order given, which the
-caller sorts by element size so every entry is naturally aligned. The header
+writer sorts by element size so every entry is naturally aligned. The header
 is padded with spaces so the data starts on a 64-byte boundary. Dtypes that
 safetensors cannot name are stored as ``U8`` bytes; the savegame manifest keeps
 the real dtype, so any safetensors reader can still open the file.
@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import json
 import struct
-import zlib
-from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from collections.abc import Sequence
+from typing import Any, BinaryIO
 
 import torch
 
 from savegame.errors import CorruptCheckpointError
+from savegame.format import checksum
 
 ALIGN = 64
 CHUNK = 64 * 2**20
 MAX_HEADER = 100 * 2**20
+METADATA = {"format": "savegame"}
 
 _ST_DTYPES: dict[torch.dtype, str] = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -35,22 +36,7 @@ _ST_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F16": 
                 "I16": 2, "U16": 2, "F32": 4, "I32": 4, "U32": 4, "F64": 8, "I64": 8, "U64": 8, "C64": 8}
 
 
-class WritableFile(Protocol):
-    def write(self, data: memoryview) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One named byte range of a tensor file; ``data`` is a contiguous 1-D uint8 CPU tensor."""
-
-    key: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    data: torch.Tensor
-    nbytes: int
-
-
-def safetensors_view(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) -> tuple[str, list[int]]:
+def safetensors_view(dtype: torch.dtype, shape: Sequence[int], nbytes: int) -> tuple[str, list[int]]:
     """The dtype and shape under which an entry appears to plain safetensors readers."""
     name = _ST_DTYPES.get(dtype)
     if name is None:
@@ -58,37 +44,41 @@ def safetensors_view(dtype: torch.dtype, shape: tuple[int, ...], nbytes: int) ->
     return name, list(shape)
 
 
-def build_header(entries: list[Entry], metadata: dict[str, str]) -> bytes:
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for entry in entries:
-        st_dtype, st_shape = safetensors_view(entry.dtype, entry.shape, entry.nbytes)
-        header[entry.key] = {"dtype": st_dtype, "shape": st_shape, "data_offsets": [offset, offset + entry.nbytes]}
-        offset += entry.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    pad = (-(8 + len(raw))) % ALIGN
-    raw += b" " * pad
+def build_header(keys: Sequence[str], dtypes: Sequence[torch.dtype], shapes: Sequence[Sequence[int]],
+                 sizes: Sequence[int]) -> bytes:
+    """The length prefix and padded JSON header of a file holding these entries, in this order.
+
+    Built as text rather than through ``json.dumps`` of nested dicts: with tens of
+    thousands of entries this is the difference between microseconds and a
+    noticeable share of a save.
+    """
+    parts, offset = [], 0
+    heads = {d: f'":{{"dtype":"{_ST_DTYPES.get(d, "U8")}","shape":[' for d in set(dtypes)}
+    dims: dict[tuple[int, ...], str] = {}
+    for key, dtype, shape, size in zip(keys, dtypes, shapes, sizes, strict=True):
+        if dtype in _ST_DTYPES:
+            text = dims.get(shape)  # type: ignore[call-overload]
+            if text is None:
+                text = dims[shape] = ",".join(map(str, shape))  # type: ignore[index]
+        else:
+            text = str(size)
+        end = offset + size
+        parts.append(f',"{key}{heads[dtype]}{text}],"data_offsets":[{offset},{end}]}}')
+        offset = end
+    raw = ('{"__metadata__":' + json.dumps(METADATA, separators=(",", ":"))
+           + "".join(parts) + "}").encode()
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_entries(out: WritableFile, entries: list[Entry], metadata: dict[str, str]) -> tuple[int, list[int]]:
-    """Write header and data; return (crc32 of the header, crc32 of each entry), computed while writing."""
-    header = build_header(entries, metadata)
-    out.write(memoryview(header))
-    crcs = []
-    for entry in entries:
-        view = memoryview(entry.data.numpy()) if entry.nbytes else memoryview(b"")  # type: ignore[arg-type]
-        crc = 0
-        for start in range(0, entry.nbytes, CHUNK):
-            chunk = view[start:start + CHUNK]
-            crc = zlib.crc32(chunk, crc)
-            out.write(chunk)
-        crcs.append(crc)
-    return zlib.crc32(header), crcs
+def read_header(f: BinaryIO, file_size: int, name: str, expected: checksum.Value | None = None, *,
+                algo: checksum.Algorithm = checksum.CURRENT, parse: bool = True) -> tuple[int, dict[str, Any] | None]:
+    """Check a tensor file's header; return (offset where data starts, the parsed header or None).
 
-
-def read_header(f: BinaryIO, file_size: int, name: str, crc: int | None = None) -> tuple[int, dict[str, Any]]:
-    """Parse and validate a safetensors header (and its crc32 if given); return (data start, header dict)."""
+    ``expected`` is the header's checksum from the manifest. When it matches, the
+    JSON need not be parsed to be trusted (``parse=False`` skips it; the manifest
+    says where every entry is).
+    """
     head = f.read(8)
     if len(head) != 8:
         raise CorruptCheckpointError(f"{name}: truncated tensor file (no header); the checkpoint is damaged")
@@ -96,8 +86,10 @@ def read_header(f: BinaryIO, file_size: int, name: str, crc: int | None = None) 
     if length > min(MAX_HEADER, file_size - 8):
         raise CorruptCheckpointError(f"{name}: header length {length} exceeds the file; the checkpoint is damaged")
     raw = f.read(length)
-    if crc is not None and zlib.crc32(head + raw) != crc:
+    if expected is not None and algo.of(head + raw) != expected:
         raise CorruptCheckpointError(f"{name}: header checksum mismatch; the checkpoint is damaged")
+    if not parse:
+        return 8 + length, None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
