@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[2]
 def savegame_cli(*args: object) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([sys.executable, "-m", "savegame.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=180, env=env, cwd=REPO)
+                          timeout=180, env=env, cwd=REPO, check=False)
 
 
 def resume(run: Path, built: Built) -> tuple[dict[str, Any], Any, EarlyStopping | None]:
