@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 import savegame
@@ -25,8 +26,9 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-def test_v1_golden_checkpoint_loads_exactly():
-    tree = savegame.load(DATA / "v1" / "step-0000000007")
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_golden_checkpoint_loads_exactly(version):
+    tree = savegame.load(DATA / version / "step-0000000007")
     assert tree["step"] == 7 and tree["epoch"] == 1 and tree["metrics"] == {"loss": 0.25}
     assert tree["extra"] == {"golden": True}
     assert same(dict(tree["state"]), expected_state())
@@ -34,3 +36,25 @@ def test_v1_golden_checkpoint_loads_exactly():
     assert model["w"].data_ptr() == model["tied"].data_ptr()  # shared storage survives
     model["w"][1, 0] = -1.0
     assert model["row"][0].item() == -1.0
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_golden_checkpoint_verifies_and_a_flipped_byte_is_caught(version, tmp_path):
+    import shutil
+
+    from savegame import reader
+    from savegame.storage import LocalStorage
+    from tests.damage import flip_data_byte
+
+    shutil.copytree(DATA / version, tmp_path / version)
+    storage = LocalStorage(tmp_path / version)
+    assert reader.verify_checkpoint(storage, "step-0000000007") == []
+    flip_data_byte(tmp_path / version / "step-0000000007", 1)
+    assert reader.verify_checkpoint(storage, "step-0000000007")
+
+
+def test_every_format_version_has_a_golden_file():
+    from savegame.format.names import FORMAT_VERSION
+
+    assert sorted(p.name for p in DATA.iterdir() if p.name.startswith("v")) == \
+        [f"v{v}" for v in range(1, FORMAT_VERSION + 1)]
