@@ -168,11 +168,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any
     return out
 
 
-NAMES = [  # every bomb build_bombs writes"pickle bytearray(N)", "pickle numpy.ndarray(N)", "pickle NEWOBJ ndarray", "pickle huge memo index",
-         "pickle shared-list tree", "pickle expanded tensor", "torch bytearray(N)", "torch numpy.ndarray(N)",
-         "torch UntypedStorage(N)", "torch FloatTensor(N)", "torch NEWOBJ Tensor", "torch shared-list tree",
-         "torch zip bomb (deflated data.pkl)", "import expanded tensor", "torch storage record shorter than declared",
-         "legacy storage declaring 4 GiB", "legacy expanded tensor"]
+NAMES = [  # every bomb build_bombs writes
+    "pickle bytearray(N)", "pickle numpy.ndarray(N)", "pickle NEWOBJ ndarray", "pickle huge memo index",
+    "pickle shared-list tree", "pickle expanded tensor", "torch bytearray(N)", "torch numpy.ndarray(N)",
+    "torch UntypedStorage(N)", "torch FloatTensor(N)", "torch NEWOBJ Tensor", "torch shared-list tree",
+    "torch zip bomb (deflated data.pkl)", "import expanded tensor", "torch storage record shorter than declared",
+    "legacy storage declaring 4 GiB", "legacy expanded tensor"]
 
 
 @pytest.mark.parametrize("name", NAMES)
