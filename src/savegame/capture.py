@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,21 +42,48 @@ def check_objects(state: Mapping[str, Any]) -> dict[str, Stateful]:
 class PlainLoaderState:
     """Stands in for a plain ``torch.utils.data.DataLoader``, which has no position to save.
 
-    Such a loader resumes at an epoch boundary: restoring warns that the rest of
-    an interrupted epoch is not replayed, and how to get exact mid-epoch resume.
+    Such a loader resumes at an epoch boundary. It records whether its newest
+    iterator was part-way through an epoch when saved; restoring such a
+    checkpoint warns that the rest of that epoch is not replayed, and how to get
+    exact mid-epoch resume. Checkpoints taken between epochs restore silently.
     """
 
     def __init__(self, loader: torch.utils.data.DataLoader) -> None:  # type: ignore[type-arg]
         self.loader = loader
+        self._latest: weakref.ref[Any] | None = None
+        make = loader._get_iterator
+
+        def tracked() -> Any:  # the loader makes every iterator through this method
+            iterator = make()
+            self._latest = weakref.ref(iterator)
+            return iterator
+
+        loader._get_iterator = tracked  # type: ignore[method-assign]
+
+    def _mid_epoch(self) -> bool:
+        iterator = self._latest() if self._latest is not None else None
+        if iterator is None:  # persistent workers: an iterator made before this wrapper, reset every epoch
+            iterator = getattr(self.loader, "_iterator", None)
+        done = getattr(iterator, "_num_yielded", 0)
+        if not done:
+            return False
+        try:
+            return bool(done < len(iterator))  # type: ignore[arg-type]
+        except TypeError:  # an iterable dataset without a length
+            return True
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "torch.utils.data.DataLoader", "batch_size": self.loader.batch_size}
+        return {"kind": "torch.utils.data.DataLoader", "batch_size": self.loader.batch_size,
+                "mid_epoch": self._mid_epoch()}
 
     def load_state_dict(self, state: Any) -> None:
+        if isinstance(state, Mapping) and state.get("mid_epoch") is False:
+            log.info("a plain torch.utils.data.DataLoader was saved between epochs; it resumes there exactly")
+            return
         log.warning(
-            "a plain torch.utils.data.DataLoader resumes at an epoch boundary: if this checkpoint was taken "
-            "mid-epoch, the rest of that epoch is not replayed and the data order differs from an uninterrupted "
-            "run. Use savegame.DataLoader (a drop-in replacement) for exact mid-epoch resume."
+            "a plain torch.utils.data.DataLoader resumes at an epoch boundary: this checkpoint was taken "
+            "mid-epoch, so the rest of that epoch is not replayed and the data order differs from an "
+            "uninterrupted run. Use savegame.DataLoader (a drop-in replacement) for exact mid-epoch resume."
         )
 
 
