@@ -16,7 +16,8 @@ import pickle
 import subprocess
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -30,6 +31,7 @@ from savegame.errors import (
     UnsafeCheckpointError,
 )
 from savegame.migrate import import_checkpoint, safe_pickle_load, safe_torch_load
+from tests.compat.make_foreign import assert_same
 from tests.helpers import make_state, train_steps
 
 try:
@@ -251,6 +253,91 @@ def test_process_wide_safe_globals_do_not_widen_the_allowlist(tmp_path: Path) ->
     finally:
         torch.serialization.clear_safe_globals()
         torch.serialization.add_safe_globals(before)
+
+
+def _torch_file_with_pickle(data_pkl: bytes, path: Path) -> Path:
+    torch.save([1], path)
+    with zipfile.ZipFile(path) as zf:
+        members = [(i.filename, zf.read(i)) for i in zf.infolist()]
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, content in members:
+            zf.writestr(name, data_pkl if name.endswith("data.pkl") else content)
+    return path
+
+
+def test_trust_cannot_turn_weights_only_off(tmp_path: Path, sentinel: Path) -> None:
+    """torch.load(inner, None, torch._utils.pickle): an explicit pickle_module turns weights_only off."""
+    inner = _write_torch(PAYLOADS["builtins.exec"][0](sentinel), tmp_path / "inner.pt")
+    path_arg = pickle.dumps(str(inner), protocol=2)[2:-1]
+    gadget = b"\x80\x02ctorch\nload\n" + path_arg + b"Nctorch._utils\npickle\n\x87R."
+    path = _torch_file_with_pickle(gadget, tmp_path / "gadget.pt")
+    with pytest.raises(UnsafeCheckpointError, match=r"torch\.load, a function rather than a class"):
+        safe_torch_load(path, trust=True)
+    with pytest.raises(UnsafeCheckpointError, match=r"trust=True allows classes only"):
+        import_checkpoint(path, trust=True)
+    with pytest.raises(UnsafeCheckpointError, match=r"torch\._utils\.pickle|torch\.load"):
+        import_checkpoint(path, drop_unsafe=True)
+    assert not sentinel.exists()
+
+
+PopenAlias = subprocess.Popen  # a banned class under an innocent-looking name
+
+
+@pytest.mark.parametrize("name, needs", [(b"math\nsqrt", "a builtin_function_or_method rather than a class"),
+                                         (__name__.encode() + b"\nPopenAlias", "which is subprocess.Popen")])
+def test_trust_allows_classes_only_and_not_from_banned_modules(tmp_path: Path, sentinel: Path, name: bytes,
+                                                               needs: str) -> None:
+    call = b"\x80\x02c" + name + b"\n" + pickle.dumps((["touch", str(sentinel)],), protocol=2)[2:-1] + b"R."
+    path = _torch_file_with_pickle(call, tmp_path / "c.pt")
+    with pytest.raises(UnsafeCheckpointError, match=needs):
+        safe_torch_load(path, trust=True)
+    assert not sentinel.exists()
+
+
+@pytest.mark.parametrize("payload", PAYLOADS)
+def test_legacy_torch_file_payload_refused(tmp_path: Path, sentinel: Path, payload: str) -> None:
+    """torch < 1.6 files go through the same dry run and weights-only load, with the same refusals."""
+    build, name = PAYLOADS[payload]
+    path = tmp_path / "evil_legacy.pt"
+    torch.save(PLACES["optimizer-state"](build(sentinel)), path, _use_new_zipfile_serialization=False)
+    for trust in (False, True):
+        with pytest.raises(UnsafeCheckpointError, match=name):
+            safe_torch_load(path, trust=trust)
+    blocked = payload in ("os.system", "os.popen")  # torch refuses os/posix outright: nothing to locate or drop
+    where = "" if blocked else r".*\['optimizer'\].*savegame migrate --drop-unsafe"
+    with pytest.raises(UnsafeCheckpointError, match=name + where):
+        import_checkpoint(path)
+
+
+def test_legacy_torch_file_loads_like_a_zip_file(tmp_path: Path) -> None:
+    state = make_state(0)
+    train_steps(state, 1)
+    checkpoint = {"model": state["model"].state_dict(), "optimizer": state["optimizer"].state_dict(), "epoch": 3,
+                  "np_rng_state": np.random.RandomState(3).get_state()}
+    torch.save(checkpoint, tmp_path / "new.pt")
+    torch.save(checkpoint, tmp_path / "old.pt", _use_new_zipfile_serialization=False)
+    new, old = safe_torch_load(tmp_path / "new.pt"), safe_torch_load(tmp_path / "old.pt")
+    assert all(torch.equal(new["model"][k], old["model"][k]) for k in new["model"])
+    assert np.array_equal(new["np_rng_state"][1], old["np_rng_state"][1])
+    imported = import_checkpoint(tmp_path / "old.pt")
+    assert imported.layout == "dict-flat-rng"
+    assert_same(imported.tree, import_checkpoint(tmp_path / "new.pt").tree)
+
+
+def test_other_pickle_protocols_name_the_loaders_limit(tmp_path: Path) -> None:
+    path = tmp_path / "p5.pt"
+    torch.save({"w": torch.ones(2)}, path, pickle_protocol=5)
+    with pytest.raises(CorruptCheckpointError, match=r"opcode 149.*protocol 2.*re-save it with torch\.save"):
+        safe_torch_load(path)
+
+
+def test_refusals_name_the_real_commands(tmp_path: Path, sentinel: Path) -> None:
+    path = _write_torch({"model": {"w": torch.ones(2)}, "extra": Harmless(7)}, tmp_path / "c.pt")
+    with pytest.raises(UnsafeCheckpointError) as refused:
+        import_checkpoint(path)
+    message = str(refused.value)
+    assert "savegame migrate --trust" in message and "savegame migrate --drop-unsafe" in message
+    assert "savegame import" not in message
 
 
 def test_trust_refuses_globals_it_cannot_import(tmp_path: Path) -> None:

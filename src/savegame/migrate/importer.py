@@ -46,7 +46,7 @@ from savegame.migrate.files import list_dir
 from savegame.migrate.restricted_unpickler import safe_pickle_load
 from savegame.migrate.result import ForeignCheckpoint
 from savegame.migrate.safe_load import load_with_stand_ins, safe_torch_load
-from savegame.migrate.stand_ins import stand_ins_in
+from savegame.migrate.stand_ins import stand_in_name, stand_ins_in
 from savegame.migrate.weights import load_weights, read_safetensors
 
 log = logging.getLogger("savegame.migrate")
@@ -118,6 +118,10 @@ def _import_file(path: Path, loader: _Loader) -> tuple[Any, Draft]:
         state, _ = load_weights(path, loader)
         return bare_state_dict, bare_state_dict.convert(state)
     checkpoint = loader.load_torch(path)
+    whole = stand_in_name(checkpoint)
+    if whole is not None:
+        raise UnsafeCheckpointError(f"{path} is one {whole} object as a whole, which savegame does not load: "
+                                    "there is nothing to import without it")
     if not isinstance(checkpoint, Mapping):
         raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, not a dict: not a checkpoint "
                                  f"layout savegame can import (supported: {', '.join(LAYOUTS)})")

@@ -19,6 +19,7 @@ import io
 import pickle
 import re
 import threading
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -147,7 +148,9 @@ def _load(file: Path, found: Preflight, allowed: Mapping[str, Any], max_bytes: i
     size = file.stat().st_size
     with _only(allowed), budget.charged_to(budget.Budget(str(file), size, max_bytes)):
         try:
-            with file.open("rb") as raw:
+            with file.open("rb") as raw, warnings.catch_warnings():
+                # torch warns of protocols other than 2 before failing on them; our error says more
+                warnings.filterwarnings("ignore", "Detected pickle protocol", UserWarning)
                 source: Any = _Counting(raw, progress) if progress is not None else file
                 loaded = torch.load(source, map_location="cpu", weights_only=True)
             return plain(loaded)
