@@ -15,8 +15,8 @@ import os
 import pickle
 import subprocess
 import zipfile
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
