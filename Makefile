@@ -25,9 +25,11 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --out BENCHMARKS.results.json
+	$(PY) benchmarks/bench_training_loop.py --out BENCHMARKS.loop.json
 
 bench-small: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --small
+	$(PY) benchmarks/bench_training_loop.py --small
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -1,4 +1,4 @@
-"""The benchmark script runs end to end on tiny sizes, so it cannot rot."""
+"""The benchmark scripts run end to end on tiny sizes, so they cannot rot."""
 
 from __future__ import annotations
 
@@ -9,17 +9,34 @@ import sys
 from tests.integration.procs import ROOT, child_env
 
 
-def test_benchmark_small_run(tmp_path):
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess[str]:
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args],
+                         capture_output=True, text=True, timeout=300, env=child_env())
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+def test_save_restore_benchmark_small_run(tmp_path):
     out_file = tmp_path / "rows.json"
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_save_restore.py"), "--small", "--reps", "1",
-                          "--dir", str(tmp_path), "--out", str(out_file)],
-                         capture_output=True, text=True, timeout=300,
-                         env=child_env())
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = json.loads(out_file.read_text())
+    out = run_script("bench_save_restore.py", "--small", "--reps", "1", "--dir", str(tmp_path), "--out", str(out_file))
+    result = json.loads(out_file.read_text())
+    rows = result["rows"]
     methods = {r["method"] for r in rows}
-    assert {"raw write+fsync", "savegame async", "torch.save+fsync", "safetensors+fsync"} <= methods
-    assert {r["state"] for r in rows} == {"big", "tiny", "model+adamw"}
+    assert {"raw write+fsync", "savegame async", "savegame sync", "torch.save+fsync", "safetensors+fsync",
+            "dcp.save", "dcp.async_save"} == methods
+    assert {r["state"] for r in rows} == {"big", "tiny", "tiny module", "model+adamw"}
     for row in rows:
         assert row["durable_s"] > 0 and row["blocked_s"] <= row["durable_s"] + 1e-9
-    assert "| state | method |" in out.stdout
+        assert row["throughput_vs_raw"] > 0
+    assert len(result["targets"]) == 7
+    assert "| state | method |" in out.stdout and "| target | wanted |" in out.stdout
+
+
+def test_training_loop_benchmark_small_run(tmp_path):
+    out_file = tmp_path / "loop.json"
+    out = run_script("bench_training_loop.py", "--small", "--dir", str(tmp_path), "--out", str(out_file))
+    result = json.loads(out_file.read_text())
+    assert result["device"] == "cpu"
+    assert result["copy_floor_s"] > 0 and result["savegame_blocked_s"] > 0
+    assert result["step_s_without"] > 0 and result["step_s_with"] > 0 and result["saves"] >= 2
+    assert "slowdown" in out.stdout
