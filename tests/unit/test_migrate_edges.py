@@ -241,3 +241,14 @@ def test_safetensors_model_file_imports(tmp_path: Path) -> None:
     save_file(weights, str(tmp_path / "w.safetensors"))
     result = import_checkpoint(tmp_path / "w.safetensors")
     assert all(torch.equal(result.tree["state"]["model"][k], v) for k, v in weights.items())
+
+
+def test_migrate_step_option_reaches_the_import(tmp_path: Path) -> None:
+    flat = build("001-flat-rng", tmp_path / "foreign")
+    done = CliRunner().invoke(main, ["migrate", str(flat.source), "--to", str(tmp_path / "run"), "--step", "900"])
+    assert done.exit_code == 0, done.output
+    loaded = savegame.load(tmp_path / "run")
+    assert loaded["step"] == 900 and loaded["epoch"] == 9
+    assert loaded["run"]["best"] == {"val_loss": {"mode": "min", "entries": [[0.25, 900]]},
+                                     "pck": {"mode": "max", "entries": [[0.8, 900]]}}
+    assert loaded["run"]["early_stopping"]["best_step"] == 900
