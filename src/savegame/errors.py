@@ -37,6 +37,10 @@ class UnsafeCheckpointError(SavegameError):
     """A foreign file would need code execution (a pickle global outside the allowlist) to load."""
 
 
+class NonFiniteStateError(SavegameError, ValueError):
+    """nan_policy="refuse": a metric or a floating-point tensor of the state is NaN or inf; nothing was saved."""
+
+
 class StorageError(SavegameError, OSError):
     """Reading or writing the storage failed (full disk, I/O error, permissions)."""
 
@@ -53,6 +57,7 @@ __all__ = [
     "IncompatibleStateError",
     "UnsupportedValueError",
     "UnsafeCheckpointError",
+    "NonFiniteStateError",
     "StorageError",
     "RunLockedError",
 ]

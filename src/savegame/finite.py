@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from savegame.errors import UnsupportedValueError
+from savegame.errors import NonFiniteStateError
 
 
 def _floating(tree: Any, path: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -54,5 +54,5 @@ def refuse_non_finite_state(state: Any) -> None:
 
 
 def _refuse(where: str) -> None:
-    raise UnsupportedValueError(f"{where} is not finite (NaN or inf) and nan_policy='refuse': this state is not "
+    raise NonFiniteStateError(f"{where} is not finite (NaN or inf) and nan_policy='refuse': this state is not "
                                 "saved; earlier checkpoints are untouched")

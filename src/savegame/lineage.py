@@ -14,13 +14,14 @@ import logging
 from collections.abc import Sequence
 
 from savegame.commit import write_new_file
+from savegame.format import names
 from savegame.history import FILE as HISTORY_FILE
 from savegame.history import History
 from savegame.run_dir import RunDir
 
 log = logging.getLogger("savegame.run")
 
-ABANDONED_DIR = "abandoned"
+ABANDONED_DIR = names.ABANDONED_DIR
 
 
 def move_aside(run: RunDir, history: History, resumed_name: str, resumed_step: int, names: Sequence[str]) -> str | None:

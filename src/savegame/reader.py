@@ -217,11 +217,11 @@ class _DataSection:
             return
         f.seek(self.start)
         self._array = np.empty(self.length, dtype=np.uint8)
-        if self.length and f.readinto(memoryview(self._array)) != self.length:
+        if self.length and f.readinto(self._array.data) != self.length:
             raise CorruptCheckpointError(f"{self.where}: truncated; the checkpoint is damaged")
 
     def __enter__(self) -> _DataSection:
-        self.view = memoryview(self._array)
+        self.view = self._array.data
         self.address = self._array.ctypes.data
         return self
 
@@ -273,9 +273,9 @@ class _Job:
             self._map_lazy(e, data, where)
         if big:
             for e in big:
-                out[e] = targets.get(e, None)
-                if out[e] is None:
-                    out[e] = empty(*shapes[e], dtype=dtypes[e]) if shapes[e] else empty((), dtype=dtypes[e])
+                dst = targets.get(e)
+                out[e] = dst if dst is not None else empty(*shapes[e], dtype=dtypes[e]) if shapes[e] \
+                    else empty((), dtype=dtypes[e])
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(big))) as pool:
                 for e, ok in zip(big, pool.map(lambda e: self._copy_big(e, data), big), strict=True):
                     if not ok:

@@ -95,4 +95,4 @@ def _side_stream(on_cuda: bool) -> Iterator[None]:
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         yield
-    stream.synchronize()  # type: ignore[no-untyped-call]
+    stream.synchronize()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from savegame._version import __version__
-from savegame.commit import RenameCommit
+from savegame.commit import RenameCommit, write_new_file
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, build_header
@@ -100,7 +100,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             file_sums = [write(k) for k in range(len(names))]
         body = {**prepared.body, n.M_CHECKSUM_ALGO: checksum.CURRENT.name, n.M_FILES: names,
                 n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
-        _write_small(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(manifest.compact(body)))
+        write_new_file(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(manifest.compact(body)))
         commit.commit(storage, tmp, final)
     except Exception:  # not BaseException: a crash (or a simulated one) leaves what it leaves
         commit.abort(storage, tmp)
@@ -138,7 +138,7 @@ def _write_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, bu
 def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int], buffer: torch.Tensor,
                   sums: list[checksum.Value]) -> None:
     """The data section is already laid out in ``buffer``: checksum each entry, write big chunks."""
-    view = memoryview(buffer.numpy())
+    view = buffer.numpy().data
     of, starts, sizes = checksum.CURRENT.function, plan.start, plan.sizes
     for e in entries:
         start = starts[e]
@@ -160,7 +160,7 @@ def _write_live(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int]
             continue
         bounce.flush()
         data = src.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        view = memoryview(data.numpy()) if size else memoryview(b"")
+        view = data.numpy().data if size else memoryview(b"")
         running = checksum.CURRENT.running()
         for start in range(0, size, CHUNK):
             chunk = view[start:start + CHUNK]
@@ -175,7 +175,7 @@ class _Bounce:
 
     def __init__(self, handle: WriteHandle) -> None:
         self._handle, self._array = handle, np.empty(BOUNCE, dtype=np.uint8)
-        self._view, self._address, self._used = memoryview(self._array), self._array.ctypes.data, 0
+        self._view, self._address, self._used = self._array.data, self._array.ctypes.data, 0
 
     def add(self, address: int, size: int) -> memoryview:
         """Copy ``size`` bytes from ``address``; return a view of the copy (valid until the next flush)."""
@@ -189,16 +189,6 @@ class _Bounce:
         if self._used:
             self._handle.write(self._view[:self._used])
             self._used = 0
-
-
-def _write_small(storage: Storage, path: str, data: bytes) -> None:
-    handle = storage.create(path)
-    try:
-        handle.write(memoryview(data))
-    except Exception:
-        handle.abort()
-        raise
-    handle.close()
 
 
 _LIVE: weakref.WeakSet[BackgroundWriter] = weakref.WeakSet()

@@ -13,7 +13,7 @@ import torch
 
 import savegame
 from savegame import run_lock
-from savegame.errors import ConfigurationError, RunLockedError, SavegameError, StorageError, UnsupportedValueError
+from savegame.errors import ConfigurationError, RunLockedError, SavegameError, StorageError, NonFiniteStateError
 from savegame.preemption import SaveSchedule
 from savegame.storage import FaultyStorage, LocalStorage
 
@@ -81,7 +81,7 @@ def test_nan_policy_refuse_also_refuses_non_finite_model_state(tmp_path):
     ckpt.save(1)
     with torch.no_grad():
         model.bias[1] = math.nan
-    with pytest.raises(UnsupportedValueError, match="state 'model.bias'.*nan_policy='refuse'"):
+    with pytest.raises(NonFiniteStateError, match="state 'model.bias'.*nan_policy='refuse'"):
         ckpt.save(2)
     with torch.no_grad():
         model.bias[1] = 0.0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import savegame
-from savegame.errors import ConfigurationError, UnsupportedValueError
+from savegame.errors import ConfigurationError, NonFiniteStateError
 
 
 def steps_on_disk(run) -> list[int]:
@@ -59,7 +59,7 @@ def test_non_finite_metrics_never_become_best(tmp_path):
 def test_nan_policy_refuse_keeps_non_finite_states_off_disk(tmp_path):
     _, ckpt = make(tmp_path, nan_policy="refuse")
     ckpt.save(1, metrics={"loss": 1.0})
-    with pytest.raises(UnsupportedValueError, match="metric 'loss' = inf is not finite"):
+    with pytest.raises(NonFiniteStateError, match="metric 'loss' = inf is not finite"):
         ckpt.save(2, metrics={"loss": math.inf})
     ckpt.close()
     assert steps_on_disk(tmp_path) == [1]

@@ -16,6 +16,7 @@ TRASH_PREFIX = ".trash-"
 LOCK_FILE = ".savegame.lock"
 ALIAS_SUFFIX = ".alias.json"
 HISTORY_FILE = "metrics.jsonl"
+ABANDONED_DIR = "abandoned"         # checkpoints of a continuation given up by restoring an older one
 
 # Top-level keys of the state tree.
 TREE_STATE = "state"
