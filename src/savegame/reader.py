@@ -5,33 +5,23 @@ is a :class:`~savegame.errors.CorruptCheckpointError` naming the checkpoint.
 Nothing here can execute code: the manifest is JSON and tensor files are raw
 bytes behind a safetensors header.
 
-Restoring copies each byte once: the data section of each tensor file is
-memory-mapped, every entry is checked against its checksum and copied either
-into a target tensor the caller already owns (a model's parameters) or into a
-fresh tensor with its own storage. Large entries are checked and copied in a
-few threads (both release the GIL), in chunks small enough to stay in cache
-between the two passes.
+Reading the entries' bytes into tensors is :mod:`savegame.readinto`.
 """
 
 from __future__ import annotations
 
-import ctypes
-import mmap as _mmap
 import operator
-import os
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
+from savegame import readinto
 from savegame.gcpause import pausing
-from savegame.staging import SMALL
 from savegame.storage.base import Storage
 
 PIECE = 1 << 20  # checked then copied while still in cache
@@ -81,7 +71,7 @@ def tensor_meta(doc: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
 
 def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str]:
     """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
-    problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), _file_ends(doc)
+    problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), readinto.file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
         where = f"{storage.root}/{name}/{file}"
         try:
@@ -125,7 +115,7 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     device = device_of(map_location)
     if device is not None and device.type != "cpu":
         targets = None
-    entries = _read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=_by_entry(doc, targets or {}))
+    entries = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=_by_entry(doc, targets or {}))
     table = doc[n.M_TENSORS]
     cpu = layout.tensors_from_entries(table, entries)
     if device is None or device.type == "cpu":
@@ -140,7 +130,7 @@ def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> di
         return {}
     entries, table = doc[n.M_ENTRIES], doc[n.M_TENSORS]
     spans = {table[n.T_ENTRY][v["tensor"]] for v in table[n.T_VIEWS]}
-    dtypes = _dtypes(entries[n.E_DTYPE])
+    dtypes = readinto.dtypes_of(entries[n.E_DTYPE])
     chosen: dict[int, torch.Tensor] = {}
     owners: dict[int, int] = {}
     for j, target in targets.items():
@@ -155,151 +145,6 @@ def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> di
             continue
         chosen[e] = target
     return chosen
-
-
-def _dtypes(names: Sequence[str]) -> list[torch.dtype]:
-    known = {name: codec.dtype_from_name(name) for name in set(names)}
-    return [known[name] for name in names]
-
-
-def _file_ends(doc: Mapping[str, Any]) -> list[int]:
-    """Per tensor file, how many data bytes its entries need."""
-    entries = doc[n.M_ENTRIES]
-    ends = [0] * len(doc[n.M_FILES])
-    for k, end in zip(entries[n.E_FILE], entries[n.E_END], strict=True):
-        ends[k] = max(ends[k], end)
-    return ends
-
-
-def _read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool, lazy: bool,
-                  targets: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
-    entries = doc[n.M_ENTRIES]
-    algo = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
-    by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
-    for e, k in enumerate(entries[n.E_FILE]):
-        by_file[k].append(e)
-    spans = {doc[n.M_TENSORS][n.T_ENTRY][v["tensor"]] for v in doc[n.M_TENSORS][n.T_VIEWS]}
-    job = _Job(entries, _dtypes(entries[n.E_DTYPE]), algo if verify else None, targets, spans)
-    ends = _file_ends(doc)
-    for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-        where = f"{storage.root}/{name}/{file}"
-        with _DataSection(storage, f"{name}/{file}", where, expected, algo, lazy) as data:
-            if ends[k] > data.length:
-                raise CorruptCheckpointError(f"{where}: truncated ({data.length} data bytes, needs {ends[k]})")
-            job.run(by_file[k], data, where)
-    return job.out
-
-
-class _DataSection:
-    """The data section of one tensor file, memory-mapped (or read, where mapping is impossible)."""
-
-    def __init__(self, storage: Storage, path: str, where: str, expected: checksum.Value | None,
-                 algo: checksum.Algorithm, lazy: bool) -> None:
-        self.where, self.lazy = where, lazy
-        try:
-            size = storage.size(path)
-            with storage.open_read(path) as f:
-                self.start, _ = read_header(f, size, where, expected, algo=algo, parse=False)
-                self.length = size - self.start
-                self._map(f, size)
-        except StorageError as exc:
-            raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is incomplete") from exc
-
-    def _map(self, f: Any, size: int) -> None:
-        self._mm: _mmap.mmap | None = None
-        if self.length:
-            try:
-                self._mm = _mmap.mmap(f.fileno(), 0, access=_mmap.ACCESS_COPY if self.lazy else _mmap.ACCESS_READ)
-            except (OSError, ValueError, AttributeError):  # no file descriptor behind this storage
-                self._mm = None
-        if self._mm is not None:
-            self._array = np.frombuffer(self._mm, dtype=np.uint8, offset=self.start, count=self.length)
-            return
-        f.seek(self.start)
-        self._array = np.empty(self.length, dtype=np.uint8)
-        if self.length and f.readinto(self._array.data) != self.length:
-            raise CorruptCheckpointError(f"{self.where}: truncated; the checkpoint is damaged")
-
-    def __enter__(self) -> _DataSection:
-        self.view = self._array.data
-        self.address = self._array.ctypes.data
-        return self
-
-    def lazy_tensor(self, start: int, size: int) -> torch.Tensor:
-        """A uint8 tensor viewing the mapping (stays valid after close, keeping the mapping alive)."""
-        if self._mm is None or not size:
-            return torch.from_numpy(self._array[start:start + size].copy())
-        return torch.frombuffer(self._mm, dtype=torch.uint8, offset=self.start + start, count=size)
-
-    def __exit__(self, *exc: object) -> None:
-        self.view.release()
-        del self._array
-        if self._mm is not None and not self.lazy:
-            self._mm.close()
-
-
-class _Job:
-    """Checks and copies the entries of a checkpoint into their tensors (``out``, per entry)."""
-
-    def __init__(self, entries: Mapping[str, Any], dtypes: list[torch.dtype], algo: checksum.Algorithm | None,
-                 targets: Mapping[int, torch.Tensor], spans: set[int]) -> None:
-        self.entries, self.dtypes, self.algo, self.targets, self.spans = entries, dtypes, algo, targets, spans
-        self.out: list[torch.Tensor] = [torch.empty(0)] * len(dtypes)
-
-    def run(self, entries: list[int], data: _DataSection, where: str) -> None:
-        starts, ends, shapes, sums = (self.entries[c] for c in (n.E_START, n.E_END, n.E_SHAPE, n.E_SUM))
-        check = self.algo.function if self.algo is not None else None
-        dtypes, targets, out, view, address = self.dtypes, self.targets, self.out, data.view, data.address
-        memmove, empty, big, lazy = ctypes.memmove, torch.empty, [], []
-        for e in entries:
-            start, size, dtype, shape = starts[e], ends[e] - starts[e], dtypes[e], shapes[e]
-            if layout.numel(shape) * dtype.itemsize != size:
-                raise CorruptCheckpointError(f"{where}: entry {e} holds {size} bytes, not {dtype} {shape}")
-            if data.lazy and e not in self.spans:  # storage spans are copied: their views need their own storage
-                lazy.append(e)
-                continue
-            if size > SMALL:
-                big.append(e)
-                continue
-            if check is not None and check(view[start:start + size]) != sums[e]:
-                raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
-            dst = targets.get(e)
-            if dst is None:
-                dst = empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype)
-            out[e] = dst
-            if size:
-                memmove(dst.data_ptr(), address + start, size)
-        for e in lazy:
-            self._map_lazy(e, data, where)
-        if big:
-            for e in big:
-                dst = targets.get(e)
-                out[e] = dst if dst is not None else empty(*shapes[e], dtype=dtypes[e]) if shapes[e] \
-                    else empty((), dtype=dtypes[e])
-            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(big))) as pool:
-                for e, ok in zip(big, pool.map(lambda e: self._copy_big(e, data), big), strict=True):
-                    if not ok:
-                        raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
-
-    def _map_lazy(self, e: int, data: _DataSection, where: str) -> None:
-        """With mmap=True: the entry's tensor is a view of the mapping (checked first if verifying)."""
-        start, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
-        if self.algo is not None and self.algo.of(data.view[start:end]) != self.entries[n.E_SUM][e]:
-            raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
-        dtype, shape = self.dtypes[e], self.entries[n.E_SHAPE][e]
-        self.out[e] = data.lazy_tensor(start, end - start).view(dtype).view(shape) if end > start \
-            else torch.empty(shape, dtype=dtype)
-
-    def _copy_big(self, e: int, data: _DataSection) -> bool:
-        start, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
-        running = self.algo.running() if self.algo is not None else None
-        address = self.out[e].data_ptr() - start
-        for lo in range(start, end, PIECE):
-            hi = min(lo + PIECE, end)
-            if running is not None:
-                running.update(data.view[lo:hi])
-            ctypes.memmove(address + lo, data.address + lo, hi - lo)
-        return running is None or running.value() == self.entries[n.E_SUM][e]
 
 
 def verify_checkpoint(storage: Storage, name: str) -> list[str]:
