@@ -9,6 +9,7 @@ reads into such callbacks.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any, BinaryIO, Self
@@ -25,7 +26,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from savegame import reader
 from savegame.cli._output import console
+from savegame.errors import CorruptCheckpointError
 from savegame.storage.local import LocalStorage
 
 DELAY = 1.0  # seconds a job runs before its bar appears
@@ -109,3 +112,20 @@ class _CountingFile:
 
     def __exit__(self, *exc: object) -> None:
         self._inner.close()
+
+
+def verify_bytes(storage: LocalStorage, name: str, bar: ByteProgress) -> None:
+    """Check every byte of checkpoint ``name`` as a progress phase; CorruptCheckpointError if damaged."""
+    doc = reader.read_manifest(storage, name)
+    where = os.path.join(storage.root, name)
+    bar.phase(f"verifying {name}", sum(_size(os.path.join(where, f)) for f in reader.data_files(doc)))
+    problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
+    if problems:
+        raise CorruptCheckpointError("; ".join(problems))
+
+
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0

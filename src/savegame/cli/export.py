@@ -17,13 +17,10 @@ import numpy as np
 import torch
 
 import savegame
-from savegame import reader
 from savegame.cli._app import CliError
 from savegame.cli._output import console, human_bytes, nbytes
 from savegame.cli._paths import atomic_output, locate
-from savegame.cli._progress import ByteProgress, CountingStorage
-from savegame.errors import CorruptCheckpointError
-from savegame.storage.local import LocalStorage
+from savegame.cli._progress import ByteProgress, verify_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = (".safetensors", ".pt", ".pth", ".npz")
@@ -43,7 +40,7 @@ def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) ->
                                f"use one of {', '.join(FORMATS)}")
     storage, name = locate(ckpt)
     with ByteProgress() as bar:
-        verify(storage, name, bar)
+        verify_bytes(storage, name, bar)
         loaded = savegame.load(os.path.join(storage.root, name), mmap=True, verify=False)  # verified just now
         chosen = pick_state(loaded["state"] or {}, state_name)
         weights = flatten(loaded["state"][chosen], chosen)
@@ -62,23 +59,6 @@ def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) ->
                      else "; they still share it in the file"))
     for note in notes:
         out.print(f"note: {note}")
-
-
-def verify(storage: LocalStorage, name: str, bar: ByteProgress) -> None:
-    """Check every byte of checkpoint ``name`` (progress by bytes); CorruptCheckpointError if damaged."""
-    doc = reader.read_manifest(storage, name)
-    where = os.path.join(storage.root, name)
-    bar.phase(f"verifying {name}", sum(_size(os.path.join(where, f)) for f in reader.data_files(doc)))
-    problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
-    if problems:
-        raise CorruptCheckpointError("; ".join(problems))
-
-
-def _size(path: str) -> int:
-    try:
-        return os.path.getsize(path)
-    except OSError:
-        return 0
 
 
 def pick_state(states: Mapping[str, Any], wanted: str | None) -> str:

@@ -30,7 +30,7 @@ from savegame.cli._output import (
     tensor_text,
 )
 from savegame.cli._paths import locate
-from savegame.cli._progress import ByteProgress
+from savegame.cli._progress import ByteProgress, verify_bytes
 from savegame.cli._tree import (
     Diff,
     describe,
@@ -197,9 +197,11 @@ def diff(a: str, b: str, exit_code: bool, as_json: bool) -> None:
 
     Tensors count as changed unless bit-identical; the save time is not compared.
     """
-    (where_a, _, tree_a), (where_b, _, tree_b) = _load(a), _load(b)
-    parts_a, parts_b = _comparable(tree_a), _comparable(tree_b)
     with ByteProgress() as bar:
+        for path in (a, b):  # a damaged copy would show up as differences: check every byte first
+            verify_bytes(*locate(path), bar)
+        (where_a, _, tree_a), (where_b, _, tree_b) = _load(a), _load(b)
+        parts_a, parts_b = _comparable(tree_a), _comparable(tree_b)
         bar.phase("comparing", sum(nbytes(t) for _, t in walk_tensors(parts_a)))
         result = diff_trees(parts_a, parts_b, out=Diff(tick=bar.advance))
     if as_json:
