@@ -38,19 +38,27 @@ def test_torch_state_given_as_a_view_into_a_larger_buffer_restores_correctly():
     assert draws() == expected
 
 
-def test_a_cuda_saved_state_restores_on_a_cpu_only_machine(caplog):
-    # Stand-in for a checkpoint written on a CUDA machine: the torch state arrives as a non-CPU-typed
-    # tensor (here int16-viewed, as after a careless map_location) and CUDA states are present.
+def test_a_checkpoint_with_cuda_rng_states_restores_on_a_cpu_only_machine(tmp_path, caplog):
+    # A checkpoint written on a CUDA machine holds CUDA generator states. Built here with the real
+    # CPU state plus a stand-in CUDA state (16 bytes, as torch's CUDA generators have), written
+    # through the ordinary writer, then restored by a Checkpointer on this machine.
+    import savegame
+    from savegame.offline import write_tree
+
+    if torch.cuda.is_available():
+        pytest.skip("this test stands in for a CPU-only machine; test_cuda_rng_round_trips_* covers CUDA")
+    model = torch.nn.Linear(2, 2)
     state = rng.capture()
+    state["cuda"] = [torch.arange(16, dtype=torch.uint8), torch.arange(16, dtype=torch.uint8)]
+    write_tree(tmp_path, {"state": {"model": model.state_dict()}, "rng": state, "run": {}}, step=3)
     expected = draws()
-    state["torch"] = state["torch"].view(torch.int16).view(torch.uint8)
-    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]
     draws()
     with caplog.at_level(logging.INFO, logger="savegame.rng"):
-        if not torch.cuda.is_available():
-            rng.restore(state)
-            assert "no CUDA here" in caplog.text
-            assert draws() == expected
+        with savegame.Checkpointer(tmp_path, {"model": model}) as ckpt:
+            info = ckpt.restore()
+    assert info is not None and info.step == 3
+    assert draws() == expected
+    assert "2 CUDA RNG state(s); no CUDA here" in caplog.text
 
 
 def test_malformed_state_is_a_clear_error():
