@@ -29,9 +29,8 @@ from typing import Any, BinaryIO, ClassVar
 from savegame.errors import CorruptCheckpointError, UnsafeCheckpointError
 from savegame.migrate import budget, torch_models
 from savegame.migrate.allowlist import ALLOWLIST, py3_name
-from savegame.migrate.restricted_unpickler import RestrictedUnpickler
+from savegame.migrate.restricted_unpickler import LEGACY_MAGIC, RestrictedUnpickler
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 
 
@@ -150,7 +149,7 @@ def _legacy(file: Path) -> Preflight:
     with file.open("rb") as raw:
         f = _Clamped(raw, size)
         header = [_run(f, found, storages) for _ in range(3)]
-        if header[0] != _LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
+        if header[0] != LEGACY_MAGIC or header[1] != _LEGACY_PROTOCOL:
             raise CorruptCheckpointError(f"{file} is not a torch.save file (no torch magic number)")
         _run(f, found, storages)
         keys = _run(f, found, storages)

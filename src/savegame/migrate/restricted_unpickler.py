@@ -36,7 +36,7 @@ from savegame.migrate import budget
 from savegame.migrate.allowlist import ALLOWLIST, PLAIN_PYTHON, py3_name
 from savegame.migrate.plain import plain
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # what a legacy torch.save file (and a pickled storage) starts with
 _TORCH_UTILS: Any = torch._utils  # untyped modules: called through Any
 _STORAGE: Any = torch.storage
 
@@ -113,7 +113,7 @@ def _storage_from_bytes(blob: Any) -> Any:
         raise CorruptCheckpointError("a pickled tensor storage is not bytes")
     f = io.BytesIO(blob)
     header = [_LegacyHeader(f).load() for _ in range(3)]
-    if header[0] != _LEGACY_MAGIC or not isinstance(header[2], dict):
+    if header[0] != LEGACY_MAGIC or not isinstance(header[2], dict):
         raise CorruptCheckpointError("a pickled tensor storage has an unknown header")
     if header[2].get("little_endian", True) != (sys.byteorder == "little"):
         raise CorruptCheckpointError("a pickled tensor storage was written on a machine of other byte order")
