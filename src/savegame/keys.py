@@ -72,7 +72,7 @@ def match_module(module: torch.nn.Module, saved_shapes: Mapping[str, Sequence[in
     """
     own = module.state_dict(keep_vars=True)
     _check_assign(own, name, assign)
-    report, canon_to_own = _match(own, canonical_state(saved_shapes), lambda v: None if v is None else list(v))
+    report, canon_to_own, _ = _match(own, canonical_state(saved_shapes), lambda v: None if v is None else list(v))
     if strict and report:
         raise IncompatibleStateError(report.describe(name) + "; pass strict=False to load what matches")
     bad = report.bad()
@@ -86,21 +86,30 @@ def load_module(module: torch.nn.Module, saved: Mapping[str, Any], *, name: str,
     own = module.state_dict(keep_vars=True)
     _check_assign(own, name, assign)
     incoming = canonical_state(saved)
-    report, canon_to_own = _match(own, incoming, lambda v: list(v.shape) if isinstance(v, torch.Tensor) else None)
+    report, canon_to_own, ties = _match(own, incoming,
+                                        lambda v: list(v.shape) if isinstance(v, torch.Tensor) else None)
     if strict and report:
         raise IncompatibleStateError(report.describe(name) + "; pass strict=False to load what matches")
     bad = report.bad()
     matched = {canon_to_own[c]: v for c, v in incoming.items() if c in canon_to_own and c not in bad}
+    matched.update((canon_to_own[c], incoming[partner]) for c, partner in ties.items() if partner not in bad)
     module.load_state_dict(matched, strict=not report, assign=assign)
     return report
 
 
 def _match(own: Mapping[str, Any], incoming: Mapping[str, Any],
-           shape_of: Callable[[Any], list[int] | None]) -> tuple[KeyReport, dict[str, str]]:
+           shape_of: Callable[[Any], list[int] | None]) -> tuple[KeyReport, dict[str, str], dict[str, str]]:
+    """(mismatches, canonical key -> own key, tied keys absent from ``incoming`` -> a present partner).
+
+    A key the checkpoint lacks is not missing when the model ties it to a key the
+    checkpoint has (the same tensor under two names, as Hugging Face's
+    ``save_pretrained`` writes tied embeddings only once).
+    """
     own_to_canon = canonical_keys(own)
     canon_to_own = {c: k for k, c in own_to_canon.items()}
+    ties = _ties(own, own_to_canon, incoming)
     report = KeyReport(
-        missing=[c for c in canon_to_own if c not in incoming],
+        missing=[c for c in canon_to_own if c not in incoming and c not in ties],
         unexpected=[c for c in incoming if c not in canon_to_own],
     )
     for canon, value in incoming.items():
@@ -108,7 +117,20 @@ def _match(own: Mapping[str, Any], incoming: Mapping[str, Any],
         shape = shape_of(value)
         if shape is not None and isinstance(target, torch.Tensor) and shape != list(target.shape):
             report.mismatched.append(f"{canon} (checkpoint {tuple(shape)}, model {tuple(target.shape)})")
-    return report, canon_to_own
+    return report, canon_to_own, ties
+
+
+def _ties(own: Mapping[str, Any], own_to_canon: Mapping[str, str], incoming: Mapping[str, Any]) -> dict[str, str]:
+    groups: dict[int, list[str]] = {}
+    for key, value in own.items():
+        if isinstance(value, torch.Tensor):
+            groups.setdefault(id(value), []).append(own_to_canon[key])
+    ties = {}
+    for names in groups.values():
+        present = [c for c in names if c in incoming]
+        if present and len(present) < len(names):
+            ties.update((c, present[0]) for c in names if c not in incoming)
+    return ties
 
 
 def _check_assign(own: Mapping[str, Any], name: str, assign: bool) -> None:

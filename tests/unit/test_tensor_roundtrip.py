@@ -118,3 +118,12 @@ def test_files_are_readable_by_safetensors(tmp_path):
 def test_unsupported_tensor_kinds_fail_at_save_naming_the_key(tmp_path, make, match):
     with pytest.raises(UnsupportedValueError, match=rf"opt\.state.*{match}"):
         prepare({"opt": {"state": make()}}, {n.M_STEP: 0, n.M_METRICS: {}})
+
+
+def test_an_expanded_tensor_is_stored_by_its_storage_not_every_element(tmp_path):
+    row = torch.arange(4, dtype=torch.float32)
+    expanded = row.expand(100_000, 4)  # 1.6 MB of elements over 16 bytes of storage
+    prepared = prepare({"x": expanded}, {n.M_STEP: 0, n.M_METRICS: {}})
+    assert prepared.nbytes == 16
+    out = save_and_read(tmp_path, {"x": expanded}, staged=True)
+    assert torch.equal(out["x"], expanded) and out["x"].stride() == (0, 1)

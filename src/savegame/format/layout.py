@@ -101,6 +101,9 @@ def plan(tensors: Sequence[torch.Tensor], shard_bytes: int) -> TensorPlan:
             _plan_group(out, [tensors[i] for i in members], members)
             continue
         t = tensors[members[0]]
+        if not t.is_contiguous() and _overlaps(t):  # an expand(): store its storage, not every element
+            _plan_span(out, [t], members)
+            continue
         entry_of[members[0]] = len(sources)
         sources.append(t)
         dtypes.append(t.dtype)
@@ -118,6 +121,18 @@ def _plan_group(out: TensorPlan, group: list[torch.Tensor], members: list[int]) 
         for i in members:
             out.tensor_entry[i] = entry
         return
+    _plan_span(out, group, members)
+
+
+def _overlaps(t: torch.Tensor) -> bool:
+    """Whether some elements of ``t`` share memory (a stride 0 over a dimension longer than 1)."""
+    extent = sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True)) + 1
+    return extent < t.numel()
+
+
+def _plan_span(out: TensorPlan, group: list[torch.Tensor], members: list[int]) -> None:
+    """Store the bytes of the storage the tensors span once; every tensor becomes a view into it."""
+    first = group[0]
     starts, ends = [], []
     for t in group:
         lo = t.storage_offset() * t.element_size()
