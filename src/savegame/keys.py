@@ -125,7 +125,7 @@ def _ties(own: Mapping[str, Any], own_to_canon: Mapping[str, str], incoming: Map
     for key, value in own.items():
         if isinstance(value, torch.Tensor):
             groups.setdefault(id(value), []).append(own_to_canon[key])
-    ties = {}
+    ties: dict[str, str] = {}
     for names in groups.values():
         present = [c for c in names if c in incoming]
         if present and len(present) < len(names):
