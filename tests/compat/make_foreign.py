@@ -54,7 +54,6 @@ class Built:
     early_stopping: dict[str, Any] | None = None  # expected fields of the imported early stopping
     flags: tuple[str, ...] = ()    # what `savegame migrate` needs (e.g. --drop-unsafe)
     history_steps: list[int] = field(default_factory=list)  # steps of the foreign history lines
-    strict: bool = True            # False: restore needs strict=False (tied weights)
     rng_kinds: tuple[str, ...] = ("python", "numpy", "torch")
 
     def assert_restored(self, objects: dict[str, Any]) -> None:
@@ -361,8 +360,7 @@ def hf_trainer(out: Path, *, tied: bool = False) -> Built:
     fresh = (lambda: trio(TiedLM(), 7)) if tied else (lambda: tiny(7, False))
     return Built("hf-trainer", ckpt, objs, fresh, 500, 1, rng.draws,
                  best={"eval_loss": {"mode": "min", "entries": [[0.31, 400]]}},
-                 early_stopping=es("eval_loss", "min", 0.31, 400, 1), history_steps=[200, 400, 500],
-                 strict=not tied)
+                 early_stopping=es("eval_loss", "min", 0.31, 400, 1), history_steps=[200, 400, 500])
 
 
 def accelerate(out: Path, *, pickled_rng: bool = False) -> Built:

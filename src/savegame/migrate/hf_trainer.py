@@ -84,10 +84,9 @@ def _tied_weights_note(draft: Draft, directory: Path, model: str) -> None:
 def tied_weights_note(model: str, why: str) -> str:
     """What to do when a safetensors model file left out the second name of a tied weight."""
     return (f"{model} may hold tied weights under one name only ({why}; safetensors cannot store one tensor "
-            "twice, so its writer drops the second name, e.g. lm_head.weight). If Checkpointer(...).restore() "
-            "then reports such a key missing, resume with restore(strict=False): a tied parameter shares the "
-            "tensor of the one that is loaded, so it gets the same values. The warning lists what was missing; "
-            "check it names tied keys only.")
+            "twice, so its writer drops the second name, e.g. lm_head.weight). restore() gives such a name the "
+            "tensor your model ties it to, so a model that ties them restores as usual. A model that does not tie "
+            "them gets the name reported missing: tie it before restoring, or restore(strict=False) and set it.")
 
 
 def _rng(draft: Draft, name: str, states: Any) -> None:
