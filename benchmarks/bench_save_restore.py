@@ -173,7 +173,8 @@ class Raw(Method):
 class Savegame(Method):
     def __init__(self, state: dict[str, Any], workdir: Path, async_save: bool) -> None:
         super().__init__(state, workdir)
-        self.ckpt = savegame.Checkpointer(workdir / f"run-{async_save}", state, async_save=async_save, keep_last=1)
+        run_dir = Path(tempfile.mkdtemp(prefix=f"run-{'async' if async_save else 'sync'}-", dir=workdir))
+        self.ckpt = savegame.Checkpointer(run_dir, state, async_save=async_save, keep_last=1)
         self.step = 0
 
     def setup(self) -> None:
