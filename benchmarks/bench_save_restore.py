@@ -150,6 +150,9 @@ class Method:
     def setup(self) -> None:
         """Allocations a method makes once per run (savegame's staging): done before timing."""
 
+    def cleanup(self) -> None:
+        """Remove what the last save wrote, outside the timings."""
+
     def close(self) -> None:
         pass
 
@@ -174,7 +177,8 @@ class Savegame(Method):
     def __init__(self, state: dict[str, Any], workdir: Path, async_save: bool) -> None:
         super().__init__(state, workdir)
         run_dir = Path(tempfile.mkdtemp(prefix=f"run-{'async' if async_save else 'sync'}-", dir=workdir))
-        self.ckpt = savegame.Checkpointer(run_dir, state, async_save=async_save, keep_last=1)
+        # No retention: peers delete nothing inside their timings; old checkpoints are removed between reps.
+        self.run_dir, self.ckpt = run_dir, savegame.Checkpointer(run_dir, state, async_save=async_save)
         self.step = 0
 
     def setup(self) -> None:
@@ -193,6 +197,11 @@ class Savegame(Method):
         t0 = time.perf_counter()
         self.ckpt.restore(self.step)
         return time.perf_counter() - t0
+
+    def cleanup(self) -> None:
+        for old in self.run_dir.glob("step-*"):
+            if old.name != f"step-{self.step:010d}":
+                shutil.rmtree(old)
 
     def close(self) -> None:
         self.ckpt.close()
@@ -296,6 +305,7 @@ def bench_state(name: str, state: dict[str, Any], reps: int, workdir: Path, meth
                 runner.restore(target)  # warm the page cache, then time
                 got["restore"].append(runner.restore(target))
             _remove(target)
+            runner.cleanup()
     for runner in runners.values():
         runner.close()
     return [_row(name, method, size, count, samples[method]) for method in methods]

@@ -140,12 +140,22 @@ def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[in
     """The data section is already laid out in ``buffer``: checksum each entry, write big chunks."""
     view = buffer.numpy().data
     of, starts, sizes = checksum.CURRENT.function, plan.start, plan.sizes
-    for e in entries:
-        start = starts[e]
-        sums[e] = of(view[start:start + sizes[e]])
+
+    def checksums() -> None:
+        for e in entries:
+            start = starts[e]
+            sums[e] = of(view[start:start + sizes[e]])
+
     total = sum(plan.sizes[e] for e in entries)
-    for start in range(0, total, CHUNK):
-        handle.write(view[start:min(start + CHUNK, total)])
+    if total < CHUNK:
+        checksums()
+        handle.write(view[:total])
+        return
+    with ThreadPoolExecutor(max_workers=1) as pool:  # checksums beside the writes: both release the GIL
+        done = pool.submit(checksums)
+        for start in range(0, total, CHUNK):
+            handle.write(view[start:min(start + CHUNK, total)])
+        done.result()
 
 
 def _write_live(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int],
