@@ -28,7 +28,7 @@ from savegame._version import __version__
 from savegame.commit import RenameCommit, write_new_file
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
-from savegame.format.tensorfile import CHUNK, build_header
+from savegame.format.tensorfile import build_header
 from savegame.gcpause import pausing
 from savegame.staging import SMALL, Snapshot, Staging, copy_out
 from savegame.storage.base import Storage, WriteHandle
@@ -37,6 +37,9 @@ log = logging.getLogger("savegame.writer")
 
 DEFAULT_SHARD_BYTES = 1 << 30
 BOUNCE = 4 << 20  # small entries written without staging are gathered into writes of this size
+# Writes of 4-16 MB went into the page cache at a steady ~5 GB/s on the development VM; 64 MB and
+# larger ones sometimes stalled for seconds, and 1 MB ones were 10x slower (benchmarks/, BENCHMARKS.md).
+WRITE = 8 << 20
 
 __all__ = ["Prepared", "prepare", "Staging", "snapshot", "write_checkpoint", "BackgroundWriter"]
 
@@ -147,14 +150,14 @@ def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[in
             sums[e] = of(view[start:start + sizes[e]])
 
     total = sum(plan.sizes[e] for e in entries)
-    if total < CHUNK:
+    if total < WRITE:
         checksums()
         handle.write(view[:total])
         return
     with ThreadPoolExecutor(max_workers=1) as pool:  # checksums beside the writes: both release the GIL
         done = pool.submit(checksums)
-        for start in range(0, total, CHUNK):
-            handle.write(view[start:min(start + CHUNK, total)])
+        for start in range(0, total, WRITE):
+            handle.write(view[start:min(start + WRITE, total)])
         done.result()
 
 
@@ -172,8 +175,8 @@ def _write_live(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int]
         data = src.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         view = data.numpy().data if size else memoryview(b"")
         running = checksum.CURRENT.running()
-        for start in range(0, size, CHUNK):
-            chunk = view[start:start + CHUNK]
+        for start in range(0, size, WRITE):
+            chunk = view[start:start + WRITE]
             running.update(chunk)
             handle.write(chunk)
         sums[e] = running.value()
