@@ -118,3 +118,22 @@ def test_cuda_snapshot_is_consistent_under_mutation(tmp_path):
         with torch.no_grad():
             model.weight.add_(1.0)
     assert torch.equal(savegame.load(tmp_path)["state"]["model"]["weight"], expected)
+
+
+def test_the_background_writer_runs_at_the_lowest_cpu_priority(tmp_path):
+    import os
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread priorities are set on Linux only")
+    from savegame import writer
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    mine = priority()
+    seen: list[int] = []
+    background = writer.BackgroundWriter()
+    background.submit(lambda: seen.append(priority()))
+    background.wait()
+    assert mine < writer.WRITER_NICE and seen == [writer.WRITER_NICE]
+    assert priority() == mine  # only the writer thread was lowered, not the caller
