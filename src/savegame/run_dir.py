@@ -23,7 +23,7 @@ __all__ = ["CheckpointInfo", "RunDir", "RunLock", "checkpoint_name", "parse_step
 
 log = logging.getLogger("savegame.run")
 
-_NAME_RE = re.compile(r"step-(\d{10})(?:-[^/\\]*)?(?:\.(\d+))?")
+_NAME_RE = re.compile(r"step-(\d{10,})(?:-[^/\\]*)?(?:\.(\d+))?")
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 

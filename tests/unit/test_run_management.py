@@ -107,6 +107,25 @@ def test_name_format_adds_fields_and_the_step_stays_the_key(tmp_path):
     ckpt.close()
 
 
+def test_steps_past_ten_digits_are_found_ordered_and_rotated(tmp_path):
+    # Runs that count samples or tokens as the step pass 10**10: the name grows a digit.
+    model, ckpt = make(tmp_path, keep_last=2, name_format="e{epoch:03d}")
+    for step in (9_999_999_999, 10**10, 10**10 + 7):
+        with torch.no_grad():
+            model.weight.fill_(float(step % 1000))
+        ckpt.save(step, epoch=1)
+    names = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step-"))
+    assert names == ["step-10000000000-e001", "step-10000000007-e001"]
+    with torch.no_grad():
+        model.weight.zero_()
+    assert ckpt.restore().step == 10**10 + 7
+    assert model.weight.eq(7.0).all()
+    assert ckpt.restore(10**10).step == 10**10
+    assert model.weight.eq(0.0).all()  # 10**10 % 1000
+    assert savegame.load(tmp_path)["step"] == 10**10 + 7
+    ckpt.close()
+
+
 def test_saving_the_same_step_twice_keeps_only_the_newest(tmp_path):
     model, ckpt = make(tmp_path)
     ckpt.save(5)
