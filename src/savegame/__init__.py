@@ -23,14 +23,14 @@ from savegame.stateful import Stateful
 
 __all__ = [
     "Checkpointer",
-    "RestoreInfo",
-    "Stateful",
-    "EarlyStopping",
     "DataLoader",
-    "ResumableSampler",
+    "EarlyStopping",
     "MultiLoader",
-    "load",
-    "errors",
+    "RestoreInfo",
+    "ResumableSampler",
     "SavegameError",
+    "Stateful",
     "__version__",
+    "errors",
+    "load",
 ]

@@ -11,8 +11,8 @@ import torch
 
 from savegame import reader, rng
 from savegame.errors import ConfigurationError, IncompatibleStateError
-from savegame.format import names as n
 from savegame.format import codec
+from savegame.format import names as n
 from savegame.gcpause import pausing
 from savegame.keys import KeyReport, canonical_state, load_module, match_module
 from savegame.stateful import Stateful

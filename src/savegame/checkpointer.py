@@ -13,7 +13,12 @@ from typing import Any
 import torch
 
 from savegame import capture, reader, selection
-from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError, SavegameError
+from savegame.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+    SavegameError,
+)
 from savegame.finite import refuse_non_finite_metrics, refuse_non_finite_state
 from savegame.format import codec
 from savegame.format import names as n
@@ -26,7 +31,14 @@ from savegame.selection import Which
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
 from savegame.tracking import Pending, RunTracker
-from savegame.writer import BackgroundWriter, Prepared, Staging, prepare, snapshot, write_checkpoint
+from savegame.writer import (
+    BackgroundWriter,
+    Prepared,
+    Staging,
+    prepare,
+    snapshot,
+    write_checkpoint,
+)
 
 log = logging.getLogger("savegame")
 
@@ -229,6 +241,7 @@ class Checkpointer:
         for arg, value in (("strict", strict), ("assign", assign)):
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
+        reader.device_of(map_location)  # a bad or absent device is refused before anything is read
         self._wait()
         candidates = selection.candidates(which, self._run, self._tracker)
         if not candidates:

@@ -50,14 +50,14 @@ class RunLockedError(SavegameError):
 
 
 __all__ = [
-    "SavegameError",
-    "ConfigurationError",
     "CheckpointNotFoundError",
+    "ConfigurationError",
     "CorruptCheckpointError",
     "IncompatibleStateError",
-    "UnsupportedValueError",
-    "UnsafeCheckpointError",
     "NonFiniteStateError",
-    "StorageError",
     "RunLockedError",
+    "SavegameError",
+    "StorageError",
+    "UnsafeCheckpointError",
+    "UnsupportedValueError",
 ]

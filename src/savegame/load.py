@@ -9,7 +9,11 @@ from typing import Any, NoReturn
 import torch
 
 from savegame import reader
-from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
+from savegame.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    CorruptCheckpointError,
+)
 from savegame.format import names as n
 from savegame.run_dir import RunDir
 from savegame.storage.local import LocalStorage

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
+from savegame import readinto
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
-from savegame import readinto
 from savegame.gcpause import pausing
 from savegame.storage.base import Storage
 
@@ -86,15 +86,25 @@ def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str
 
 
 def device_of(map_location: torch.device | str | None) -> torch.device | None:
-    """``map_location`` as a device; a bad one is a ConfigurationError naming it."""
+    """``map_location`` as a device this process can use; otherwise a ConfigurationError naming it."""
     if map_location is None:
         return None
     try:
-        return torch.device(map_location)
+        device = torch.device(map_location)
     except (RuntimeError, TypeError, ValueError) as exc:
         raise ConfigurationError(
             f"map_location must be a device such as 'cpu', 'cuda:0' or torch.device('meta'), got {map_location!r}"
         ) from exc
+    if device.type not in ("cpu", "meta"):
+        try:
+            torch.empty(0, device=device)
+        except (AssertionError, RuntimeError) as exc:  # torch raises AssertionError when built without CUDA
+            reason = (str(exc).strip().splitlines() or ["no such device"])[0][:200]
+            raise ConfigurationError(
+                f"map_location {str(device)!r} is not available in this process ({reason}); "
+                "pass map_location='cpu' to load the checkpoint on this machine"
+            ) from exc
+    return device
 
 
 @pausing

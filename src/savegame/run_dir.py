@@ -19,7 +19,7 @@ from savegame.policies import CheckpointRecord
 from savegame.run_lock import RunLock
 from savegame.storage.base import Storage
 
-__all__ = ["CheckpointInfo", "RunDir", "RunLock", "checkpoint_name", "parse_step", "alias_file", "alias_of_file"]
+__all__ = ["CheckpointInfo", "RunDir", "RunLock", "alias_file", "alias_of_file", "checkpoint_name", "parse_step"]
 
 log = logging.getLogger("savegame.run")
 

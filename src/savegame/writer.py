@@ -44,7 +44,7 @@ BOUNCE = 4 << 20  # small entries written without staging are gathered into writ
 WRITE = 8 << 20
 WRITER_NICE = 19  # the background writer's nice value on Linux: the lowest priority (see _yield_to_training)
 
-__all__ = ["Prepared", "prepare", "Staging", "snapshot", "write_checkpoint", "BackgroundWriter"]
+__all__ = ["BackgroundWriter", "Prepared", "Staging", "prepare", "snapshot", "write_checkpoint"]
 
 
 @dataclass

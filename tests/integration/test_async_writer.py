@@ -15,7 +15,7 @@ from savegame.errors import StorageError
 from savegame.reader import verify_checkpoint
 from savegame.run_dir import RunDir
 from savegame.storage import FaultyStorage, LocalStorage
-from tests.integration.procs import ROOT, child_env
+from tests.integration.procs import child_env
 
 
 def test_a_process_that_saves_and_exits_leaves_a_complete_checkpoint(tmp_path):

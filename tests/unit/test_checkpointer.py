@@ -9,8 +9,14 @@ import pytest
 import torch
 
 import savegame
-from savegame.errors import (CheckpointNotFoundError, ConfigurationError, IncompatibleStateError, RunLockedError,
-                             StorageError, UnsupportedValueError)
+from savegame.errors import (
+    CheckpointNotFoundError,
+    ConfigurationError,
+    IncompatibleStateError,
+    RunLockedError,
+    StorageError,
+    UnsupportedValueError,
+)
 from savegame.storage import FaultyStorage, LocalStorage
 from tests.helpers import Net, assert_same_state, make_state, train_steps
 
@@ -161,6 +167,33 @@ def test_unsupported_values_fail_at_save_and_lose_nothing(tmp_path):
         with pytest.raises(UnsupportedValueError, match="weird.fn"):
             ckpt.save(2)
     assert savegame.load(tmp_path)["step"] == 1
+
+
+def test_a_cyclic_state_fails_at_save_naming_it_and_a_deep_one_round_trips(tmp_path):
+    class Holder:
+        def __init__(self, value):
+            self.value = value
+
+        def state_dict(self):
+            return {"v": self.value}
+
+        def load_state_dict(self, s):
+            self.value = s["v"]
+
+    deep: object = [1.5]
+    for _ in range(150):
+        deep = {"k": deep}
+    cyclic: dict = {"x": 1}
+    cyclic["self"] = cyclic
+    holder = Holder(deep)
+    with savegame.Checkpointer(tmp_path, {"h": holder}) as ckpt:
+        ckpt.save(1)
+        holder.value = cyclic
+        with pytest.raises(UnsupportedValueError, match="h.v.self.self.*does a container hold itself"):
+            ckpt.save(2)
+        holder.value = None
+        assert ckpt.restore().step == 1
+    assert holder.value == deep
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -13,12 +13,12 @@ import torch
 from click.testing import CliRunner
 
 import savegame
-from savegame.format.names import FORMAT_VERSION
-from tests.damage import flip_data_byte
 from savegame.cli import main
+from savegame.format.names import FORMAT_VERSION
 from savegame.offline import write_tree
 from savegame.run_dir import RunDir, RunLock
 from savegame.storage.local import LocalStorage
+from tests.damage import flip_data_byte
 
 LOSSES = {10: 0.5, 20: 0.2, 30: 0.4, 40: 0.3}  # the best val_loss is at step 20
 

@@ -111,3 +111,29 @@ def test_deep_nesting_is_refused_not_crashing():
         doc = [doc]
     with pytest.raises(CorruptCheckpointError):
         codec.decode(doc, [])
+
+
+def nested(kind: str, levels: int) -> object:
+    value: object = 1
+    for _ in range(levels):
+        value = {"a": value} if kind == "dict" else [value] if kind == "list" else (value,)
+    return value
+
+
+@pytest.mark.parametrize("kind", ["dict", "list", "tuple"])
+def test_the_deepest_value_encode_accepts_decodes(kind):
+    value = nested(kind, codec.MAX_ENCODE_DEPTH)
+    encoded = json.loads(json.dumps(codec.encode(value, lambda t, p: 0)))
+    assert codec.decode(encoded, []) == value
+    with pytest.raises(UnsupportedValueError, match="nested more than"):
+        codec.encode(nested(kind, codec.MAX_ENCODE_DEPTH + 1), lambda t, p: 0)
+
+
+@pytest.mark.parametrize("make_cycle", [
+    lambda: (d := {"x": 1}, d.__setitem__("self", d))[0],
+    lambda: (lst := [1], lst.append(lst))[0],
+    lambda: (lst := [1], {"outer": (lst,)}, lst.append({"back": lst}))[1],
+], ids=["dict", "list", "through-a-tuple"])
+def test_a_value_that_contains_itself_is_refused_with_its_path(make_cycle):
+    with pytest.raises(UnsupportedValueError, match=r"cannot store the value at '(self|\[1\]|outer)"):
+        codec.encode(make_cycle(), lambda t, p: 0)

@@ -132,7 +132,7 @@ def test_to_delete_is_oldest_first(records, policies) -> None:
 def test_keep_last_keeps_exactly_the_n_newest(records, n) -> None:
     kept = keep_last(n)(records)
     assert len(kept) == min(n, len(records))
-    key = lambda r: (r.step, r.time, r.name)  # noqa: E731
+    key = lambda r: (r.step, r.time, r.name)
     assert all(key(a) > key(b) for a in records if a.name in kept for b in records if b.name not in kept)
 
 

@@ -76,3 +76,18 @@ def test_a_bad_map_location_is_a_configuration_error(tmp_path, bad):
         ckpt.save(1)
     with pytest.raises(ConfigurationError, match="map_location"):
         savegame.load(tmp_path, map_location=bad)
+
+
+def test_a_device_this_process_lacks_is_refused_before_anything_is_loaded(tmp_path):
+    # The everyday case: a checkpoint of a GPU run opened on a laptop with map_location="cuda".
+    absent = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    model = torch.nn.Linear(2, 2)
+    with savegame.Checkpointer(tmp_path, state={"m": model}) as ckpt:
+        ckpt.save(1)
+        with torch.no_grad():
+            model.weight.fill_(7.0)
+        with pytest.raises(ConfigurationError, match=f"map_location '{absent}' is not available.*map_location='cpu'"):
+            ckpt.restore(map_location=absent)
+        assert model.weight.eq(7.0).all()
+    with pytest.raises(ConfigurationError, match="is not available"):
+        savegame.load(tmp_path, map_location=absent)

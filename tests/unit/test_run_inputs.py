@@ -13,7 +13,13 @@ import torch
 
 import savegame
 from savegame import run_lock
-from savegame.errors import ConfigurationError, RunLockedError, SavegameError, StorageError, NonFiniteStateError
+from savegame.errors import (
+    ConfigurationError,
+    NonFiniteStateError,
+    RunLockedError,
+    SavegameError,
+    StorageError,
+)
 from savegame.preemption import SaveSchedule
 from savegame.storage import FaultyStorage, LocalStorage
 

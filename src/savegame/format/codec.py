@@ -24,6 +24,8 @@ from savegame.errors import CorruptCheckpointError, UnsupportedValueError
 
 TensorSink = Callable[[torch.Tensor, str], int]
 MAX_DEPTH = 200
+MAX_ENCODE_DEPTH = MAX_DEPTH - 20
+"""Deepest nesting encode() accepts; the margin covers the levels the checkpoint's tree adds above a state."""
 
 _FLOAT_SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _TAGS = frozenset(
@@ -44,18 +46,22 @@ def dtype_from_name(name: object) -> torch.dtype:
     return dtype
 
 
-def encode(value: Any, sink: TensorSink, path: str = "") -> Any:
+def encode(value: Any, sink: TensorSink, path: str = "", depth: int = 0) -> Any:
     """Return a JSON-able form of ``value``; tensors and arrays go to ``sink``.
 
     Raises UnsupportedValueError naming the key path of the first value that
     cannot be stored exactly. Subclasses of dict, str, int and float (an
     OrderedDict, a str enum...) are stored as their base type, with the same
     items in the same order; subclasses of tuple and list (namedtuples) are
-    refused, since their fields would silently become positions.
+    refused, since their fields would silently become positions. Nesting deeper
+    than :data:`MAX_ENCODE_DEPTH` (a value that contains itself, say) is refused
+    too: the decoder would refuse to read it back.
     """
+    if depth > MAX_ENCODE_DEPTH:
+        _too_deep(path)
     cls = type(value)  # exact types first: this runs once per value of the state
     if cls is dict:
-        return _encode_dict(value, sink, path)
+        return _encode_dict(value, sink, path, depth + 1)
     if cls is torch.Tensor or cls is torch.nn.Parameter:
         return {"$t": sink(value, path)}
     if cls is str or cls is int or cls is bool or value is None:
@@ -63,13 +69,21 @@ def encode(value: Any, sink: TensorSink, path: str = "") -> Any:
     if cls is float:
         return value if math.isfinite(value) else _encode_float(value)
     if cls is list:
-        return [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [encode(v, sink, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
     if cls is tuple:
-        return {"$tuple": [encode(v, sink, f"{path}[{i}]") for i, v in enumerate(value)]}
-    return _encode_other(value, sink, path)
+        return {"$tuple": [encode(v, sink, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]}
+    return _encode_other(value, sink, path, depth + 1)
 
 
-def _encode_other(value: Any, sink: TensorSink, path: str) -> Any:
+def _too_deep(path: str) -> None:
+    where = path if len(path) <= 160 else f"{path[:80]}...{path[-60:]}"
+    raise UnsupportedValueError(
+        f"cannot store the value at {where!r}: it is nested more than {MAX_ENCODE_DEPTH} levels deep "
+        "(does a container hold itself?). Flatten it, or break the cycle, in state_dict()."
+    )
+
+
+def _encode_other(value: Any, sink: TensorSink, path: str, depth: int) -> Any:
     if isinstance(value, np.generic):
         return _encode_numpy_scalar(value, path)
     if isinstance(value, (bool, str)):
@@ -91,14 +105,14 @@ def _encode_other(value: Any, sink: TensorSink, path: str) -> Any:
             "convert it in state_dict() to a plain tuple, list or dict"
         )
     if isinstance(value, dict):
-        return _encode_dict(value, sink, path)
-    return _encode_scalar_object(value, sink, path)
+        return _encode_dict(value, sink, path, depth)
+    return _encode_scalar_object(value, sink, path, depth)
 
 
-def _encode_scalar_object(value: Any, sink: TensorSink, path: str) -> Any:
+def _encode_scalar_object(value: Any, sink: TensorSink, path: str, depth: int) -> Any:
     if isinstance(value, (set, frozenset)):
         tag = "$set" if isinstance(value, set) else "$frozenset"
-        items = [encode(v, sink, f"{path}{{}}") for v in value]
+        items = [encode(v, sink, f"{path}{{}}", depth) for v in value]
         return {tag: sorted(items, key=repr)}
     if isinstance(value, bytes):
         return {"$bytes": base64.b64encode(value).decode("ascii")}
@@ -122,14 +136,14 @@ def _encode_float(value: float) -> Any:
     return {"$float": "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")}
 
 
-def _encode_dict(value: dict[Any, Any], sink: TensorSink, path: str) -> Any:
+def _encode_dict(value: dict[Any, Any], sink: TensorSink, path: str, depth: int) -> Any:
     plain = all(isinstance(k, str) and not k.startswith("$") for k in value)
     if plain:
-        return {k: encode(v, sink, f"{path}.{k}" if path else k) for k, v in value.items()}
+        return {k: encode(v, sink, f"{path}.{k}" if path else k, depth) for k, v in value.items()}
     pairs = []
     for k, v in value.items():
         sub = f"{path}[{k!r}]"
-        pairs.append([encode(k, sink, sub), encode(v, sink, sub)])
+        pairs.append([encode(k, sink, sub, depth), encode(v, sink, sub, depth)])
     return {"$dict": pairs}
 
 

@@ -39,11 +39,9 @@ from savegame.policies.retention import (
 from savegame.policies.spec import parse_best_spec
 
 __all__ = [
-    "MODES", "CheckpointRecord", "Policy", "RetentionPolicy",
-    "keep_last", "keep_every", "keep_best", "keep_pinned", "rank_best", "latest_saves", "superseded", "ahead_of",
-    "select_keep", "to_delete", "RetentionPlan", "plan_retention",
-    "is_better", "update_best", "best_from_records",
-    "EarlyStopping", "EarlyStoppingConfig", "EarlyStoppingState", "early_stopping_step",
-    "initial_early_stopping_state",
-    "parse_best_spec",
+    "MODES", "CheckpointRecord", "EarlyStopping", "EarlyStoppingConfig", "EarlyStoppingState", "Policy",
+    "RetentionPlan", "RetentionPolicy", "ahead_of", "best_from_records", "early_stopping_step",
+    "initial_early_stopping_state", "is_better", "keep_best", "keep_every", "keep_last", "keep_pinned",
+    "latest_saves", "parse_best_spec", "plan_retention", "rank_best", "select_keep", "superseded",
+    "to_delete", "update_best",
 ]

@@ -8,7 +8,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from savegame.errors import IncompatibleStateError
-from savegame.policies._common import CheckpointRecord, check_count, check_min_delta, check_mode, finite, rank_key
+from savegame.policies._common import (
+    CheckpointRecord,
+    check_count,
+    check_min_delta,
+    check_mode,
+    finite,
+    rank_key,
+)
 from savegame.policies.retention import latest_saves, rank_best
 
 

@@ -4,4 +4,4 @@ from savegame.storage.base import Storage, WriteHandle
 from savegame.storage.faulty import FaultyStorage, InjectedFault
 from savegame.storage.local import LocalStorage
 
-__all__ = ["Storage", "WriteHandle", "LocalStorage", "FaultyStorage", "InjectedFault"]
+__all__ = ["FaultyStorage", "InjectedFault", "LocalStorage", "Storage", "WriteHandle"]
