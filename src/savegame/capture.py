@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from savegame import reader, rng
-from savegame.errors import ConfigurationError, IncompatibleStateError
+from savegame import optim_check, reader, rng
+from savegame.errors import ConfigurationError, CorruptCheckpointError, IncompatibleStateError
 from savegame.format import codec
 from savegame.format import names as n
 from savegame.gcpause import pausing
@@ -93,7 +93,8 @@ def capture(objects: Mapping[str, Stateful], run_state: Any) -> dict[str, Any]:
     for name, obj in objects.items():
         value = obj.state_dict()
         states[name] = canonical_state(value) if isinstance(obj, torch.nn.Module) else value
-    return {n.TREE_STATE: states, n.TREE_RNG: rng.capture(), n.TREE_RUN: run_state}
+    return {n.TREE_STATE: states, n.TREE_RNG: rng.capture(), n.TREE_RUN: run_state,
+            n.TREE_TYPES: optim_check.recorded_types(objects)}
 
 
 @pausing
@@ -102,7 +103,8 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
     """Check a checkpoint against the objects before reading it; return where bytes can go directly.
 
     Raises IncompatibleStateError (``strict``) when state names, model keys or
-    shapes differ, so nothing is loaded from a checkpoint that will be refused.
+    shapes, or the class or moment shapes of a torch optimizer or scheduler
+    differ, so nothing is loaded from a checkpoint that will be refused.
     Returns tensor numbers of the tree mapped to the models' own parameters and
     buffers, which the reader fills in place (no second copy); with ``assign``
     there are none, since the checkpoint's tensors replace the models' own.
@@ -112,9 +114,12 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
     if not isinstance(saved, Mapping):
         raise IncompatibleStateError("the checkpoint holds no object states")
     _check_names(objects, saved, strict)
+    meta = reader.tensor_meta(doc)
+    if strict:
+        assert isinstance(tree, Mapping)
+        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), meta)
     if not any(isinstance(obj, torch.nn.Module) for obj in objects.values()):
         return {}
-    meta = reader.tensor_meta(doc)
     out: dict[int, torch.Tensor] = {}
     for name, obj in objects.items():
         encoded = saved.get(name)
@@ -126,6 +131,33 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
         if not assign:
             out.update((refs[key], tensor) for key, tensor in own.items() if key in refs)
     return out
+
+
+def _precheck_optimizers(objects: Mapping[str, Stateful], saved: Mapping[str, Any], types: Any,
+                         meta: list[tuple[str, list[int]]]) -> None:
+    """Refuse a wrong optimizer or scheduler (class, moment shapes) before any byte is read into a model."""
+    types = types if isinstance(types, Mapping) else {}
+    for name, obj in objects.items():
+        if name in saved and optim_check.checked_kind(obj) is not None:
+            shaped = codec.decode(saved[name], _MetaTensors(meta))  # shapes only: no data is read
+            optim_check.check(name, obj, shaped, types.get(name), strict=True)
+
+
+class _MetaTensors(Sequence[torch.Tensor]):
+    """Tensor number -> a meta tensor of the recorded dtype and shape, made when asked for."""
+
+    def __init__(self, meta: list[tuple[str, list[int]]]) -> None:
+        self.meta = meta
+
+    def __len__(self) -> int:
+        return len(self.meta)
+
+    def __getitem__(self, index: Any) -> Any:
+        dtype, shape = self.meta[index]
+        try:
+            return torch.empty(shape, dtype=codec.dtype_from_name(dtype), device="meta")
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise CorruptCheckpointError(f"bad shape {shape!r} of tensor {index} in checkpoint") from exc
 
 
 def _check_names(objects: Mapping[str, Stateful], saved: Mapping[str, Any], strict: bool) -> None:
@@ -146,18 +178,26 @@ def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: b
     if not isinstance(saved, Mapping):
         raise IncompatibleStateError("the checkpoint holds no object states")
     _check_names(objects, saved, strict)
+    types = tree.get(n.TREE_TYPES)
+    types = types if isinstance(types, Mapping) else {}
+    checked = {name: optim_check.check(name, obj, saved[name], types.get(name), strict=strict)
+               for name, obj in objects.items() if name in saved}  # every refusal before anything loads
     reports = {}
     for name, obj in objects.items():
         if name not in saved:
             log.warning("checkpoint has no state for %r; it keeps its current state", name)
             continue
-        reports[name] = _apply_one(name, obj, saved[name], strict=strict, assign=assign)
+        state, report = checked[name]
+        if report:
+            log.warning("%s", report.describe(name))
+        reports[name] = report if state is optim_check.SKIP else \
+            _apply_one(name, obj, state, strict=strict, assign=assign, report=report)
     if restore_rng and n.TREE_RNG in tree:
         rng.restore(tree[n.TREE_RNG])
     return reports
 
 
-def _apply_one(name: str, obj: Stateful, value: Any, *, strict: bool, assign: bool) -> KeyReport:
+def _apply_one(name: str, obj: Stateful, value: Any, *, strict: bool, assign: bool, report: KeyReport) -> KeyReport:
     if isinstance(obj, torch.nn.Module):
         report = load_module(obj, value, name=name, strict=strict, assign=assign)
         if report:
@@ -167,4 +207,4 @@ def _apply_one(name: str, obj: Stateful, value: Any, *, strict: bool, assign: bo
         obj.load_state_dict(value)
     except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
         raise IncompatibleStateError(f"state {name!r} could not be loaded from the checkpoint: {exc}") from exc
-    return KeyReport()
+    return report

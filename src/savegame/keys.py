@@ -43,9 +43,10 @@ class KeyReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
+    incompatible: list[str] = field(default_factory=list)  # e.g. another optimizer class: nothing loaded
 
     def __bool__(self) -> bool:
-        return bool(self.missing or self.unexpected or self.mismatched)
+        return bool(self.missing or self.unexpected or self.mismatched or self.incompatible)
 
     def bad(self) -> set[str]:
         """The canonical keys whose shapes differ."""
@@ -54,7 +55,7 @@ class KeyReport:
     def describe(self, name: str) -> str:
         parts = []
         for label, items in (("missing", self.missing), ("unexpected", self.unexpected),
-                             ("shape mismatch", self.mismatched)):
+                             ("shape mismatch", self.mismatched), ("incompatible", self.incompatible)):
             if items:
                 shown = ", ".join(items[:20]) + (f", ... ({len(items) - 20} more)" if len(items) > 20 else "")
                 parts.append(f"{label} ({len(items)}): {shown}")

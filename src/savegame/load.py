@@ -33,8 +33,10 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
     """Read a checkpoint (a checkpoint directory, its manifest, or a run directory for its newest).
 
     Returns ``{"step", "epoch", "metrics", "extra", "time", "savegame_version",
-    "torch_version", "state", "rng", "run"}``. Tensors are on the CPU unless
-    ``map_location`` says otherwise. Never executes code: the format holds no pickle.
+    "torch_version", "state", "rng", "run", "types"}`` (``types``: the class of
+    each state's object, None where a checkpoint does not record them). Tensors
+    are on the CPU unless ``map_location`` says otherwise. Never executes code:
+    the format holds no pickle.
 
     ``mmap=True`` maps tensor files lazily: tensors are views of the files, and
     only the pages you touch are read. ``verify`` (checking every byte against its
@@ -54,7 +56,7 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         raise CorruptCheckpointError(f"{path}: the state tree is not a mapping")
     meta = reader.decode_meta(doc)
     out = {**meta, "savegame_version": doc.get(n.M_SAVEGAME_VERSION), "torch_version": doc.get(n.M_TORCH_VERSION),
-           **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN)}}
+           **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN, n.TREE_TYPES)}}
     frozen: FrozenDict = _freeze(out)
     return frozen
 

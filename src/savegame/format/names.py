@@ -22,6 +22,7 @@ ABANDONED_DIR = "abandoned"         # checkpoints of a continuation given up by 
 TREE_STATE = "state"
 TREE_RNG = "rng"
 TREE_RUN = "run"
+TREE_TYPES = "types"  # {name: "module.Class"} of every object; absent in migrated checkpoints
 
 # Manifest keys.
 M_FORMAT = "format"
