@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,56 @@ def test_a_device_this_process_lacks_is_refused_before_anything_is_loaded(tmp_pa
         assert model.weight.eq(7.0).all()
     with pytest.raises(ConfigurationError, match="is not available"):
         savegame.load(tmp_path, map_location=absent)
+
+
+def test_restore_reads_into_the_models_own_memory(tmp_path):
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    addresses = {k: v.data_ptr() for k, v in model.state_dict().items()}
+    with savegame.Checkpointer(tmp_path, {"model": model}) as ckpt:
+        ckpt.save(1)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()
+        ckpt.restore()
+    for key, value in model.state_dict().items():
+        assert value.data_ptr() == addresses[key], key  # the same memory, not new tensors
+        assert torch.equal(value, saved[key]), key
+
+
+def test_staging_buffers_are_allocated_once_and_reused_on_the_cpu(tmp_path):
+    model = torch.nn.Linear(256, 256)
+    with savegame.Checkpointer(tmp_path, {"model": model}) as ckpt:
+        ckpt.save(1)
+        ckpt.wait()
+        buffers = list(ckpt._staging._buffers.values())  # type: ignore[union-attr]
+        assert buffers and not any(b.is_pinned() for b in buffers)
+        addresses = [b.data_ptr() for b in buffers]
+        for step in (2, 3):
+            ckpt.save(step)
+            ckpt.wait()
+            assert [b.data_ptr() for b in ckpt._staging._buffers.values()] == addresses  # type: ignore[union-attr]
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="resident memory is read from /proc (Linux)")
+def test_load_with_mmap_reads_only_the_pages_touched(tmp_path):
+    class Big:
+        def state_dict(self) -> dict:
+            return {f"t{i}": torch.full((8 << 20,), float(i), dtype=torch.uint8) for i in range(16)}  # 128 MiB
+
+        def load_state_dict(self, state: dict) -> None:
+            pass
+
+    with savegame.Checkpointer(tmp_path, {"big": Big()}, async_save=False) as ckpt:
+        ckpt.save(1)
+    before = resident_bytes()
+    tree = savegame.load(tmp_path, mmap=True)
+    mapped = resident_bytes() - before
+    assert mapped < 16 << 20, f"mmap=True load made {mapped >> 20} MiB resident before any tensor was touched"
+    assert int(tree["state"]["big"]["t5"].sum()) == 5 * (8 << 20)  # touching one tensor reads it
+    assert resident_bytes() - before >= 6 << 20

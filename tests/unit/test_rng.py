@@ -81,3 +81,30 @@ def test_cuda_rng_round_trips_through_a_checkpoint_and_cpu(tmp_path):
         torch.cuda.manual_seed_all(99)
         ckpt.restore(map_location="cuda")  # RNG tensors land on the GPU and must go back to the CPU
     assert torch.rand(4, device="cuda").tolist() == expected
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_saved_on_a_gpu_restores_in_a_process_without_cuda(tmp_path):
+    import subprocess
+    import sys
+
+    import savegame
+    from tests.integration.procs import child_env
+
+    model = torch.nn.Linear(3, 3).cuda()
+    with savegame.Checkpointer(tmp_path, {"m": model}) as ckpt:
+        ckpt.save(0)
+    expected = model.weight.detach().cpu().tolist()
+    code = (
+        "import sys, torch, savegame\n"
+        "assert not torch.cuda.is_available()\n"
+        "m = torch.nn.Linear(3, 3)\n"
+        "with savegame.Checkpointer(sys.argv[1], {'m': m}) as c:\n"
+        "    c.restore()\n"
+        "print(m.weight.tolist())\n"
+    )
+    env = {**child_env(), "CUDA_VISIBLE_DEVICES": ""}
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                         env=env, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(expected)
