@@ -139,12 +139,12 @@ def _precheck_optimizers(objects: Mapping[str, Stateful], saved: Mapping[str, An
     types = types if isinstance(types, Mapping) else {}
     for name, obj in objects.items():
         if name in saved and optim_check.checked_kind(obj) is not None:
-            shaped = codec.decode(saved[name], _MetaTensors(meta))  # shapes only: no data is read
+            shaped = codec.decode(saved[name], _Shapes(meta))  # shapes only: no data is read
             optim_check.check(name, obj, shaped, types.get(name), strict=True)
 
 
-class _MetaTensors(Sequence[torch.Tensor]):
-    """Tensor number -> a meta tensor of the recorded dtype and shape, made when asked for."""
+class _Shapes(Sequence[Any]):
+    """Tensor number -> its recorded shape, standing for the tensor (no data is read)."""
 
     def __init__(self, meta: list[tuple[str, list[int]]]) -> None:
         self.meta = meta
@@ -153,11 +153,10 @@ class _MetaTensors(Sequence[torch.Tensor]):
         return len(self.meta)
 
     def __getitem__(self, index: Any) -> Any:
-        dtype, shape = self.meta[index]
-        try:
-            return torch.empty(shape, dtype=codec.dtype_from_name(dtype), device="meta")
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise CorruptCheckpointError(f"bad shape {shape!r} of tensor {index} in checkpoint") from exc
+        shape = self.meta[index][1]
+        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+            raise CorruptCheckpointError(f"bad shape {shape!r} of tensor {index} in checkpoint")
+        return optim_check.Shape(shape)
 
 
 def _check_names(objects: Mapping[str, Stateful], saved: Mapping[str, Any], strict: bool) -> None:

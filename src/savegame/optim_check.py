@@ -34,6 +34,19 @@ SKIP = object()
 """Returned in place of a state that must not be loaded at all."""
 
 
+class Shape(tuple[int, ...]):
+    """Stands for a tensor of this shape when a checkpoint is checked before its data is read."""
+
+    def numpy(self) -> Shape:  # where the tree holds a NumPy array ({"$nd": i})
+        return self
+
+
+def _shape_of(value: object) -> tuple[int, ...] | None:
+    if isinstance(value, torch.Tensor):
+        return tuple(value.shape)
+    return value if isinstance(value, Shape) else None
+
+
 def type_name(obj: object) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
@@ -96,16 +109,16 @@ def _drop_mismatched(opt: torch.optim.Optimizer, state: Any, report: KeyReport) 
         if param is None or not isinstance(values, Mapping):
             continue
         for key, value in values.items():
-            if _misfits(value, param):
-                report.mismatched.append(f"state[{pid}].{key} {tuple(value.shape)} in checkpoint, "
-                                         f"parameter {tuple(param.shape)}")
+            shape = _shape_of(value)
+            if shape is not None and _misfits(shape, tuple(param.shape)):
+                report.mismatched.append(f"state[{pid}].{key} {shape} in checkpoint, parameter {tuple(param.shape)}")
                 bad.add(pid)
     if not bad:
         return state
     return {**state, "state": {pid: v for pid, v in per_param.items() if pid not in bad}}
 
 
-def _misfits(value: object, param: torch.Tensor) -> bool:
-    if not isinstance(value, torch.Tensor) or value.dim() == 0 or value.dim() != param.dim():
+def _misfits(shape: tuple[int, ...], param: tuple[int, ...]) -> bool:
+    if not shape or len(shape) != len(param):
         return False
-    return any(a != b and a != 1 for a, b in zip(value.shape, param.shape, strict=True))
+    return any(a != b and a != 1 for a, b in zip(shape, param, strict=True))
