@@ -157,8 +157,10 @@ def test_inspect_json_fields(base_run):
                                   "format": FORMAT_VERSION}
     assert (report["step"], report["epoch"], report["metrics"]) == (40, 3, {"val_loss": 0.3})
     assert report["extra"] == {"note": "test"} and report["time"] > 0
-    assert report["states"]["model"] == {"tensors": 4, "bytes": (32 + 8 + 16 + 2) * 4}
+    assert report["states"]["model"] == {"tensors": 4, "bytes": (32 + 8 + 16 + 2) * 4,
+                                         "type": "torch.nn.modules.container.Sequential"}
     assert report["states"]["optimizer"]["tensors"] == 4  # SGD momentum buffers
+    assert report["states"]["optimizer"]["type"] == "torch.optim.sgd.SGD"
     first = report["tensors"]["model"][0]
     assert first == {"key": "0.weight", "dtype": "float32", "shape": [8, 4], "bytes": 128}
     cuda = len(savegame.load(base_run)["rng"]["cuda"])  # saved only when CUDA was initialised
@@ -175,6 +177,7 @@ def test_inspect_table_and_tree(base_run):
     table = cli("inspect", base_run)
     assert table.exit_code == 0, table.output
     for text in ("0.weight", "float32", "[8, 4]", "savegame " + savegame.__version__, "best val_loss (min)",
+                 "torch.optim.sgd.SGD",
                  "data position (loader): epoch=3, position=120"):
         assert text in table.stdout, text
     tree = cli("inspect", "--tree", base_run)

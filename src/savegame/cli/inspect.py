@@ -62,6 +62,7 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
     rng = ckpt["rng"] or {}
     files = [{"name": f, "bytes": _size(os.path.join(where, f))} for f in reader.data_files(doc)]
     run = ckpt["run"] or {}
+    types = ckpt.get("types") or {}
     return {
         "path": where, "name": os.path.basename(where),
         "versions": {"savegame": ckpt["savegame_version"], "torch": ckpt["torch_version"],
@@ -69,7 +70,7 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
         "step": ckpt["step"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"], "extra": ckpt["extra"],
         "time": ckpt["time"], "pinned": doc.get(n.M_PINNED) is True,
         "bytes": reader.data_bytes(doc), "files": files,
-        "states": {name: {"tensors": len(rows), "bytes": sum(r["bytes"] for r in rows)}
+        "states": {name: {"tensors": len(rows), "bytes": sum(r["bytes"] for r in rows), "type": types.get(name)}
                    for name, rows in tensors.items()},
         "tensors": tensors,
         "rng": {"python": rng.get("python") is not None, "numpy": rng.get("numpy") is not None,
@@ -106,7 +107,7 @@ def inspect_cmd(ckpt: str, show_tree: bool, as_json: bool) -> None:
     report = summarize(where, doc, loaded)
     if as_json:
         if show_tree:
-            report["tree"] = {k: loaded[k] for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN)}
+            report["tree"] = {k: loaded[k] for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN, n.TREE_TYPES)}
         echo_json(report)
         return
     out = console()
@@ -135,9 +136,9 @@ def _print_header(out: Console, r: dict[str, Any]) -> None:
                        ("size", f"{human_bytes(r['bytes'])} of tensor data in {len(r['files'])} file(s)")):
         grid.add_row(key, value)
     out.print(grid)
-    states = new_table("states", "state", "tensors", "bytes", right=("tensors", "bytes"))
+    states = new_table("states", "state", "type", "tensors", "bytes", right=("tensors", "bytes"))
     for name, info in r["states"].items():
-        states.add_row(name, str(info["tensors"]), human_bytes(info["bytes"]))
+        states.add_row(name, info["type"] or "-", str(info["tensors"]), human_bytes(info["bytes"]))
     out.print(states)
 
 
