@@ -29,7 +29,7 @@ def listed(run_dir: Path) -> list[str]:
 def test_file_size_limit_during_a_save_is_a_clear_error_and_loses_nothing(tmp_path):
     run_dir = tmp_path / "run"
     out = subprocess.run([sys.executable, str(HERE / "_fsize_child.py"), str(run_dir)], capture_output=True,
-                         text=True, timeout=120, env=child_env())
+                         text=True, timeout=120, env=child_env(), check=False)
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
     assert lines[0] == "ok 1" and lines[-1] == "ok 3"
@@ -122,7 +122,7 @@ def test_two_processes_on_one_run_dir(tmp_path):
     )
     with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)}):
         out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
-                             timeout=60, env=child_env())
+                             timeout=60, env=child_env(), check=False)
     assert out.stdout.startswith("locked: another process is writing"), out.stderr
 
 

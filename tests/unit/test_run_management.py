@@ -76,7 +76,7 @@ def test_resume_keeps_best_and_patience(tmp_path):
     assert 67 in steps_on_disk(tmp_path)
 
     es2 = savegame.EarlyStopping("val_loss", mode="min", patience=40)
-    model, ckpt = make(tmp_path, keep_last=2, best={"val_loss": "min"}, early_stopping=es2)
+    _, ckpt = make(tmp_path, keep_last=2, best={"val_loss": "min"}, early_stopping=es2)
     assert ckpt.restore().step == 100
     assert es2.state_dict()["bad_epochs"] == 33  # patience continues where it was
     ckpt.save(101, epoch=101, metrics={"val_loss": 0.15})
