@@ -115,9 +115,19 @@ def _check_name_format(name_format: object) -> None:
     if not isinstance(name_format, str):
         raise ConfigurationError(f"name_format must be a str template such as 'e{{epoch:03d}}', got {name_format!r}")
     try:
-        list(string.Formatter().parse(name_format))
+        fields = [name for _, name, _, _ in string.Formatter().parse(name_format) if name is not None]
     except ValueError as exc:
         raise ConfigurationError(f"name_format {name_format!r} is not a valid template: {exc}") from exc
+    for name in fields:
+        if not name or name.isdigit():
+            raise ConfigurationError(f"name_format {name_format!r}: every field needs a name (step, epoch or a "
+                                     f"metric), as in '{{epoch:03d}}'; {{{name}}} has none")
+        if "." in name or "[" in name:
+            raise ConfigurationError(
+                f"name_format {name_format!r}: in a template '.' and '[' mean attribute and index access, so "
+                f"{{{name}}} cannot name a metric; report the metric under a name without them too "
+                "(e.g. 'val_loss' beside 'val.loss') and use that"
+            )
 
 
 def _check_storage(storage: Any) -> None:

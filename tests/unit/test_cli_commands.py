@@ -311,6 +311,20 @@ def test_prune_keeps_the_newest_intact_checkpoints(run):
     assert RunDir(LocalStorage(run)).names() == [name(20), name(30), name(40)]  # best, newest intact, newest
 
 
+@pytest.mark.parametrize("command", [("ls",), ("prune", "--keep-last", "1"), ("plot", "--to", "x.png")])
+def test_run_dir_commands_given_a_checkpoint_directory_say_so_and_change_nothing(run, command):
+    ckpt_dir = os.path.join(run, name(30))
+    before = sorted(os.listdir(ckpt_dir))
+    assert_one_line_error(cli(command[0], ckpt_dir, *command[1:]), "is a checkpoint directory", f"its run directory is {run}")
+    assert sorted(os.listdir(ckpt_dir)) == before
+
+
+def test_prune_of_a_directory_without_checkpoints_leaves_it_untouched(tmp_path):
+    done = cli("prune", tmp_path, "--keep-last", "1")
+    assert done.exit_code == 0 and "holds no checkpoint" in done.stdout
+    assert os.listdir(tmp_path) == []  # not even a lock file
+
+
 def test_prune_refuses_while_a_writer_holds_the_lock(run):
     lock = RunLock(run)
     lock.acquire()

@@ -107,6 +107,22 @@ def test_name_format_adds_fields_and_the_step_stays_the_key(tmp_path):
     ckpt.close()
 
 
+@pytest.mark.parametrize("template,match", [
+    ("{}", "every field needs a name"), ("e{0}", "every field needs a name"),
+    ("{val.loss:.2f}", r"\{val\.loss\} cannot name a metric"), ("{losses[0]}", "cannot name a metric"),
+])
+def test_name_format_templates_that_cannot_work_are_refused_at_construction(tmp_path, template, match):
+    with pytest.raises(ConfigurationError, match=match):
+        make(tmp_path, name_format=template)
+
+
+def test_name_format_takes_metric_names_with_dashes_and_slashes(tmp_path):
+    _, ckpt = make(tmp_path, name_format="{val-loss:.2f}_{val/acc:.1f}")
+    path = ckpt.save(1, metrics={"val-loss": 0.25, "val/acc": 0.5})
+    assert os.path.basename(path) == "step-0000000001-0.25_0.5"
+    ckpt.close()
+
+
 def test_steps_past_ten_digits_are_found_ordered_and_rotated(tmp_path):
     # Runs that count samples or tokens as the step pass 10**10: the name grows a digit.
     model, ckpt = make(tmp_path, keep_last=2, name_format="e{epoch:03d}")

@@ -31,6 +31,14 @@ def locate(path: str) -> tuple[LocalStorage, str]:
     raise CliError(f"{path}: no such file or directory")
 
 
+def require_run_dir(path: str) -> None:
+    """Refuse a checkpoint directory where a run directory is meant, naming the run directory."""
+    if is_checkpoint_dir(path):
+        parent = os.path.dirname(os.path.abspath(path.rstrip("/\\")))
+        raise CliError(f"{path} is a checkpoint directory, not a run directory; "
+                       f"its run directory is {parent}")
+
+
 def is_checkpoint_dir(path: str) -> bool:
     p = Path(os.path.abspath(path))
     return (p / n.MANIFEST).is_file() or (p.is_dir() and parse_step(p.name) is not None)

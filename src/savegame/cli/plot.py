@@ -11,7 +11,7 @@ import click
 
 from savegame.cli._app import CliError
 from savegame.cli._output import console
-from savegame.cli._paths import atomic_output
+from savegame.cli._paths import atomic_output, require_run_dir
 from savegame.format import names as n
 
 History = dict[str, dict[int, float]]  # metric -> step -> value (the last recorded for that step)
@@ -53,6 +53,7 @@ def _float(value: Any) -> float:
 @click.option("--metric", "metrics", multiple=True, metavar="NAME", help="Plot only this metric (repeatable).")
 def plot(run_dir: str, target: str, metrics: tuple[str, ...]) -> None:
     """Plot the metrics history of RUN_DIR against the step, one panel per metric."""
+    require_run_dir(run_dir)
     history, skipped = read_history(run_dir)
     missing = [m for m in metrics if m not in history]
     if missing:

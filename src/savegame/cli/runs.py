@@ -21,7 +21,7 @@ from savegame.cli._output import (
     new_table,
     number,
 )
-from savegame.cli._paths import disk_bytes, is_checkpoint_dir
+from savegame.cli._paths import disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.errors import CorruptCheckpointError, RunLockedError
 from savegame.format import names as n
@@ -100,6 +100,7 @@ def _mtime(path: str) -> float:
 @click.option("--verify", "full", is_flag=True, help="Check every byte, not only manifests and headers.")
 def ls(run_dir: str, as_json: bool, full: bool) -> None:
     """List the checkpoints of RUN_DIR, oldest first; damaged ones are marked, not hidden."""
+    require_run_dir(run_dir)
     if full:
         with ByteProgress() as bar:
             names = RunDir(LocalStorage(run_dir)).names()
@@ -175,6 +176,10 @@ def prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
 
     Takes the run directory's writer lock: it refuses to run while a trainer writes there.
     """
+    require_run_dir(run_dir)
+    if not RunDir(LocalStorage(run_dir)).names():  # nothing to delete: leave the directory untouched
+        console().print(f"nothing to prune: {run_dir} holds no checkpoint")
+        return
     lock = None
     if not dry_run:
         lock = RunLock(run_dir)
