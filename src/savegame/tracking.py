@@ -146,11 +146,14 @@ class RunTracker:
         return [r.name for r in policies.rank_best(current, metric, mode)]
 
     def _best_metric(self, which: str) -> tuple[str, str]:
-        """The metric and mode ``which`` asks for: from best= first, else from the best state stored in the run."""
+        """The metric and mode ``which`` asks for: from best= first, else from the best state stored in the
+        run, else from early_stopping= (its metric and direction)."""
         metric = which.partition(":")[2] if ":" in which else None
         stored = [i.best for i in sorted(self.run.infos(), key=lambda i: i.record().step, reverse=True) if i.best]
+        es = self.early_stopping
         if metric is None:
-            metric = next(iter(self.modes), None) or next((m for s in stored for m in s), None)
+            metric = next(iter(self.modes), None) or next((m for s in stored for m in s), None) or \
+                (es.metric if es is not None else None)
             if metric is None:
                 raise ConfigurationError(
                     f"restore('best'): no metric is tracked in {self.run.storage.root!r}; pass "
@@ -158,12 +161,13 @@ class RunTracker:
                     "restore('best:<metric>')")
         mode = self.modes.get(metric) or next(
             (s[metric]["mode"] for s in stored if isinstance(s.get(metric), Mapping)
-             and s[metric].get("mode") in policies.MODES), None)
+             and s[metric].get("mode") in policies.MODES), None) or \
+            (es.mode if es is not None and es.metric == metric else None)
         if mode is None:
             raise ConfigurationError(
                 f"restore({which!r}): metric {metric!r} is not tracked: best= of this Checkpointer does not name it "
                 f"and no checkpoint in {self.run.storage.root!r} recorded whether it is minimised or maximised; "
-                f"pass best={{{metric!r}: 'min'}} (or 'max') to the Checkpointer")
+                f"pass best={{{metric!r}: 'min'}} or best={{{metric!r}: 'max'}} to the Checkpointer")
         return metric, mode
 
     # -- after a commit ---------------------------------------------------------------------

@@ -88,6 +88,19 @@ def test_resume_keeps_best_and_patience(tmp_path):
     assert es2.state_dict()["bad_epochs"] == 0
 
 
+def test_restore_best_follows_the_early_stopping_metric_when_best_is_not_given(tmp_path):
+    model, ckpt = make(tmp_path, early_stopping=savegame.EarlyStopping("acc", mode="max", patience=5))
+    for step, acc in ((1, 0.5), (2, 0.9), (3, 0.1)):
+        with torch.no_grad():
+            model.weight.fill_(float(step))
+        ckpt.save(step, metrics={"acc": acc})
+    assert ckpt.restore("best:acc").step == 2  # 'max' comes from EarlyStopping, not a guess
+    assert ckpt.restore("best").step == 2 and model.weight.eq(2.0).all()
+    with pytest.raises(ConfigurationError, match=r"best=\{'loss': 'min'\} or best=\{'loss': 'max'\}"):
+        ckpt.restore("best:loss")
+    ckpt.close()
+
+
 def test_early_stopping_sets_should_stop(tmp_path):
     es = savegame.EarlyStopping("acc", mode="max", patience=2)
     _, ckpt = make(tmp_path, early_stopping=es)
