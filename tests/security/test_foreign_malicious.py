@@ -10,10 +10,12 @@ never appear, with or without trust=True.
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import os
 import pickle
 import subprocess
+import warnings
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -434,3 +436,51 @@ def test_garbage_never_escapes_as_foreign_exception(tmp_path: Path) -> None:
                 load(path)
             except SavegameError:
                 pass
+
+
+# --- the one unpickler savegame has of its own ------------------------------------------------
+
+def test_torch_weights_only_loader_still_cannot_read_plain_pickles() -> None:
+    # Why safe_pickle_load has its own restricted unpickler: torch's weights-only unpickler
+    # reads protocol 2 only, and plain pickles (pickle.dumps, Accelerate's random_states_0.pkl)
+    # are protocol 4 or 5. If this starts passing, read plain pickles with torch's instead.
+    from torch import _weights_only_unpickler
+
+    data = pickle.dumps({"step": 3, "state": (1, 2.5)})
+    with pytest.raises(pickle.UnpicklingError, match="Unsupported operand"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns of the protocol before failing on it
+        _weights_only_unpickler.load(io.BytesIO(data))
+
+
+def test_the_only_unpicklers_in_src_answer_globals_from_an_allowlist() -> None:
+    # No plain pickle.load/loads/Unpickler anywhere; every torch.load is weights_only=True.
+    import ast
+
+    from savegame.migrate.restricted_unpickler import RestrictedUnpickler
+
+    for path in SRC.rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                owner = node.func.value.id if isinstance(node.func.value, ast.Name) else ""
+                called = f"{owner}.{node.func.attr}"
+                assert called not in ("pickle.load", "pickle.loads", "pickle.Unpickler", "pickle._Unpickler",
+                                      "_pickle.load", "_pickle.loads"), f"{path}:{node.lineno} calls {called}"
+                if called == "torch.load":
+                    flags = {k.arg: k.value for k in node.keywords}
+                    assert isinstance(flags.get("weights_only"), ast.Constant) and \
+                        flags["weights_only"].value is True, f"{path}:{node.lineno}"
+            if isinstance(node, ast.ClassDef):
+                bases = {ast.unparse(b) for b in node.bases}
+                assert not bases & {"pickle.Unpickler", "pickle._Unpickler", "Unpickler"} or \
+                    node.name == "RestrictedUnpickler", f"{path}: {node.name} unpickles outside RestrictedUnpickler"
+    from savegame.migrate.preflight import _DryUnpickler
+    from savegame.migrate.restricted_unpickler import _LegacyHeader
+
+    for cls in (RestrictedUnpickler, _LegacyHeader, _DryUnpickler):
+        assert cls.find_class is not pickle._Unpickler.find_class  # pickle's own imports whatever a file names
+    for name in ("os.system", "builtins.eval", "subprocess.Popen", "posix.system"):
+        module, _, attr = name.rpartition(".")
+        for cls in (RestrictedUnpickler, _LegacyHeader):
+            with pytest.raises(UnsafeCheckpointError, match=name):
+                cls.find_class(cls(io.BytesIO(b"")), module, attr)
