@@ -53,6 +53,24 @@ def test_history_placed_by_epoch_follows_the_chosen_step(tmp_path: Path) -> None
     assert [h["step"] for h in chosen.history] == [100, 200, 300]
 
 
+def test_accelerate_step_is_counted_by_the_optimizer_or_the_scheduler(tmp_path: Path) -> None:
+    acc = build("accelerate", tmp_path)  # AdamW stepped twice; the RNG file's "step" (42) counts accumulation
+    counted = import_checkpoint(acc.source)
+    assert counted.step == 2
+    assert "optimizer.bin:state[*].step (the optimizer's step count) -> step" in counted.mapped
+    assert any(line.startswith("random_states_0.pkl:step (42: ") for line in counted.left_out)
+
+    plain_sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # keeps no step count
+    save(plain_sgd.state_dict(), acc.source / "optimizer.bin")
+    save({**tiny()["scheduler"].state_dict(), "last_epoch": 7}, acc.source / "scheduler.bin")
+    scheduled = import_checkpoint(acc.source)
+    assert scheduled.step == 7 and "scheduler.bin:last_epoch (the scheduler's step count) -> step" in scheduled.mapped
+
+    (acc.source / "scheduler.bin").unlink()
+    uncounted = import_checkpoint(acc.source)
+    assert uncounted.step == 0 and any("--step N" in note for note in uncounted.notes)
+
+
 # --- generators savegame does not track --------------------------------------------------
 
 def test_numpy_generator_state_is_left_out_with_the_reason(tmp_path: Path) -> None:
@@ -116,6 +134,26 @@ def test_model_state_with_non_tensor_values_is_refused(tmp_path: Path) -> None:
     extra = {"model": {**weights, "fc._extra_state": {"scale": 2.0}}, "epoch": 1}  # get_extra_state() is any value
     assert import_checkpoint(save(extra, tmp_path / "ok.pth")).tree["state"]["model"]["fc._extra_state"] == {
         "scale": 2.0}
+
+
+# --- torch.save(model): a whole module ---------------------------------------------------------------
+
+def test_whole_module_imports_its_state_dict_with_trust_only(tmp_path: Path) -> None:
+    model = tiny()["model"]
+    whole = save(model, tmp_path / "model.pt")
+    imports_with_trust = r"one .*Tiny object\. .*trust=True .* imports its state_dict"
+    with pytest.raises(UnsafeCheckpointError, match=imports_with_trust) as refused:
+        import_checkpoint(whole)
+    assert "drop_unsafe" not in str(refused.value).split("The whole file")[1]  # dropping it leaves nothing
+    trusted = import_checkpoint(whole, trust=True)
+    assert trusted.layout == "state-dict" and trusted.mapped == ["(the whole file: a Tiny).state_dict() -> state.model"]
+    assert trusted.tree["state"]["model"].keys() == model.state_dict().keys()
+    assert all(torch.equal(trusted.tree["state"]["model"][k], v) for k, v in model.state_dict().items())
+
+    in_a_dict = save({"model": model, "epoch": 3, "step": 30}, tmp_path / "dict.pt")
+    result = import_checkpoint(in_a_dict, trust=True)
+    assert result.step == 30 and "model -> state.model" in result.mapped
+    assert all(torch.equal(result.tree["state"]["model"][k], v) for k, v in model.state_dict().items())
 
 
 # --- Lightning 1.x: callbacks keyed by their class ------------------------------------------------

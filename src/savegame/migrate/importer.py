@@ -121,10 +121,13 @@ def _import_file(path: Path, loader: _Loader) -> tuple[Any, Draft]:
     whole = stand_in_name(checkpoint)
     if whole is not None:
         raise UnsafeCheckpointError(f"{path} is one {whole} object as a whole, which savegame does not load: "
-                                    "there is nothing to import without it")
+                                    f"there is nothing to import without it. {_WHOLE_OBJECT_REMEDY}")
+    if isinstance(checkpoint, torch.nn.Module):  # torch.save(model), loaded with trust=True
+        return bare_state_dict, bare_state_dict.convert_module(checkpoint)
     if not isinstance(checkpoint, Mapping):
-        raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, not a dict: not a checkpoint "
-                                 f"layout savegame can import (supported: {', '.join(LAYOUTS)})")
+        raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, neither a dict nor a whole "
+                                 f"torch.nn.Module: not a checkpoint layout savegame can import (supported: "
+                                 f"{', '.join(LAYOUTS)})")
     for layout in FILE_LAYOUTS:
         if layout.matches(checkpoint):
             with _malformed(path, layout.LAYOUT):
@@ -132,6 +135,12 @@ def _import_file(path: Path, loader: _Loader) -> tuple[Any, Draft]:
     keys = ", ".join(sorted(repr(k) for k in checkpoint)[:40]) or "none"
     raise ConfigurationError(f"{path}: unknown checkpoint layout; its top-level keys are {keys}. Supported "
                              f"layouts: {', '.join(LAYOUTS)} (see docs/migrate.md)")
+
+
+_WHOLE_OBJECT_REMEDY = (
+    "If it is a model saved whole (torch.save(model)) and you trust the file's author, trust=True (savegame "
+    "migrate --trust) imports its state_dict(); otherwise re-save it where you trust it as "
+    "torch.save(model.state_dict(), path).")
 
 
 def _import_directory(path: Path, loader: _Loader) -> tuple[Any, Draft]:
@@ -157,6 +166,18 @@ def _malformed(path: Path, layout: str) -> Iterator[None]:
                                      f"unexpected shape: {type(exc).__name__}: {exc}") from exc
 
 
+def _modules_as_state_dicts(file: Path, loaded: Any) -> Any:
+    """A trusted ``torch.save({"model": model, ...})``: whole modules under top-level keys become their state dicts.
+
+    (A file that is one module as a whole is imported by :func:`_import_file`, which reports it.)
+    """
+    if not isinstance(loaded, Mapping) or not any(isinstance(v, torch.nn.Module) for v in loaded.values()):
+        return loaded
+    modules = [str(k) for k, v in loaded.items() if isinstance(v, torch.nn.Module)]
+    log.info("%s: importing the state_dict() of the whole modules under %s", file, ", ".join(modules))
+    return {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in loaded.items()}
+
+
 @dataclass
 class _Loader:
     """Reads each file of one import with the import's settings; remembers what it dropped.
@@ -172,11 +193,12 @@ class _Loader:
 
     def load_torch(self, file: Path) -> Any:
         try:
-            return safe_torch_load(file, trust=self.trust, max_bytes=self.max_bytes, progress=self.progress)
+            loaded = safe_torch_load(file, trust=self.trust, max_bytes=self.max_bytes, progress=self.progress)
         except UnsafeCheckpointError as refusal:
             if self.trust:
                 raise
             return self._without_unsafe(file, refusal)
+        return _modules_as_state_dicts(file, loaded) if self.trust else loaded
 
     def load_pickle(self, file: Path) -> Any:
         loaded = safe_pickle_load(file, max_bytes=self.max_bytes)
@@ -200,6 +222,9 @@ class _Loader:
         found = list(stand_ins_in(loaded))
         if not found:
             raise refusal
+        if [place for place, _ in found] == ["<top level>"]:  # dropping it would leave nothing to import
+            raise UnsafeCheckpointError(f"{refusal} The whole file is one {found[0][1]} object. "
+                                        f"{_WHOLE_OBJECT_REMEDY}") from refusal
         if not self.drop_unsafe:
             where = "; ".join(f"{name} at {place}" for place, name in found[:8])
             raise UnsafeCheckpointError(

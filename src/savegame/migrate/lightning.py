@@ -66,7 +66,10 @@ def _callbacks(draft: Draft, callbacks: Any) -> None:
     if not isinstance(callbacks, Mapping):
         draft.leave_out("callbacks", "not a dict of callback states")
         return
-    for key, state in callbacks.items():
+    # ModelCheckpoint first: early stopping takes its best step from the best values (Lightning itself
+    # stores the checkpoint callbacks last).
+    ordered = sorted(callbacks.items(), key=lambda item: not _callback_name(item[0]).startswith("ModelCheckpoint"))
+    for key, state in ordered:
         name = _callback_name(key)
         source = f"callbacks[{name!r}]"
         mode = _MODE.search(name)
