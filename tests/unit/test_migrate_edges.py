@@ -290,3 +290,18 @@ def test_migrate_step_option_reaches_the_import(tmp_path: Path) -> None:
     assert loaded["run"]["best"] == {"val_loss": {"mode": "min", "entries": [[0.25, 900]]},
                                      "pck": {"mode": "max", "entries": [[0.8, 900]]}}
     assert loaded["run"]["early_stopping"]["best_step"] == 900
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_trust_warning_is_shown_whole_at_the_terminal_width(tmp_path: Path, columns: int) -> None:
+    from savegame.cli.migrate import TRUST_WARNING
+
+    flat = build("001-flat-rng", tmp_path)
+    done = CliRunner().invoke(main, ["migrate", str(flat.source), "--to", str(tmp_path / "run"), "--trust"],
+                              env={"COLUMNS": str(columns)})
+    assert done.exit_code == 0, done.output
+    lines = done.stderr.splitlines()
+    panel = lines[:next(i for i, line in enumerate(lines) if line.startswith("╰")) + 1]
+    assert panel[0].startswith("╭") and "WARNING" in panel[0] and all(len(line) <= columns for line in panel)
+    shown = " ".join(line.strip("│ ") for line in panel[1:-1])
+    assert " ".join(shown.split()) == TRUST_WARNING  # every sentence, none cut at the border

@@ -62,7 +62,8 @@ def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: 
 
     out, err = console(), console(stderr=True)
     if trust:
-        err.print(Panel(TRUST_WARNING, title="WARNING", style="bold red"))
+        # wrapped inside the panel: the console's soft wrap would cut the panel's lines at its border
+        err.print(Panel(TRUST_WARNING, title="WARNING", style="bold red"), soft_wrap=False)
     existing = RunDir(LocalStorage(run_dir)).names()
     with ByteProgress(err) as bar:
         bar.phase(f"reading {src}", input_bytes(src))
