@@ -85,6 +85,8 @@ def test_golden_file_imports_exactly(name: str) -> None:
     else:
         assert {k: stopping[k] for k in expected["early_stopping"]} == expected["early_stopping"]
     assert [line["step"] for line in golden.history] == expected["history_steps"]
+    if "hyper_parameters" in expected:  # the config snapshot the tool saved, kept as the checkpoint's extra
+        assert golden.extra["hyper_parameters"] == expected["hyper_parameters"]
 
 
 def _shape(value: Any) -> Any:

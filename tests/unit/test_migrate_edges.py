@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import savegame
 from savegame.cli import main
-from savegame.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from savegame.migrate import import_checkpoint
 from savegame.offline import write_tree
 from tests.compat.make_foreign import ES_KEY, build, lit_objects, tiny
@@ -305,3 +305,46 @@ def test_trust_warning_is_shown_whole_at_the_terminal_width(tmp_path: Path, colu
     assert panel[0].startswith("╭") and "WARNING" in panel[0] and all(len(line) <= columns for line in panel)
     shown = " ".join(line.strip("│ ") for line in panel[1:-1])
     assert " ".join(shown.split()) == TRUST_WARNING  # every sentence, none cut at the border
+
+
+# --- config snapshots into extra; renamed states ---------------------------------------------------------
+
+def test_config_snapshots_go_into_extra_when_plain_json(tmp_path: Path) -> None:
+    golden = Path(__file__).parents[1] / "compat" / "data" / "foreign"
+    hf = import_checkpoint(golden / "hf-trainer" / "checkpoint-6")
+    assert hf.extra == {"config.json": json.loads((golden / "hf-trainer" / "checkpoint-6" / "config.json").read_text())}
+    assert "config.json -> extra['config.json']" in hf.mapped
+    v1 = import_checkpoint(golden / "004-format-v1" / "checkpoint.pt", drop_unsafe=True)
+    assert v1.extra == {"config_snapshot": {"optimizer": {"lr": 0.01}}}
+
+    done = CliRunner().invoke(main, ["migrate", str(golden / "lightning" / "last.ckpt"), "--to", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    assert savegame.load(tmp_path / "run")["extra"] == {"hyper_parameters": {"lr": 0.01, "hidden": 4}}
+
+    objs = tiny()
+    odd = save({"format_version": 1, "model_state_dict": objs["model"].state_dict(), "optimizer_state_dicts": [],
+                "config_snapshot": {"lr": 0.01, "warmup": torch.ones(2)}}, tmp_path / "odd.pt")
+    result = import_checkpoint(odd)
+    assert result.extra == {}
+    assert "config_snapshot (a config snapshot, but config_snapshot.warmup is a Tensor: extra holds plain JSON " \
+           "values only)" in result.left_out
+
+
+def test_rename_gives_imported_states_other_names(tmp_path: Path) -> None:
+    v1 = build("004-format-v1", tmp_path)
+    result = import_checkpoint(v1.source, drop_unsafe=True, rename={"optimizer_1": "disc_optimizer"})
+    assert list(result.tree["state"]) == ["model", "optimizer", "disc_optimizer", "scheduler", "scheduler_1", "scaler"]
+    assert "optimizer_state_dicts[1] -> state.disc_optimizer (renamed from state.optimizer_1)" in result.mapped
+    with pytest.raises(ConfigurationError, match=r"cannot rename 'optimizer_2': the import has no such state .*"
+                                                 r"optimizer_1"):
+        import_checkpoint(v1.source, drop_unsafe=True, rename={"optimizer_2": "x"})
+    with pytest.raises(ConfigurationError, match="two imported states the name 'optimizer'"):
+        import_checkpoint(v1.source, drop_unsafe=True, rename={"optimizer_1": "optimizer"})
+
+    run = tmp_path / "run"
+    done = CliRunner().invoke(main, ["migrate", str(v1.source), "--to", str(run), "--drop-unsafe",
+                                     "--rename", "optimizer_1=disc_optimizer", "--rename", "scheduler_1=disc_sched"])
+    assert done.exit_code == 0, done.output
+    assert {"disc_optimizer", "disc_sched"} <= set(savegame.load(run)["state"])
+    bad = CliRunner().invoke(main, ["migrate", str(v1.source), "--to", str(run), "--rename", "optimizer_1"])
+    assert bad.exit_code == 2 and "is not OLD=NEW" in bad.output

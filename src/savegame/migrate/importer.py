@@ -58,13 +58,15 @@ LAYOUTS = tuple(m.LAYOUT for m in (*FILE_LAYOUTS, *DIRECTORY_LAYOUTS))
 
 
 def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool = False, step: int | None = None,
-                      max_bytes: int | None = None, progress: Callable[[int], None] | None = None) -> ForeignCheckpoint:
+                      max_bytes: int | None = None, progress: Callable[[int], None] | None = None,
+                      rename: Mapping[str, str] | None = None) -> ForeignCheckpoint:
     """Translate the foreign checkpoint file or directory ``src`` into a savegame state tree.
 
     ``step`` replaces the step the file records (best values and early stopping the
     tool saved without a step take it too); ``max_bytes`` bounds what loading each
     file may allocate (default: a small multiple of its size, see :mod:`.budget`);
-    ``progress`` is called with byte counts as files are read.
+    ``progress`` is called with byte counts as files are read; ``rename`` gives
+    imported states other names (``{"optimizer_1": "disc_optimizer"}``).
 
     Raises CheckpointNotFoundError if ``src`` does not exist, ConfigurationError for
     an unrecognised layout (naming the keys or files found), UnsafeCheckpointError
@@ -78,12 +80,14 @@ def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool
     if step is not None and (type(step) is not int or step < 0):
         raise ConfigurationError(f"step must be a non-negative int or None, got {step!r}")
     check_max_bytes(max_bytes)
+    renames = _check_rename(rename)
     path = Path(src)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
     loader = _Loader(trust=trust, drop_unsafe=drop_unsafe, max_bytes=max_bytes, progress=progress)
     try:
         layout, draft = _import_directory(path, loader) if path.is_dir() else _import_file(path, loader)
+        draft.rename(renames)
         result = draft.finish(layout.LAYOUT, step=step, step_from_epoch=layout.COUNTS_EPOCHS)
     except CorruptCheckpointError as exc:
         if loader.dropped:  # the "malformed" value is most likely one drop_unsafe replaced
@@ -100,6 +104,18 @@ def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool
     log.info("imported %s as %s: step %d, %d states, left out: %s", path, result.layout, result.step,
              len(result.tree["state"]), ", ".join(result.left_out) or "nothing")
     return result
+
+
+def _check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
+    if rename is None:
+        return {}
+    if not isinstance(rename, Mapping):
+        raise ConfigurationError(f"rename must be a dict of old state name -> new name, got {type(rename).__name__}")
+    for old, new in rename.items():
+        if not isinstance(old, str) or not isinstance(new, str) or not new or new.startswith((".", "$")):
+            raise ConfigurationError(f"rename {old!r} -> {new!r}: names are strings, the new one non-empty and "
+                                     "not starting with '.' or '$'")
+    return dict(rename)
 
 
 def input_bytes(src: str | Path) -> int:

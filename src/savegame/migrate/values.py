@@ -39,6 +39,26 @@ def as_count(value: Any, source: str) -> int:
     return value
 
 
+def plain_json(value: Any, where: str = "") -> Any:
+    """``value`` as plain JSON values (tuples become lists); raises ValueError saying what is not one and where."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{where or 'it'} is {value}, which JSON cannot hold")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where or 'it'} has the key {key!r:.40}, not a str")
+            out[key] = plain_json(item, f"{where}.{key}" if where else key)
+        return out
+    raise ValueError(f"{where or 'it'} is a {type(value).__name__}")
+
+
 def not_weights(value: Any) -> str | None:
     """Why ``value`` is not a model state dict (str -> tensor), or None when it is one."""
     if not isinstance(value, Mapping):
