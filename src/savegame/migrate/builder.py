@@ -79,7 +79,7 @@ class Draft:
         """A config snapshot the tool saved -> ``extra[source]`` when it is plain JSON values, else left out."""
         try:
             self.extra[source] = plain_json(value, source)
-        except ValueError as why:
+        except (TypeError, ValueError) as why:
             self.leave_out(source, f"a config snapshot, but {why}: extra holds plain JSON values only")
             return
         self.map(source, f"extra[{source!r}]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -40,11 +41,14 @@ def as_count(value: Any, source: str) -> int:
 
 
 def plain_json(value: Any, where: str = "") -> Any:
-    """``value`` as plain JSON values (tuples become lists); raises ValueError saying what is not one and where."""
+    """``value`` as plain JSON values (tuples become lists).
+
+    Raises TypeError (a value of another type) or ValueError (a non-finite float) saying which value and where.
+    """
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise ValueError(f"{where or 'it'} is {value}, which JSON cannot hold")
         return value
     if isinstance(value, (list, tuple)):
@@ -53,10 +57,10 @@ def plain_json(value: Any, where: str = "") -> Any:
         out = {}
         for key, item in value.items():
             if not isinstance(key, str):
-                raise ValueError(f"{where or 'it'} has the key {key!r:.40}, not a str")
+                raise TypeError(f"{where or 'it'} has the key {key!r:.40}, not a str")
             out[key] = plain_json(item, f"{where}.{key}" if where else key)
         return out
-    raise ValueError(f"{where or 'it'} is a {type(value).__name__}")
+    raise TypeError(f"{where or 'it'} is a {type(value).__name__}")
 
 
 def not_weights(value: Any) -> str | None:
