@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -17,6 +18,8 @@ from savegame.run_dir import RunDir, RunLock
 from savegame.storage.local import LocalStorage
 from savegame.writer import prepare, snapshot, write_checkpoint
 
+log = logging.getLogger("savegame.offline")
+
 Progress = Callable[[int], None]  # called with the number of bytes just written
 
 
@@ -26,7 +29,9 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
     """Commit ``tree`` ({"state", "rng", "run"}) as a checkpoint of ``run_dir``; return its path.
 
     Takes the run directory's writer lock for the duration, so it cannot race a
-    training process writing to the same directory. After the commit, the run's
+    training process writing to the same directory, and first removes what a
+    writer killed mid-save left there (hidden temporary checkpoints, as a
+    Checkpointer does when it opens the run). After the commit, the run's
     metrics history (``metrics.jsonl``) gets the ``history`` lines (``{"step",
     "epoch", "metrics"}``, e.g. what a foreign tool logged; their ``time`` is null)
     and then this checkpoint's own line, as a Checkpointer writes it. The ``latest``
@@ -39,6 +44,9 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
     lock.acquire()
     try:
         run = RunDir(storage)
+        removed = run.commit.clean_leftovers(storage)  # safe: only the lock holder writes here
+        if removed:
+            log.info("removed %d leftover(s) of interrupted writes in %s: %s", len(removed), storage.root, removed)
         name = run.unique_name(step)
         now = time.time()
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(dict(metrics or {}), _refuse),

@@ -6,13 +6,18 @@ carry over (the saved objects, the RNG draws that must follow a restore, step,
 epoch, best values, early stopping) and fresh objects to restore into.
 
 Used by the round-trip tests (tests/integration/test_migrate_roundtrip.py) and,
-run as a script, to write the golden files of tests/compat/data/foreign/ once:
+run as a script, to write the golden files of tests/compat/data/foreign/ once, for
+the layouts no installable tool writes (the Lightning, HF Trainer and Accelerate
+golden files come from the real tools: make_real_tools.py). Beside each it writes
+what the import must give (expected.py), from the objects it saved:
 
     python -m tests.compat.make_foreign            # refuses to overwrite existing files
     python -m tests.compat.make_foreign --force    # only after a reviewed, intended change
+    python -m tests.compat.make_foreign --sums     # only rewrite SHA256SUMS (after make_real_tools.py)
 
 Golden files are never regenerated silently: tests/compat/test_foreign_golden.py
-fails when this generator's output no longer matches them.
+fails when this generator's output no longer has their shape, and when a file no
+longer matches SHA256SUMS.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from tests.compat.expected import write_expected
+
 GOLDEN = Path(__file__).with_name("data") / "foreign"
 SUMS = "SHA256SUMS"
 
@@ -55,6 +62,15 @@ class Built:
     flags: tuple[str, ...] = ()    # what `savegame migrate` needs (e.g. --drop-unsafe)
     history_steps: list[int] = field(default_factory=list)  # steps of the foreign history lines
     rng_kinds: tuple[str, ...] = ("python", "numpy", "torch")
+    rng_states: dict[str, Any] | None = None  # the generators' states the file saved, by kind
+
+    def expected(self, root: Path) -> dict[str, Any]:
+        """What the import of ``source`` (under ``root``) must give, for expected.py."""
+        rng = None if self.rng_states is None else {k: self.rng_states[k] for k in self.rng_kinds}
+        return {"layout": self.layout, "source": self.source.relative_to(root).as_posix(), "step": self.step,
+                "epoch": self.epoch, "state": {name: obj.state_dict() for name, obj in self.objects.items()},
+                "rng": rng, "best": self.best, "early_stopping": self.early_stopping,
+                "history_steps": self.history_steps}
 
     def assert_restored(self, objects: dict[str, Any]) -> None:
         """``objects`` (restored from the import) hold exactly the saved objects' state."""
@@ -163,6 +179,7 @@ class Rng:
         random.random(), np.random.randn(), torch.rand(1)  # mid-stream, with a cached gaussian
         self.python, self.numpy, self.torch = random.getstate(), np.random.get_state(), torch.get_rng_state()
         self.draws = draw()
+        self.states = {"python": self.python, "numpy": self.numpy, "torch": self.torch}
         random.seed(0), np.random.seed(0), torch.manual_seed(0)  # a restore must bring the states back
 
 
@@ -185,7 +202,8 @@ def nested_rng(out: Path) -> Built:
                                            "torch_cuda": None}}
     torch.save(ckpt, out / "latest.pt")
     return Built("dict-nested-rng", out / "latest.pt", _pick(objs, "model", "optimizer", "scheduler"),
-                 lambda: _pick(tiny(7, False), "model", "optimizer", "scheduler"), 323, 0, rng.draws)
+                 lambda: _pick(tiny(7, False), "model", "optimizer", "scheduler"), 323, 0, rng.draws,
+                 rng_states=rng.states)
 
 
 def flat_rng(out: Path, *, with_args: bool = False, legacy: bool = False) -> Built:
@@ -205,7 +223,8 @@ def flat_rng(out: Path, *, with_args: bool = False, legacy: bool = False) -> Bui
                  lambda: _pick(tiny(7, False), "model", "optimizer", "scheduler"), 9, 9, rng.draws,
                  best={"val_loss": {"mode": "min", "entries": [[0.25, 9]]},
                        "pck": {"mode": "max", "entries": [[0.8, 9]]}},
-                 early_stopping=es("pck", "max", 0.8, 9, 3), flags=("--drop-unsafe",) if with_args else ())
+                 early_stopping=es("pck", "max", 0.8, 9, 3), flags=("--drop-unsafe",) if with_args else (),
+                 rng_states=rng.states)
 
 
 def state_dicts(out: Path) -> Built:
@@ -218,7 +237,7 @@ def state_dicts(out: Path) -> Built:
     torch.save(ckpt, out / "pretrain.pth")
     return Built("dict-state-dicts", out / "pretrain.pth", _pick(objs, "model", "optimizer", "scheduler"),
                  lambda: _pick(tiny(7, False), "model", "optimizer", "scheduler"), 5, 5, rng.draws,
-                 rng_kinds=("torch",))
+                 rng_kinds=("torch",), rng_states=rng.states)
 
 
 class ResumeState:
@@ -265,7 +284,7 @@ def format_v1(out: Path) -> Built:
     }
     torch.save(ckpt, out / "checkpoint.pt")
     return Built("mtf-format-v1", out / "checkpoint.pt", objs, lambda: two_optimizers(5, False), 1234, 2,
-                 rng.draws, flags=("--drop-unsafe",), history_steps=[411, 823, 1234])
+                 rng.draws, flags=("--drop-unsafe",), history_steps=[411, 823, 1234], rng_states=rng.states)
 
 
 def bare_state_dict(out: Path, *, safetensors: bool = False) -> Built:
@@ -303,11 +322,11 @@ def lightning(out: Path) -> Built:
     ckpt = {
         "epoch": 3, "global_step": 400, "pytorch-lightning_version": "2.4.0", "state_dict": objs["model"].state_dict(),
         "loops": {"fit_loop": {"epoch_loop.state_dict": {"_batches_that_stepped": 400}}},
-        "callbacks": {
+        "callbacks": {  # in Lightning's order: it moves checkpoint callbacks last
+            ES_KEY: {"wait_count": 1, "stopped_epoch": 0, "best_score": torch.tensor(0.25), "patience": 3},
             MC_KEY: {"monitor": "val_loss", "best_model_score": torch.tensor(0.25), "current_score": torch.tensor(0.3),
                      "best_model_path": "/ck/epoch=2-step=300.ckpt", "dirpath": "/ck",
                      "best_k_models": {"/ck/epoch=2-step=300.ckpt": torch.tensor(0.25)}},
-            ES_KEY: {"wait_count": 1, "stopped_epoch": 0, "best_score": torch.tensor(0.25), "patience": 3},
         },
         "optimizer_states": [objs["optimizer"].state_dict()], "lr_schedulers": [objs["scheduler"].state_dict()],
         "MixedPrecision": objs["scaler"].state_dict(), "hparams_name": "kwargs", "hyper_parameters": {"lr": 0.01},
@@ -360,7 +379,8 @@ def hf_trainer(out: Path, *, tied: bool = False) -> Built:
     fresh = (lambda: trio(TiedLM(), 7)) if tied else (lambda: tiny(7, False))
     return Built("hf-trainer", ckpt, objs, fresh, 500, 1, rng.draws,
                  best={"eval_loss": {"mode": "min", "entries": [[0.31, 400]]}},
-                 early_stopping=es("eval_loss", "min", 0.31, 400, 1), history_steps=[200, 400, 500])
+                 early_stopping=es("eval_loss", "min", 0.31, 400, 1), history_steps=[200, 400, 500],
+                 rng_states=rng.states)
 
 
 def accelerate(out: Path, *, pickled_rng: bool = False) -> Built:
@@ -379,7 +399,8 @@ def accelerate(out: Path, *, pickled_rng: bool = False) -> Built:
         (ckpt / "random_states_0.pkl").write_bytes(pickle.dumps(states, protocol=2))
     else:
         torch.save(states, ckpt / "random_states_0.pkl")
-    return Built("accelerate", ckpt, objs, lambda: tiny(7, False), 42, None, rng.draws)
+    # step 2: the optimizer's step count (the RNG file's "step" is the gradient-accumulation counter)
+    return Built("accelerate", ckpt, objs, lambda: tiny(7, False), 2, None, rng.draws, rng_states=rng.states)
 
 
 def _pick(objs: dict[str, Any], *names: str) -> dict[str, Any]:
@@ -404,9 +425,12 @@ BUILDERS: dict[str, Callable[[Path], Built]] = {
 }
 
 
-#: The layouts kept as golden files: one per layout and file format (RNG states make each 10-30 KB).
+#: The layouts this script keeps as golden files: one per layout and file format no installable tool writes
+#: (RNG states make each 10-30 KB). Lightning, HF Trainer and Accelerate: see REAL_TOOL_LAYOUTS.
 GOLDEN_LAYOUTS = ("000-nested-rng", "001-flat-rng-args", "001-flat-rng-legacy", "003-state-dicts-compiled",
-                  "004-format-v1", "state-dict-ddp", "state-dict-safetensors", "lightning", "hf-trainer", "accelerate")
+                  "004-format-v1", "state-dict-ddp", "state-dict-safetensors")
+#: The golden files make_real_tools.py writes with the tools themselves.
+REAL_TOOL_LAYOUTS = ("lightning", "hf-trainer", "accelerate")
 
 
 def build(name: str, root: Path) -> Built:
@@ -426,20 +450,23 @@ def sha256sums(root: Path) -> str:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--force", action="store_true", help="replace existing golden files (review the diff!)")
+    parser.add_argument("--sums", action="store_true", help=f"only rewrite {SUMS} (after make_real_tools.py)")
     args = parser.parse_args(argv)
-    if GOLDEN.exists() and any(GOLDEN.iterdir()):
-        if not args.force:
-            print(f"{GOLDEN} exists: golden files are never regenerated silently (--force to replace them)")
-            return 1
-        shutil.rmtree(GOLDEN)
     GOLDEN.mkdir(parents=True, exist_ok=True)
-    # Build through the package module, not __main__: pickled classes must be named as the tests import them.
-    make_foreign = importlib.import_module("tests.compat.make_foreign")
-
-    for name in make_foreign.GOLDEN_LAYOUTS:
-        make_foreign.build(name, GOLDEN)
+    if not args.sums:
+        existing = [GOLDEN / name for name in GOLDEN_LAYOUTS if (GOLDEN / name).exists()]
+        if existing and not args.force:
+            print(f"{existing[0]} exists: golden files are never regenerated silently (--force to replace them)")
+            return 1
+        for path in existing:
+            shutil.rmtree(path)
+        # Build through the package module, not __main__: pickled classes must be named as the tests import them.
+        make_foreign = importlib.import_module("tests.compat.make_foreign")
+        for name in make_foreign.GOLDEN_LAYOUTS:
+            built = make_foreign.build(name, GOLDEN)
+            write_expected(GOLDEN / name, built.expected(GOLDEN / name))
+        print(f"wrote {len(GOLDEN_LAYOUTS)} foreign layouts to {GOLDEN}")
     (GOLDEN / SUMS).write_text(sha256sums(GOLDEN))
-    print(f"wrote {len(GOLDEN_LAYOUTS)} foreign layouts to {GOLDEN}")
     return 0
 
 

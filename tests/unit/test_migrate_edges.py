@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 import savegame
 from savegame.cli import main
-from savegame.errors import CorruptCheckpointError, StorageError, UnsafeCheckpointError
+from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from savegame.migrate import import_checkpoint
 from savegame.offline import write_tree
 from tests.compat.make_foreign import ES_KEY, build, lit_objects, tiny
@@ -51,6 +51,24 @@ def test_history_placed_by_epoch_follows_the_chosen_step(tmp_path: Path) -> None
     assert own.history[0]["metrics"] == {"train_loss": 0.9, "val_loss": 0.8}
     chosen = import_checkpoint(v1.source, drop_unsafe=True, step=300)
     assert [h["step"] for h in chosen.history] == [100, 200, 300]
+
+
+def test_accelerate_step_is_counted_by_the_optimizer_or_the_scheduler(tmp_path: Path) -> None:
+    acc = build("accelerate", tmp_path)  # AdamW stepped twice; the RNG file's "step" (42) counts accumulation
+    counted = import_checkpoint(acc.source)
+    assert counted.step == 2
+    assert "optimizer.bin:state[*].step (the optimizer's step count) -> step" in counted.mapped
+    assert any(line.startswith("random_states_0.pkl:step (42: ") for line in counted.left_out)
+
+    plain_sgd = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)  # keeps no step count
+    save(plain_sgd.state_dict(), acc.source / "optimizer.bin")
+    save({**tiny()["scheduler"].state_dict(), "last_epoch": 7}, acc.source / "scheduler.bin")
+    scheduled = import_checkpoint(acc.source)
+    assert scheduled.step == 7 and "scheduler.bin:last_epoch (the scheduler's step count) -> step" in scheduled.mapped
+
+    (acc.source / "scheduler.bin").unlink()
+    uncounted = import_checkpoint(acc.source)
+    assert uncounted.step == 0 and any("--step N" in note for note in uncounted.notes)
 
 
 # --- generators savegame does not track --------------------------------------------------
@@ -116,6 +134,26 @@ def test_model_state_with_non_tensor_values_is_refused(tmp_path: Path) -> None:
     extra = {"model": {**weights, "fc._extra_state": {"scale": 2.0}}, "epoch": 1}  # get_extra_state() is any value
     assert import_checkpoint(save(extra, tmp_path / "ok.pth")).tree["state"]["model"]["fc._extra_state"] == {
         "scale": 2.0}
+
+
+# --- torch.save(model): a whole module ---------------------------------------------------------------
+
+def test_whole_module_imports_its_state_dict_with_trust_only(tmp_path: Path) -> None:
+    model = tiny()["model"]
+    whole = save(model, tmp_path / "model.pt")
+    imports_with_trust = r"one .*Tiny object\. .*trust=True .* imports its state_dict"
+    with pytest.raises(UnsafeCheckpointError, match=imports_with_trust) as refused:
+        import_checkpoint(whole)
+    assert "drop_unsafe" not in str(refused.value).split("The whole file")[1]  # dropping it leaves nothing
+    trusted = import_checkpoint(whole, trust=True)
+    assert trusted.layout == "state-dict" and trusted.mapped == ["(the whole file: a Tiny).state_dict() -> state.model"]
+    assert trusted.tree["state"]["model"].keys() == model.state_dict().keys()
+    assert all(torch.equal(trusted.tree["state"]["model"][k], v) for k, v in model.state_dict().items())
+
+    in_a_dict = save({"model": model, "epoch": 3, "step": 30}, tmp_path / "dict.pt")
+    result = import_checkpoint(in_a_dict, trust=True)
+    assert result.step == 30 and "model -> state.model" in result.mapped
+    assert all(torch.equal(result.tree["state"]["model"][k], v) for k, v in model.state_dict().items())
 
 
 # --- Lightning 1.x: callbacks keyed by their class ------------------------------------------------
@@ -252,3 +290,61 @@ def test_migrate_step_option_reaches_the_import(tmp_path: Path) -> None:
     assert loaded["run"]["best"] == {"val_loss": {"mode": "min", "entries": [[0.25, 900]]},
                                      "pck": {"mode": "max", "entries": [[0.8, 900]]}}
     assert loaded["run"]["early_stopping"]["best_step"] == 900
+
+
+@pytest.mark.parametrize("columns", [80, 120])
+def test_trust_warning_is_shown_whole_at_the_terminal_width(tmp_path: Path, columns: int) -> None:
+    from savegame.cli.migrate import TRUST_WARNING
+
+    flat = build("001-flat-rng", tmp_path)
+    done = CliRunner().invoke(main, ["migrate", str(flat.source), "--to", str(tmp_path / "run"), "--trust"],
+                              env={"COLUMNS": str(columns)})
+    assert done.exit_code == 0, done.output
+    lines = done.stderr.splitlines()
+    panel = lines[:next(i for i, line in enumerate(lines) if line.startswith("╰")) + 1]
+    assert panel[0].startswith("╭") and "WARNING" in panel[0] and all(len(line) <= columns for line in panel)
+    shown = " ".join(line.strip("│ ") for line in panel[1:-1])
+    assert " ".join(shown.split()) == TRUST_WARNING  # every sentence, none cut at the border
+
+
+# --- config snapshots into extra; renamed states ---------------------------------------------------------
+
+def test_config_snapshots_go_into_extra_when_plain_json(tmp_path: Path) -> None:
+    golden = Path(__file__).parents[1] / "compat" / "data" / "foreign"
+    hf = import_checkpoint(golden / "hf-trainer" / "checkpoint-6")
+    assert hf.extra == {"config.json": json.loads((golden / "hf-trainer" / "checkpoint-6" / "config.json").read_text())}
+    assert "config.json -> extra['config.json']" in hf.mapped
+    v1 = import_checkpoint(golden / "004-format-v1" / "checkpoint.pt", drop_unsafe=True)
+    assert v1.extra == {"config_snapshot": {"optimizer": {"lr": 0.01}}}
+
+    done = CliRunner().invoke(main, ["migrate", str(golden / "lightning" / "last.ckpt"), "--to", str(tmp_path / "run")])
+    assert done.exit_code == 0, done.output
+    assert savegame.load(tmp_path / "run")["extra"] == {"hyper_parameters": {"lr": 0.01, "hidden": 4}}
+
+    objs = tiny()
+    odd = save({"format_version": 1, "model_state_dict": objs["model"].state_dict(), "optimizer_state_dicts": [],
+                "config_snapshot": {"lr": 0.01, "warmup": torch.ones(2)}}, tmp_path / "odd.pt")
+    result = import_checkpoint(odd)
+    assert result.extra == {}
+    assert "config_snapshot (a config snapshot, but config_snapshot.warmup is a Tensor: extra holds plain JSON " \
+           "values only)" in result.left_out
+
+
+def test_rename_gives_imported_states_other_names(tmp_path: Path) -> None:
+    v1 = build("004-format-v1", tmp_path)
+    result = import_checkpoint(v1.source, drop_unsafe=True, rename={"optimizer_1": "disc_optimizer"})
+    assert list(result.tree["state"]) == ["model", "optimizer", "disc_optimizer", "scheduler", "scheduler_1", "scaler"]
+    assert "optimizer_state_dicts[1] -> state.disc_optimizer (renamed from state.optimizer_1)" in result.mapped
+    with pytest.raises(ConfigurationError, match=r"cannot rename 'optimizer_2': the import has no such state .*"
+                                                 r"optimizer_1"):
+        import_checkpoint(v1.source, drop_unsafe=True, rename={"optimizer_2": "x"})
+    with pytest.raises(ConfigurationError, match="two imported states the name 'optimizer'"):
+        import_checkpoint(v1.source, drop_unsafe=True, rename={"optimizer_1": "optimizer"})
+
+    run = tmp_path / "run"
+    done = CliRunner().invoke(main, ["migrate", str(v1.source), "--to", str(run), "--drop-unsafe",
+                                     "--rename", "optimizer_1=disc_optimizer", "--rename", "scheduler_1=disc_sched"])
+    assert done.exit_code == 0, done.output
+    assert {"disc_optimizer", "disc_sched"} <= set(savegame.load(run)["state"])
+    bad = CliRunner().invoke(main, ["migrate", str(v1.source), "--to", str(run), "--rename", "optimizer_1"])
+    assert bad.exit_code == 2 and "is not OLD=NEW" in bad.output

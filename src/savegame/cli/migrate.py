@@ -48,7 +48,10 @@ class ByteSize(click.ParamType[int]):
 @click.option("--trust", is_flag=True, help="Allow the classes the file names (runs their code: trusted files only).")
 @click.option("--max-bytes", type=ByteSize(), metavar="SIZE",
               help="Memory a file may claim while loading (default: 4 x its size + 64 MiB).")
-def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: bool, max_bytes: int | None) -> None:
+@click.option("--rename", "renames", multiple=True, metavar="OLD=NEW",
+              help="Give an imported state another name, e.g. optimizer_1=disc_optimizer (repeatable).")
+def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: bool, max_bytes: int | None,
+            renames: tuple[str, ...]) -> None:
     """Import the foreign checkpoint SRC (a file or a directory) as a checkpoint of RUN_DIR.
 
     Loading never runs code from SRC unless --trust is given. Prints the layout detected,
@@ -60,22 +63,37 @@ def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: 
     )
     from savegame.offline import write_tree
 
+    rename = _parse_renames(renames)
     out, err = console(), console(stderr=True)
     if trust:
-        err.print(Panel(TRUST_WARNING, title="WARNING", style="bold red"))
+        # wrapped inside the panel: the console's soft wrap would cut the panel's lines at its border
+        err.print(Panel(TRUST_WARNING, title="WARNING", style="bold red"), soft_wrap=False)
     existing = RunDir(LocalStorage(run_dir)).names()
     with ByteProgress(err) as bar:
         bar.phase(f"reading {src}", input_bytes(src))
         fc = import_checkpoint(src, trust=trust, drop_unsafe=drop_unsafe, step=step, max_bytes=max_bytes,
-                               progress=bar.advance)
+                               progress=bar.advance, rename=rename)
         bar.phase(f"writing step {fc.step} to {run_dir}", _tensor_bytes(fc.tree))
         path = write_tree(run_dir, fc.tree, step=fc.step, epoch=fc.epoch, metrics=fc.metrics, history=fc.history,
-                          progress=bar.advance)
+                          extra=fc.extra or None, progress=bar.advance)
     _report(out, src, fc, path)
     newer = [name for name in existing if (parse_step(name) or 0) > fc.step]
     if newer:
         out.print(f"note: {run_dir} already has {len(newer)} checkpoint(s) with a higher step (newest {newer[-1]}); "
                   "restore('latest') picks those, so restore this one by its step or path")
+
+
+def _parse_renames(renames: tuple[str, ...]) -> dict[str, str]:
+    parsed: dict[str, str] = {}
+    for item in renames:
+        old, sep, new = item.partition("=")
+        if not sep or not old or not new:
+            raise click.BadParameter(f"{item!r} is not OLD=NEW (e.g. optimizer_1=disc_optimizer)",
+                                     param_hint="--rename")
+        if old in parsed:
+            raise click.BadParameter(f"{old!r} is renamed twice", param_hint="--rename")
+        parsed[old] = new
+    return parsed
 
 
 def _tensor_bytes(tree: Any) -> int:

@@ -189,6 +189,8 @@ def prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
             raise CliError(f"{run_dir} is locked: a trainer (or another savegame command) is writing to it; "
                            "prune after it stops, or see what would go with --dry-run") from exc
     try:
+        if lock is not None:  # the lock holder removes what a writer killed mid-save left (hidden temporaries)
+            RunDir(LocalStorage(run_dir)).commit.clean_leftovers(LocalStorage(run_dir))
         _prune(run_dir, keep_last, dry_run)
     finally:
         if lock is not None:

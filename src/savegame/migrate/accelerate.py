@@ -6,9 +6,15 @@ for further models), ``optimizer.bin`` (``optimizer_1.bin``, ...),
 ``{"step", "random_state", "numpy_random_seed", "torch_manual_seed",
 "torch_cuda_manual_seed"}``, written by torch.save (a zip) by current Accelerate
 and as a plain pickle by some tools; both are read safely. Samplers, data-loader
-states and ``custom_checkpoint_N.pkl`` files are never read. Without a ``step``
-in the RNG file the step is 0: the ``checkpoint_N`` directory number counts
-saves, not steps.
+states and ``custom_checkpoint_N.pkl`` files are never read.
+
+Accelerate records no global step. The ``step`` in the RNG file is its
+gradient-accumulation counter, which restarts at every pass over the data, and
+the ``checkpoint_N`` directory number counts saves. The step is taken from a
+counter that means it: the first optimizer's step count (Adam-like optimizers
+keep one per parameter), else the first scheduler's ``last_epoch`` (Accelerate
+steps a prepared scheduler once per optimizer step); the report says which.
+Without either the step is 0 and a note asks for ``--step``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from savegame.errors import CorruptCheckpointError
 from savegame.migrate.builder import Draft
 from savegame.migrate.files import Loader, list_dir
 from savegame.migrate.hf_trainer import tied_weights_note
+from savegame.migrate.values import as_float
 from savegame.migrate.weights import load_weights
 
 LAYOUT = "accelerate"
@@ -64,6 +71,7 @@ def convert(directory: Path, loader: Loader) -> Draft:
     if RNG_FILE in names:
         _rng(draft, _load_rng(directory / RNG_FILE, loader))
         read.add(RNG_FILE)
+    _step(draft)
     for name in names:
         if name not in read:
             draft.leave_out(name, "never read" if name.endswith((".pkl", ".bin")) else "")
@@ -94,8 +102,37 @@ def _rng(draft: Draft, states: Any) -> None:
     for key, value in states.items():
         source = f"{RNG_FILE}:{key}"
         if key == "step":
-            draft.set_step(source, value)
+            draft.leave_out(source, f"{value!r:.20}: Accelerate's gradient-accumulation counter, which restarts "
+                                    "every pass over the data, not the global step")
         elif isinstance(key, str) and key in RNG_KINDS:
             draft.put_rng(RNG_KINDS[key], source, value)
         else:
             draft.leave_out(source, "no such generator in savegame")
+
+
+def _step(draft: Draft) -> None:
+    """The global step: optimizer steps counted by the first optimizer, else by the first scheduler."""
+    optimizer, scheduler = draft.state.get("optimizer"), draft.state.get("scheduler")
+    counted = _optimizer_steps(optimizer)
+    if counted is not None:
+        draft.set_step("optimizer.bin:state[*].step (the optimizer's step count)", counted)
+        return
+    last = scheduler.get("last_epoch") if isinstance(scheduler, Mapping) else None
+    if type(last) is int and last >= 0:
+        draft.set_step("scheduler.bin:last_epoch (the scheduler's step count)", last)
+        return
+    draft.notes.append("Accelerate records no global step and neither optimizer.bin nor scheduler.bin counts one, "
+                       "so the import is at step 0: pass the step the run had (savegame migrate SRC --to RUN_DIR "
+                       "--step N).")
+
+
+def _optimizer_steps(optimizer: Any) -> int | None:
+    """The step count an optimizer keeps per parameter (Adam, AdamW, ...): their largest, when all are counts."""
+    per_param = optimizer.get("state") if isinstance(optimizer, Mapping) else None
+    if not isinstance(per_param, Mapping):
+        return None
+    steps = [as_float(s.get("step")) for s in per_param.values() if isinstance(s, Mapping) and "step" in s]
+    counts = [s for s in steps if s is not None and s.is_integer() and s >= 0]
+    if not counts or len(counts) != len(steps):
+        return None
+    return int(max(counts))

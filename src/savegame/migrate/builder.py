@@ -15,11 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame.errors import CorruptCheckpointError
+from savegame.errors import ConfigurationError, CorruptCheckpointError
 from savegame.keys import canonical_state
 from savegame.migrate import rng_convert
 from savegame.migrate.result import ForeignCheckpoint
-from savegame.migrate.values import as_count, as_float, not_weights
+from savegame.migrate.values import as_count, as_float, not_weights, plain_json
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Draft:
     left_out: list[str] = field(default_factory=list)
     history: list[tuple[int | None, int | None, dict[str, float]]] = field(default_factory=list)  # step, epoch
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def map(self, source: str, target: str) -> None:
         self.mapped.append(f"{source} -> {target}")
@@ -73,6 +74,31 @@ class Draft:
             raise CorruptCheckpointError(f"{source} would replace state.{name}, which was already imported")
         self.state[name] = value
         self.map(source, f"state.{name}")
+
+    def config(self, source: str, value: Any) -> None:
+        """A config snapshot the tool saved -> ``extra[source]`` when it is plain JSON values, else left out."""
+        try:
+            self.extra[source] = plain_json(value, source)
+        except (TypeError, ValueError) as why:
+            self.leave_out(source, f"a config snapshot, but {why}: extra holds plain JSON values only")
+            return
+        self.map(source, f"extra[{source!r}]")
+
+    def rename(self, names: Mapping[str, str]) -> None:
+        """Give imported states other names (``{"optimizer_1": "disc_optimizer"}``), in place."""
+        unknown = [old for old in names if old not in self.state]
+        if unknown:
+            raise ConfigurationError(f"cannot rename {', '.join(map(repr, unknown))}: the import has no such state "
+                                     f"(it imports {', '.join(self.state) or 'none'})")
+        final = [names.get(name, name) for name in self.state]
+        clash = sorted({name for name in final if final.count(name) > 1})
+        if clash:
+            raise ConfigurationError(f"renaming would give two imported states the name {clash[0]!r}; "
+                                     f"the import's states are {', '.join(self.state)}")
+        self.state = {names.get(k, k): v for k, v in self.state.items()}
+        moved = {f"state.{old}": f"state.{new}" for old, new in names.items()}
+        self.mapped = [f"{src} -> {moved[dst]} (renamed from {dst})" if dst in moved else line
+                       for line in self.mapped for src, _, dst in [line.partition(" -> ")]]
 
     def put_rng(self, kind: str, source: str, value: Any) -> None:
         convert = {"python": rng_convert.python_state, "numpy": rng_convert.numpy_state,
@@ -144,7 +170,7 @@ class Draft:
         tree = {"state": self.state, "rng": self.rng, "run": {"best": best, "early_stopping": stopping}}
         return ForeignCheckpoint(layout=layout, tree=tree, step=final, epoch=self.epoch, metrics=dict(self.metrics),
                                  mapped=list(self.mapped), left_out=list(self.left_out),
-                                 history=self._history(final), notes=list(self.notes))
+                                 history=self._history(final), notes=list(self.notes), extra=dict(self.extra))
 
     def _history(self, final: int) -> list[dict[str, Any]]:
         """History lines, oldest first. A line known by epoch only ends that epoch's share of the steps

@@ -4,8 +4,9 @@
 "scheduler_state_dicts": [...], "amp_scaler_state", "rng_states": {"python_random",
 "numpy_random", "torch_cpu", "torch_cuda"}, "epoch", "global_step",
 "metrics_history", ...}``. The data-loader manager state, the choice RNG, the
-``resume_state`` object and the config snapshot belong to that framework's own
-loader and trainer: they are left out and reported. ``resume_state`` is an
+``resume_state`` object belong to that framework's own loader and trainer: they
+are left out and reported. The config snapshot goes into ``extra`` when it holds
+plain JSON values. ``resume_state`` is an
 instance of the framework's own class, so the file loads only with
 ``drop_unsafe=True`` (it is dropped, never constructed) or ``trust=True``.
 """
@@ -63,6 +64,7 @@ RULES = {
     "rng_states": nested_rng({"python_random": "python", "numpy_random": "numpy",
                               "torch_cpu": "torch", "torch_cuda": "cuda"}),
     "metrics_history": _metrics_history,
+    "config_snapshot": lambda draft, key, value: draft.config(key, value),
 }
 
 

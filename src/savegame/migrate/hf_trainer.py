@@ -1,6 +1,7 @@
 """Hugging Face ``transformers.Trainer`` checkpoint directories (``checkpoint-500/``).
 
 Files: the model (``model.safetensors``, ``pytorch_model.bin`` or a sharded index),
+``config.json`` (the model's configuration, kept in ``extra``),
 ``optimizer.pt``, ``scheduler.pt``, ``scaler.pt``, ``rng_state.pth`` (rank 0's
 ``{"python", "numpy", "cpu", "cuda"}``; ``rng_state_N.pth`` when distributed) and
 ``trainer_state.json``. ``training_args.bin`` is a pickled TrainingArguments and is
@@ -32,6 +33,7 @@ LAYOUT = "hf-trainer"
 COUNTS_EPOCHS = False
 
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.json"
 MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json")
 OBJECT_FILES = {"optimizer.pt": "optimizer", "scheduler.pt": "scheduler", "scaler.pt": "scaler"}
@@ -66,6 +68,9 @@ def convert(directory: Path, loader: Loader) -> Draft:
     if (directory / STATE_FILE).is_file():
         _trainer_state(draft, read_json_object(directory / STATE_FILE))
         read.add(STATE_FILE)
+    if (directory / CONFIG_FILE).is_file():  # the model's configuration: kept as the checkpoint's extra
+        draft.config(CONFIG_FILE, read_json_object(directory / CONFIG_FILE))
+        read.add(CONFIG_FILE)
     for name in list_dir(directory):
         if name not in read:
             draft.leave_out(name, NOT_READ.get(name, "other ranks' RNG" if name.startswith("rng_state_") else ""))

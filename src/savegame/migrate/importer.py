@@ -58,13 +58,15 @@ LAYOUTS = tuple(m.LAYOUT for m in (*FILE_LAYOUTS, *DIRECTORY_LAYOUTS))
 
 
 def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool = False, step: int | None = None,
-                      max_bytes: int | None = None, progress: Callable[[int], None] | None = None) -> ForeignCheckpoint:
+                      max_bytes: int | None = None, progress: Callable[[int], None] | None = None,
+                      rename: Mapping[str, str] | None = None) -> ForeignCheckpoint:
     """Translate the foreign checkpoint file or directory ``src`` into a savegame state tree.
 
     ``step`` replaces the step the file records (best values and early stopping the
     tool saved without a step take it too); ``max_bytes`` bounds what loading each
     file may allocate (default: a small multiple of its size, see :mod:`.budget`);
-    ``progress`` is called with byte counts as files are read.
+    ``progress`` is called with byte counts as files are read; ``rename`` gives
+    imported states other names (``{"optimizer_1": "disc_optimizer"}``).
 
     Raises CheckpointNotFoundError if ``src`` does not exist, ConfigurationError for
     an unrecognised layout (naming the keys or files found), UnsafeCheckpointError
@@ -78,12 +80,14 @@ def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool
     if step is not None and (type(step) is not int or step < 0):
         raise ConfigurationError(f"step must be a non-negative int or None, got {step!r}")
     check_max_bytes(max_bytes)
+    renames = _check_rename(rename)
     path = Path(src)
     if not path.exists():
         raise CheckpointNotFoundError(f"{path} does not exist")
     loader = _Loader(trust=trust, drop_unsafe=drop_unsafe, max_bytes=max_bytes, progress=progress)
     try:
         layout, draft = _import_directory(path, loader) if path.is_dir() else _import_file(path, loader)
+        draft.rename(renames)
         result = draft.finish(layout.LAYOUT, step=step, step_from_epoch=layout.COUNTS_EPOCHS)
     except CorruptCheckpointError as exc:
         if loader.dropped:  # the "malformed" value is most likely one drop_unsafe replaced
@@ -100,6 +104,18 @@ def import_checkpoint(src: str | Path, *, trust: bool = False, drop_unsafe: bool
     log.info("imported %s as %s: step %d, %d states, left out: %s", path, result.layout, result.step,
              len(result.tree["state"]), ", ".join(result.left_out) or "nothing")
     return result
+
+
+def _check_rename(rename: Mapping[str, str] | None) -> dict[str, str]:
+    if rename is None:
+        return {}
+    if not isinstance(rename, Mapping):
+        raise ConfigurationError(f"rename must be a dict of old state name -> new name, got {type(rename).__name__}")
+    for old, new in rename.items():
+        if not isinstance(old, str) or not isinstance(new, str) or not new or new.startswith((".", "$")):
+            raise ConfigurationError(f"rename {old!r} -> {new!r}: names are strings, the new one non-empty and "
+                                     "not starting with '.' or '$'")
+    return dict(rename)
 
 
 def input_bytes(src: str | Path) -> int:
@@ -121,10 +137,13 @@ def _import_file(path: Path, loader: _Loader) -> tuple[Any, Draft]:
     whole = stand_in_name(checkpoint)
     if whole is not None:
         raise UnsafeCheckpointError(f"{path} is one {whole} object as a whole, which savegame does not load: "
-                                    "there is nothing to import without it")
+                                    f"there is nothing to import without it. {_WHOLE_OBJECT_REMEDY}")
+    if isinstance(checkpoint, torch.nn.Module):  # torch.save(model), loaded with trust=True
+        return bare_state_dict, bare_state_dict.convert_module(checkpoint)
     if not isinstance(checkpoint, Mapping):
-        raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, not a dict: not a checkpoint "
-                                 f"layout savegame can import (supported: {', '.join(LAYOUTS)})")
+        raise ConfigurationError(f"{path} holds a {type(checkpoint).__name__}, neither a dict nor a whole "
+                                 f"torch.nn.Module: not a checkpoint layout savegame can import (supported: "
+                                 f"{', '.join(LAYOUTS)})")
     for layout in FILE_LAYOUTS:
         if layout.matches(checkpoint):
             with _malformed(path, layout.LAYOUT):
@@ -132,6 +151,12 @@ def _import_file(path: Path, loader: _Loader) -> tuple[Any, Draft]:
     keys = ", ".join(sorted(repr(k) for k in checkpoint)[:40]) or "none"
     raise ConfigurationError(f"{path}: unknown checkpoint layout; its top-level keys are {keys}. Supported "
                              f"layouts: {', '.join(LAYOUTS)} (see docs/migrate.md)")
+
+
+_WHOLE_OBJECT_REMEDY = (
+    "If it is a model saved whole (torch.save(model)) and you trust the file's author, trust=True (savegame "
+    "migrate --trust) imports its state_dict(); otherwise re-save it where you trust it as "
+    "torch.save(model.state_dict(), path).")
 
 
 def _import_directory(path: Path, loader: _Loader) -> tuple[Any, Draft]:
@@ -157,6 +182,18 @@ def _malformed(path: Path, layout: str) -> Iterator[None]:
                                      f"unexpected shape: {type(exc).__name__}: {exc}") from exc
 
 
+def _modules_as_state_dicts(file: Path, loaded: Any) -> Any:
+    """A trusted ``torch.save({"model": model, ...})``: whole modules under top-level keys become their state dicts.
+
+    (A file that is one module as a whole is imported by :func:`_import_file`, which reports it.)
+    """
+    if not isinstance(loaded, Mapping) or not any(isinstance(v, torch.nn.Module) for v in loaded.values()):
+        return loaded
+    modules = [str(k) for k, v in loaded.items() if isinstance(v, torch.nn.Module)]
+    log.info("%s: importing the state_dict() of the whole modules under %s", file, ", ".join(modules))
+    return {k: v.state_dict() if isinstance(v, torch.nn.Module) else v for k, v in loaded.items()}
+
+
 @dataclass
 class _Loader:
     """Reads each file of one import with the import's settings; remembers what it dropped.
@@ -172,11 +209,12 @@ class _Loader:
 
     def load_torch(self, file: Path) -> Any:
         try:
-            return safe_torch_load(file, trust=self.trust, max_bytes=self.max_bytes, progress=self.progress)
+            loaded = safe_torch_load(file, trust=self.trust, max_bytes=self.max_bytes, progress=self.progress)
         except UnsafeCheckpointError as refusal:
             if self.trust:
                 raise
             return self._without_unsafe(file, refusal)
+        return _modules_as_state_dicts(file, loaded) if self.trust else loaded
 
     def load_pickle(self, file: Path) -> Any:
         loaded = safe_pickle_load(file, max_bytes=self.max_bytes)
@@ -200,6 +238,9 @@ class _Loader:
         found = list(stand_ins_in(loaded))
         if not found:
             raise refusal
+        if [place for place, _ in found] == ["<top level>"]:  # dropping it would leave nothing to import
+            raise UnsafeCheckpointError(f"{refusal} The whole file is one {found[0][1]} object. "
+                                        f"{_WHOLE_OBJECT_REMEDY}") from refusal
         if not self.drop_unsafe:
             where = "; ".join(f"{name} at {place}" for place, name in found[:8])
             raise UnsafeCheckpointError(

@@ -6,8 +6,8 @@ the run restores into; only ``_orig_mod.`` segments are dropped. Optimizers and
 schedulers are numbered in Lightning's order. ModelCheckpoint callback states
 become best tracking (scores of ``best_k_models``, steps read from the
 ``step=N`` part of their file names when present) and an EarlyStopping callback
-state becomes early stopping. Loops, hyper-parameters and other callbacks are
-left out.
+state becomes early stopping. ``hyper_parameters`` goes into ``extra`` when it
+holds plain JSON values. Loops and other callbacks are left out.
 
 Lightning 1.x keys ``callbacks`` by the callback *class* (a pickled reference to
 ``pytorch_lightning.callbacks...ModelCheckpoint``), which the safe loader refuses
@@ -45,6 +45,7 @@ RULES = {
     "MixedPrecision": to_state("scaler"),
     "MixedPrecisionPlugin": to_state("scaler"),
     "native_amp_scaling_state": to_state("scaler"),
+    "hyper_parameters": lambda draft, key, value: draft.config(key, value),
 }
 
 
@@ -66,7 +67,10 @@ def _callbacks(draft: Draft, callbacks: Any) -> None:
     if not isinstance(callbacks, Mapping):
         draft.leave_out("callbacks", "not a dict of callback states")
         return
-    for key, state in callbacks.items():
+    # ModelCheckpoint first: early stopping takes its best step from the best values (Lightning itself
+    # stores the checkpoint callbacks last).
+    ordered = sorted(callbacks.items(), key=lambda item: not _callback_name(item[0]).startswith("ModelCheckpoint"))
+    for key, state in ordered:
         name = _callback_name(key)
         source = f"callbacks[{name!r}]"
         mode = _MODE.search(name)

@@ -17,6 +17,8 @@ class ForeignCheckpoint:
     ``history`` is the metrics history the file recorded, as lines of the run's
     ``metrics.jsonl`` (``{"step", "epoch", "metrics"}``, oldest first); ``notes`` say
     what to do when resuming needs more than ``Checkpointer(...).restore()``.
+    ``extra`` holds the tool's config snapshots (plain JSON values) by their foreign
+    key or file name; ``savegame migrate`` writes it as the checkpoint's ``extra``.
     """
 
     layout: str
@@ -28,3 +30,4 @@ class ForeignCheckpoint:
     left_out: list[str]
     history: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)

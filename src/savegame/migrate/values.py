@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Mapping
 from typing import Any
@@ -37,6 +38,29 @@ def as_count(value: Any, source: str) -> int:
     if type(value) is not int or value < 0:
         raise CorruptCheckpointError(f"{source} is {value!r:.80}, not a non-negative int")
     return value
+
+
+def plain_json(value: Any, where: str = "") -> Any:
+    """``value`` as plain JSON values (tuples become lists).
+
+    Raises TypeError (a value of another type) or ValueError (a non-finite float) saying which value and where.
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError(f"{where or 'it'} is {value}, which JSON cannot hold")
+        return value
+    if isinstance(value, (list, tuple)):
+        return [plain_json(item, f"{where}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where or 'it'} has the key {key!r:.40}, not a str")
+            out[key] = plain_json(item, f"{where}.{key}" if where else key)
+        return out
+    raise TypeError(f"{where or 'it'} is a {type(value).__name__}")
 
 
 def not_weights(value: Any) -> str | None:
