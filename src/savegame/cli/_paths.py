@@ -1,8 +1,9 @@
-"""Finding checkpoints from command-line paths, and writing output files atomically."""
+"""Finding checkpoints from command-line paths, and writing output files atomically (never through a link)."""
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -52,10 +53,36 @@ def disk_bytes(directory: str) -> int:
         return 0
 
 
+def check_output(target: str) -> str:
+    """``target`` as an absolute path, if it names nothing yet or a regular file (to replace); else a CliError.
+
+    A directory, a symbolic link, a FIFO or a device node is never replaced: the
+    message says what is there.
+    """
+    final = os.path.abspath(target)
+    try:
+        mode = os.lstat(final).st_mode
+    except FileNotFoundError:
+        return final
+    except OSError as exc:
+        raise CliError(f"{target}: cannot be checked ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(mode):
+        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+        raise CliError(f"{target} is {kind}; only a regular file is replaced: choose a new file name, "
+                       "or remove it first")
+    return final
+
+
 @contextmanager
 def atomic_output(target: str) -> Iterator[str]:
-    """Yield a temporary path next to ``target``; on success it replaces ``target`` durably, else it goes."""
-    final = os.path.abspath(target)
+    """Yield a temporary path next to ``target``; on success it replaces ``target`` durably, else it goes.
+
+    ``target`` must name nothing yet or a regular file (see :func:`check_output`),
+    checked before and again right before the replacement.
+    """
+    final = check_output(target)
     directory = os.path.dirname(final)
     if not os.path.isdir(directory):
         raise CliError(f"{target}: the directory {directory!r} does not exist")
@@ -66,11 +93,12 @@ def atomic_output(target: str) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, mode)  # writers that replace the file (safetensors) create it 0600
         _fsync(tmp, os.O_RDONLY)
+        check_output(target)  # nothing but a regular file took its place meanwhile
         os.replace(tmp, final)
         if os.name != "nt":
             _fsync(directory, os.O_RDONLY)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         raise
 
