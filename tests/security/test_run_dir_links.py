@@ -78,6 +78,8 @@ def test_a_linked_history_is_not_appended_to(tmp_path, caplog):
     assert target.read_bytes() == PRECIOUS
     assert "metrics.jsonl' is a symbolic link" in caplog.text
     assert (run / step(3) / "manifest.json").is_file(), "the checkpoint itself is saved"
+    result = cli("plot", run, "--to", tmp_path / "history.png")
+    assert result.exit_code == 2 and "metrics.jsonl' is a symbolic link" in result.output, result.output
 
 
 def test_linked_alias_files_are_neither_read_nor_written_through(tmp_path, caplog):

@@ -46,7 +46,9 @@ def is_checkpoint_dir(path: str) -> bool:
 
 
 def disk_bytes(directory: str) -> int:
-    """Bytes of the files directly in ``directory`` (a checkpoint has no subdirectories)."""
+    """Bytes of the files directly in ``directory`` (a checkpoint has no subdirectories); 0 for a link."""
+    if os.path.islink(directory):
+        return 0
     try:
         return sum(e.stat().st_size for e in os.scandir(directory) if e.is_file(follow_symlinks=False))
     except OSError:
