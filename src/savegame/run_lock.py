@@ -32,8 +32,10 @@ log = logging.getLogger("savegame.run")
 _HELD = {errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES} | ({errno.EDEADLK} if os.name == "nt" else set())
 # Lock files this process holds, so a second Checkpointer in the same process gets a message that fits.
 _HELD_HERE: set[str] = set()
-# Locks this process holds, closed in every forked child (see the module docstring).
+# Locks this process holds, closed in every forked child (see the module docstring), and the
+# descriptors of locks being acquired right now (a fork from another thread may happen meanwhile).
 _LOCKS: weakref.WeakSet[RunLock] = weakref.WeakSet()
+_ACQUIRING: set[int] = set()
 
 
 class RunLock:
@@ -58,19 +60,23 @@ class RunLock:
         if self._fd is not None:
             return
         fd = open_regular(self.path, os.O_RDWR | os.O_CREAT, "open the lock file")
+        _ACQUIRING.add(fd)
         try:
             _try_lock(fd, self.path)
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         except SavegameError:
+            _ACQUIRING.discard(fd)
             os.close(fd)
             raise
         except OSError as exc:
+            _ACQUIRING.discard(fd)
             os.close(fd)
             raise storage_error(exc, "write the lock file", self.path) from exc
         self._fd = fd
         _HELD_HERE.add(os.path.realpath(self.path))
         _LOCKS.add(self)
+        _ACQUIRING.discard(fd)
 
     def release(self) -> None:
         if self._fd is not None:
@@ -92,7 +98,13 @@ class RunLock:
 def _close_in_child() -> None:
     for lock in list(_LOCKS):
         lock._forget_in_child()
+    for fd in list(_ACQUIRING):  # the thread acquiring it does not exist in the child
+        try:
+            os.close(fd)
+        except OSError:
+            pass  # not open in the child any more: nothing is held through it
     _LOCKS.clear()
+    _ACQUIRING.clear()
     _HELD_HERE.clear()
 
 
