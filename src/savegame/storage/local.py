@@ -186,7 +186,7 @@ class LocalStorage:
 
     def append(self, path: str, data: bytes) -> None:
         full = self.check_parents(path, "append to")
-        fd = open_regular(full, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "append to")
+        fd = open_regular(full, os.O_WRONLY | os.O_APPEND | os.O_CREAT, "append to", 0o666)  # umask applies
         try:
             view = memoryview(data)
             while view.nbytes:
