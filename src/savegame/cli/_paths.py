@@ -12,7 +12,7 @@ from pathlib import Path
 from savegame.cli._app import CliError
 from savegame.format import names as n
 from savegame.run_dir import RunDir, parse_step
-from savegame.storage.local import LocalStorage
+from savegame.storage.local import LocalStorage, kind_of
 
 
 def locate(path: str) -> tuple[LocalStorage, str]:
@@ -69,10 +69,7 @@ def check_output(target: str) -> str:
     except OSError as exc:
         raise CliError(f"{target}: cannot be checked ({exc.strerror or exc})") from exc
     if not stat.S_ISREG(mode):
-        kind = ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
-                else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-        raise CliError(f"{target} is {kind}; only a regular file is replaced: choose a new file name, "
+        raise CliError(f"{target} is {kind_of(mode)}; only a regular file is replaced: choose a new file name, "
                        "or remove it first")
     return final
 

@@ -56,13 +56,20 @@ def not_followed(action: str, path: str, link: str) -> StorageError:
     return err
 
 
+def kind_of(mode: int) -> str:
+    """What a file's ``st_mode`` says it is, for messages: "a regular file", "a symbolic link", "a FIFO" ..."""
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
 def not_regular(action: str, path: str, mode: int) -> StorageError:
     """The error for a name that is a directory, FIFO, socket or device where a regular file belongs."""
-    kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-            else "not a regular file")
-    err = StorageError(f"refused to {action} {path!r}: it is {kind}, not a regular file; remove it or move it "
-                       "out of the run directory")
+    err = StorageError(f"refused to {action} {path!r}: it is {kind_of(mode)}, not a regular file; remove it or "
+                       "move it out of the run directory")
     err.errno = errno.EINVAL
     return err
 
