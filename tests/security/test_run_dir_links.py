@@ -172,3 +172,16 @@ def test_export_replaces_only_a_regular_file(tmp_path, kind):
     assert cli("export", run, "--to", out).exit_code == 0  # a new name is fine
     assert cli("export", run, "--to", out).exit_code == 0  # and so is a regular file there
     assert torch.load(out, weights_only=True)["weight"].eq(2).all()
+
+
+def test_a_linked_leftover_goes_as_a_link_and_what_it_points_to_stays(tmp_path):
+    run = tmp_path / "run"
+    make_run(run)
+    elsewhere = tmp_path / "outside"
+    elsewhere.mkdir()
+    (elsewhere / "keep").write_bytes(PRECIOUS)
+    (run / ".tmp-step-0000000003-deadbeef").symlink_to(elsewhere)
+    with savegame.Checkpointer(run, {"model": torch.nn.Linear(2, 2)}):
+        pass  # opening a run directory removes the leftovers of interrupted saves
+    assert not os.path.lexists(run / ".tmp-step-0000000003-deadbeef")
+    assert (elsewhere / "keep").read_bytes() == PRECIOUS
