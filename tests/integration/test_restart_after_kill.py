@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,8 @@ def test_a_restart_right_after_a_kill_gets_the_run_while_the_loader_workers_live
     proc = subprocess.Popen([sys.executable, str(CHILD), str(tmp_path)], stdout=subprocess.PIPE, text=True,
                             env=child_env())
     workers: set[int] = set()
+    watchdog = threading.Timer(60, proc.kill)  # a trainer that hangs is killed: the loop below then ends
+    watchdog.start()
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -47,6 +50,7 @@ def test_a_restart_right_after_a_kill_gets_the_run_while_the_loader_workers_live
                 break
         else:
             pytest.fail(f"the trainer ended before its save was durable (exit {proc.wait(timeout=10)})")
+        watchdog.cancel()
         with pytest.raises(RunLockedError, match=f"it is held by process {proc.pid}, which is alive"):
             savegame.Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)})
         os.kill(proc.pid, signal.SIGKILL)
@@ -56,6 +60,7 @@ def test_a_restart_right_after_a_kill_gets_the_run_while_the_loader_workers_live
         with savegame.Checkpointer(tmp_path, {"model": torch.nn.Linear(1, 1)}) as ckpt:
             assert ckpt.restore().step == 1
     finally:
+        watchdog.cancel()
         for pid in workers:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -71,16 +76,19 @@ def test_a_forked_child_neither_keeps_the_lock_nor_releases_it(tmp_path):
     with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(1, 1)}):
         pid = os.fork()
         if pid == 0:  # the child: the parent's lock must still stand against it; then it lingers
+            answer = b"acquired"
             try:
                 savegame.run_dir.RunLock(str(tmp_path)).acquire()
-                os.write(report[1], b"acquired")
             except RunLockedError:
-                os.write(report[1], b"refused")
+                answer = b"refused"
+            except BaseException as exc:  # reported, so the parent never waits for an answer that will not come
+                answer = repr(exc).encode()
             finally:
+                os.write(report[1], answer)
                 os.read(go[0], 1)
                 os._exit(0)
         try:
-            assert os.read(report[0], 16) == b"refused"
+            assert os.read(report[0], 4096) == b"refused"
         except BaseException:
             os.write(go[1], b"x")
             raise
