@@ -81,7 +81,7 @@ def test_a_forked_child_neither_keeps_the_lock_nor_releases_it(tmp_path):
                 savegame.run_dir.RunLock(str(tmp_path)).acquire()
             except RunLockedError:
                 answer = b"refused"
-            except BaseException as exc:  # reported, so the parent never waits for an answer that will not come
+            except Exception as exc:  # reported, so the parent never waits for an answer that will not come
                 answer = repr(exc).encode()
             finally:
                 os.write(report[1], answer)
