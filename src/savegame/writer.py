@@ -31,7 +31,7 @@ from savegame.commit import RenameCommit, write_new_file
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import build_header
-from savegame.gcpause import pausing
+from savegame.gcpause import never_in_this_thread, pausing
 from savegame.staging import SMALL, Snapshot, Staging, copy_out
 from savegame.storage.base import Storage, WriteHandle
 
@@ -84,10 +84,13 @@ def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
     return copy_out(prepared.plan, staging)
 
 
-@pausing
 def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Snapshot,
                      commit: RenameCommit | None = None) -> None:
-    """Write files and manifest under a temporary name, then commit atomically as ``final``."""
+    """Write files and manifest under a temporary name, then commit atomically as ``final``.
+
+    Not paused for the garbage collector (see :mod:`savegame.gcpause`): a write lasts
+    long, and in the background writer a pause would stop collection for every thread.
+    """
     commit = commit or RenameCommit()
     plan = prepared.plan
     tmp = commit.begin(storage, final)
@@ -116,7 +119,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
 def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[str, Any]:
     names = {d: codec.dtype_name(d) for d in set(plan.dtypes)}
     dtypes = [names[d] for d in plan.dtypes]
-    return {n.E_FILE: plan.shard, n.E_DTYPE: dtypes, n.E_SHAPE: [list(s) for s in plan.shapes],
+    return {n.E_FILE: plan.shard, n.E_DTYPE: dtypes, n.E_SHAPE: plan.shapes,
             n.E_START: plan.start, n.E_END: [s + z for s, z in zip(plan.start, plan.sizes, strict=True)],
             n.E_SUM: sums}
 
@@ -237,6 +240,7 @@ class BackgroundWriter:
 
     def _run(self, job: Callable[[], None]) -> None:
         _yield_to_training()
+        never_in_this_thread()  # the collector stays on for the training threads while this job runs
         try:
             job()
         except BaseException as exc:  # kept and re-raised in the training thread

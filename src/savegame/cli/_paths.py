@@ -1,8 +1,9 @@
-"""Finding checkpoints from command-line paths, and writing output files atomically."""
+"""Finding checkpoints from command-line paths, and writing output files atomically (never through a link)."""
 
 from __future__ import annotations
 
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from pathlib import Path
 from savegame.cli._app import CliError
 from savegame.format import names as n
 from savegame.run_dir import RunDir, parse_step
-from savegame.storage.local import LocalStorage
+from savegame.storage.local import LocalStorage, kind_of
 
 
 def locate(path: str) -> tuple[LocalStorage, str]:
@@ -45,17 +46,42 @@ def is_checkpoint_dir(path: str) -> bool:
 
 
 def disk_bytes(directory: str) -> int:
-    """Bytes of the files directly in ``directory`` (a checkpoint has no subdirectories)."""
+    """Bytes of the files directly in ``directory`` (a checkpoint has no subdirectories); 0 for a link."""
+    if os.path.islink(directory):
+        return 0
     try:
         return sum(e.stat().st_size for e in os.scandir(directory) if e.is_file(follow_symlinks=False))
     except OSError:
         return 0
 
 
+def check_output(target: str) -> str:
+    """``target`` as an absolute path, if it names nothing yet or a regular file (to replace); else a CliError.
+
+    A directory, a symbolic link, a FIFO or a device node is never replaced: the
+    message says what is there.
+    """
+    final = os.path.abspath(target)
+    try:
+        mode = os.lstat(final).st_mode
+    except FileNotFoundError:
+        return final
+    except OSError as exc:
+        raise CliError(f"{target}: cannot be checked ({exc.strerror or exc})") from exc
+    if not stat.S_ISREG(mode):
+        raise CliError(f"{target} is {kind_of(mode)}; only a regular file is replaced: choose a new file name, "
+                       "or remove it first")
+    return final
+
+
 @contextmanager
 def atomic_output(target: str) -> Iterator[str]:
-    """Yield a temporary path next to ``target``; on success it replaces ``target`` durably, else it goes."""
-    final = os.path.abspath(target)
+    """Yield a temporary path next to ``target``; on success it replaces ``target`` durably, else it goes.
+
+    ``target`` must name nothing yet or a regular file (see :func:`check_output`),
+    checked before and again right before the replacement.
+    """
+    final = check_output(target)
     directory = os.path.dirname(final)
     if not os.path.isdir(directory):
         raise CliError(f"{target}: the directory {directory!r} does not exist")
@@ -66,11 +92,12 @@ def atomic_output(target: str) -> Iterator[str]:
         yield tmp
         os.chmod(tmp, mode)  # writers that replace the file (safetensors) create it 0600
         _fsync(tmp, os.O_RDONLY)
+        check_output(target)  # nothing but a regular file took its place meanwhile
         os.replace(tmp, final)
         if os.name != "nt":
             _fsync(directory, os.O_RDONLY)
     except BaseException:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
         raise
 

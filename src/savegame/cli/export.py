@@ -2,7 +2,9 @@
 
 Formats by suffix: ``.safetensors`` (``safetensors.torch.save_file``), ``.pt`` /
 ``.pth`` (a plain ``{key: tensor}`` dict, loadable with ``torch.load(weights_only=True)``),
-``.npz`` (``numpy.savez``). Files are written to a temporary name and renamed into place.
+``.npz`` (``numpy.savez``). Files are written to a temporary name and renamed into place;
+an existing output is replaced only if it is a regular file (never a link, directory,
+FIFO or device).
 The checkpoint is verified first, byte by byte (with a progress bar on terminals).
 """
 
@@ -19,7 +21,7 @@ import torch
 import savegame
 from savegame.cli._app import CliError
 from savegame.cli._output import console, human_bytes, nbytes
-from savegame.cli._paths import atomic_output, locate
+from savegame.cli._paths import atomic_output, check_output, locate
 from savegame.cli._progress import ByteProgress, verify_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -29,7 +31,7 @@ FORMATS = (".safetensors", ".pt", ".pth", ".npz")
 @click.command("export")
 @click.argument("ckpt", type=click.Path(exists=True))
 @click.option("--to", "target", required=True, type=click.Path(dir_okay=False),
-              help="Output file: .safetensors, .pt/.pth or .npz (replaced if it exists).")
+              help="Output file: .safetensors, .pt/.pth or .npz (a regular file there is replaced).")
 @click.option("--state", "state_name", help="Which state to export (default: 'model', else the only state of tensors).")
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)), help="Cast floating-point tensors to this dtype.")
 def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) -> None:
@@ -38,6 +40,7 @@ def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) ->
     if suffix not in FORMATS:
         raise click.UsageError(f"--to {target!r}: unknown format {suffix or '(no suffix)'!r}; "
                                f"use one of {', '.join(FORMATS)}")
+    check_output(target)  # before the work: a directory, link, FIFO or device is never replaced
     storage, name = locate(ckpt)
     with ByteProgress() as bar:
         verify_bytes(storage, name, bar)

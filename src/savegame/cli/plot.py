@@ -13,18 +13,17 @@ from savegame.cli._app import CliError
 from savegame.cli._output import console
 from savegame.cli._paths import atomic_output, require_run_dir
 from savegame.format import names as n
+from savegame.storage.local import LocalStorage
 
 History = dict[str, dict[int, float]]  # metric -> step -> value (the last recorded for that step)
 
 
 def read_history(run_dir: str) -> tuple[History, int]:
     """Every metric by step, and how many lines could not be read (a torn last line after a crash)."""
-    path = os.path.join(run_dir, n.HISTORY_FILE)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise CliError(f"{run_dir}: no {n.HISTORY_FILE} (no checkpoint was saved with metrics here)") from None
+    storage = LocalStorage(run_dir)  # never reads through a link: a linked history is refused, naming it
+    if not storage.exists(n.HISTORY_FILE):
+        raise CliError(f"{run_dir}: no {n.HISTORY_FILE} (no checkpoint was saved with metrics here)")
+    lines = storage.read_bytes(n.HISTORY_FILE).decode("utf-8", "replace").splitlines()
     history: History = {}
     skipped = 0
     for line in lines:

@@ -2,7 +2,9 @@
 
 Paths are relative to the storage root, with ``/`` separators. Every method
 raises :class:`~savegame.errors.StorageError` (never a bare OSError) with the
-path and a remedy in the message.
+path and a remedy in the message. Nothing outside the root is read or written
+through a name below it: a file-system storage refuses symbolic links and
+non-regular files there (see :mod:`savegame.storage.local`).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ class Storage(Protocol):
     def list_dir(self, path: str) -> list[str]: ...
 
     def rename(self, src: str, dst: str) -> None:
-        """Atomically move ``src`` to ``dst``; ``dst`` must not exist (or be a file to replace)."""
+        """Atomically move ``src`` to ``dst``; ``dst`` must not exist, or be a regular file to replace."""
         ...
 
     def remove(self, path: str) -> None: ...
