@@ -12,18 +12,12 @@ import torch
 from torch.utils.data import IterableDataset
 
 from savegame.data import compat, mapstate, seeding, streamstate
-from savegame.data.fetch import (
-    IterStream,
-    MapFetch,
-    Produced,
-    SlotStart,
-    StreamPlan,
-    identity,
-)
+from savegame.data.fetch import MapFetch, Produced, identity
 from savegame.data.merge import SlotMerge
-from savegame.data.plan import IndexSource, MapEpoch, TicketSource, is_stateful
+from savegame.data.plan import IndexSource, MapEpoch, TicketSource
 from savegame.data.progress import Progress
 from savegame.data.sampler import ResumableSampler
+from savegame.data.stream import IterStream, SlotStart, StreamPlan
 from savegame.errors import ConfigurationError, SavegameError
 
 log = logging.getLogger("savegame.data")
@@ -93,7 +87,6 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         self._seed = seed
         self._iterable = isinstance(self.dataset, IterableDataset)
         self._source = None if self._iterable else IndexSource(self.sampler, self.batch_sampler, self._auto_collation)
-        self._dataset_stateful = is_stateful(self.dataset)
         self._progress = Progress(slots=[SlotStart() for _ in range(self._slot_count())])
         self._generation = 0
         self._tickets = TicketSource()
@@ -149,7 +142,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         progress = Progress(epoch=saved.epoch, in_progress=saved.in_progress, position=saved.position,
                             resume_pending=saved.in_progress)
         if self._iterable:
-            streamstate.restore(saved, progress, self._slot_count(), self.dataset, self._dataset_stateful)
+            streamstate.restore(saved, progress, self._slot_count(), self.dataset)
         else:
             assert self._source is not None
             mapstate.restore(self._source, self.dataset, saved, progress)
@@ -168,13 +161,35 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]  # ours is not torch's iterator class
+        """Start the next epoch (or continue a restored one).
+
+        For an iterable dataset this waits until every worker slot has set its
+        epoch up, as torchdata does: an error in ``worker_init_fn``,
+        ``set_epoch``, ``load_state_dict`` or the dataset's ``__iter__`` is raised
+        here, and leaves the loader's position as it was.
+        """
+        before = copy.deepcopy(self._progress)
+        try:
+            return self._begin()
+        except BaseException:
+            self._stop_workers()
+            self._plan = self._merge = None
+            self._progress = before
+            raise
+
+    def _begin(self) -> _LoaderIterator:
         progress = self._progress
         drain = progress.sampler_restored and progress.sampler_ended
+        carry = progress.take_carry() if self._carries_objects() else None
         resume = progress.begin(self._slot_count())
         self._generation += 1
         self._base_generator.manual_seed(seeding.derive(self._seed, seeding.BASE, progress.epoch))
-        source = self._start_iterable(resume) if self._iterable else self._start_map(resume, drain)
+        source = self._start_iterable(resume, carry) if self._iterable else self._start_map(resume, drain)
         return _LoaderIterator(self, source, self._generation, progress.consumed_count())
+
+    def _carries_objects(self) -> bool:
+        """Whether the dataset object an epoch ends with is the one the next epoch starts with, as in torch."""
+        return self.num_workers == 0 or self.persistent_workers
 
     def _start_map(self, resume: bool, drain: bool) -> Iterator[Produced]:
         assert self._source is not None
@@ -184,15 +199,16 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         self._tickets.plan = self._plan
         return iter(self._inner_loader())
 
-    def _start_iterable(self, resume: bool) -> Iterator[Produced]:
+    def _start_iterable(self, resume: bool, carry: list[SlotStart] | None) -> Iterator[Produced]:
         progress = self._progress
         inner = self._inner_loader()
         stream = inner.dataset
         assert isinstance(stream, IterStream)
         if not (self.persistent_workers and getattr(inner, "_iterator", None) is not None):
             slots = copy.deepcopy(progress.slots) if resume else None
-            stream.plan = StreamPlan(self._seed, progress.epoch, slots, self._dataset_stateful)
-        self._merge = SlotMerge(iter(inner), progress.slots, progress.next_slot if resume else 0)
+            stream.plan = StreamPlan(self._seed, progress.epoch, slots, copy.deepcopy(carry))
+        self._merge = SlotMerge(iter(inner), progress.slots, progress.next_slot if resume else 0, self.in_order)
+        self._merge.start()
         return self._merge
 
     def _inner_loader(self) -> torch.utils.data.DataLoader[Any]:
@@ -200,7 +216,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         if self._inner is not None:
             return self._inner
         if self._iterable:
-            plan = StreamPlan(self._seed, self._progress.epoch, None, self._dataset_stateful)
+            plan = StreamPlan(self._seed, self._progress.epoch)
             data: Any = IterStream(self.dataset, self.batch_size, self.drop_last, self.collate_fn, plan)
             sampler = None
         else:
