@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from savegame.data import DataLoader
+from savegame.errors import ConfigurationError, IncompatibleStateError
 from tests.unit.test_data_support import roundtrip
 
 stateful_dataloader = pytest.importorskip(
@@ -41,6 +42,8 @@ def shard(n: int) -> list[int]:
 
 
 def ids(batch: Any) -> list[int]:
+    if isinstance(batch, int):
+        return [batch]
     return batch.tolist() if isinstance(batch, torch.Tensor) else [int(x) for x in batch]
 
 
@@ -86,6 +89,13 @@ class StatefulSelfIterating(SelfIterating):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.i = state["i"]
+
+
+class SizedSelfIterating(StatefulSelfIterating):
+    """With ``__len__``, as torch allows for iterable datasets."""
+
+    def __len__(self) -> int:
+        return self.n
 
 
 class OwnStatefulIterator(torch.utils.data.IterableDataset):
@@ -247,6 +257,17 @@ WORKERS = [0, 2]
 @pytest.mark.parametrize("kind", [SelfIterating, StatefulSelfIterating, OwnStatefulIterator, WithSeparateIterator])
 def test_plain_iteration_yields_what_torch_yields(kind: type, workers: int) -> None:
     kwargs = loader_kwargs(workers, batch_size=2)
+    check_plain_iteration(kind, kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [{"batch_size": None}, {"batch_size": 3, "drop_last": True}, {"batch_size": 4}],
+                         ids=["unbatched", "drop_last", "short_last"])
+@pytest.mark.parametrize("kind", [SelfIterating, SizedSelfIterating])
+def test_plain_iteration_without_workers_in_other_batch_settings(kind: type, kwargs: dict) -> None:
+    check_plain_iteration(kind, kwargs)
+
+
+def check_plain_iteration(kind: type, kwargs: dict[str, Any]) -> None:
     loader = DataLoader(kind(10), seed=0, **kwargs)
     reference = torch.utils.data.DataLoader(kind(10), **kwargs)
     ours = [epoch_of(loader) for _ in range(2)]
@@ -275,8 +296,8 @@ STOPS = [(0, 0), (0, 2), (0, END), (1, 0), (1, 1)]
 WORKER_STOPS = [(0, 0), (0, 3), (0, END)]
 
 
-@pytest.mark.parametrize("kind", [StatefulSelfIterating, OwnStatefulIterator, SharedStateDict, EpochCounting,
-                                  WithSeparateIterator])
+@pytest.mark.parametrize("kind", [StatefulSelfIterating, SizedSelfIterating, OwnStatefulIterator, SharedStateDict,
+                                  EpochCounting, WithSeparateIterator])
 def test_resume_without_workers_matches_torchdata(kind: type) -> None:
     assert_resumes_like_torchdata(lambda: kind(10), STOPS, **loader_kwargs(0, batch_size=2))
 
@@ -411,3 +432,38 @@ def test_a_failing_worker_init_fn_raises_at_iter_like_torchdata() -> None:
     with pytest.raises(RuntimeError, match="worker_init_fn failed"):
         iter(loader)
     assert loader.state_dict() == before and loader.epoch == 0
+
+
+class RefusesItsState(StatefulSelfIterating):
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["position"]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_refused_dataset_state_raises_at_iter_and_keeps_the_position(workers: int) -> None:
+    kwargs = loader_kwargs(workers, batch_size=2)
+    saved = DataLoader(StatefulSelfIterating(10), seed=0, **kwargs)
+    iterator = iter(saved)
+    next(iterator)
+    state = roundtrip(saved.state_dict())
+    loader = DataLoader(RefusesItsState(10), seed=0, **kwargs)
+    loader.load_state_dict(state)
+    with pytest.raises(IncompatibleStateError, match=r"the dataset \(RefusesItsState\) refused"):
+        iter(loader)
+    assert loader.state_dict() == state
+
+
+def test_torchdatas_snapshot_interval_is_accepted_and_checked() -> None:
+    kwargs = loader_kwargs(0, batch_size=2)
+    loader = DataLoader(StatefulSelfIterating(10), seed=0, snapshot_every_n_steps=4, **kwargs)
+    reference = StatefulDataLoader(StatefulSelfIterating(10), snapshot_every_n_steps=4, **kwargs)
+    assert epoch_of(loader) == epoch_of(reference)
+    with pytest.raises(ConfigurationError, match="snapshot_every_n_steps must be an int >= 1"):
+        DataLoader(StatefulSelfIterating(10), snapshot_every_n_steps=0)
+
+
+def test_a_torchdata_state_is_refused_with_a_clear_error() -> None:
+    reference = StatefulDataLoader(StatefulSelfIterating(10), batch_size=2)
+    next(iter(reference))
+    with pytest.raises(IncompatibleStateError, match="not saved by savegame.DataLoader"):
+        DataLoader(StatefulSelfIterating(10), batch_size=2).load_state_dict(reference.state_dict())

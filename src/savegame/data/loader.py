@@ -25,7 +25,8 @@ log = logging.getLogger("savegame.data")
 class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
     """A drop-in ``torch.utils.data.DataLoader`` with ``state_dict()`` / ``load_state_dict()``.
 
-    Takes torch's arguments, plus ``seed``. Guarantees:
+    Takes torch's arguments, plus ``seed``; torchdata's ``snapshot_every_n_steps`` is
+    accepted and has no effect (the state is exact after every batch). Guarantees:
 
     * **Exact resume.** After ``load_state_dict(s)``, the next ``iter()`` yields
       the batches the saved loader had not yielded yet in its epoch, then later
@@ -69,8 +70,10 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         pin_memory_device: str = "",
         in_order: bool = True,
         seed: int | None = None,
+        snapshot_every_n_steps: int | None = None,
     ) -> None:
         own_seed = _own_seed(seed, generator)
+        _check_snapshot_steps(snapshot_every_n_steps)
         if not isinstance(dataset, IterableDataset) and sampler is None and batch_sampler is None:
             sampler, shuffle = _default_sampler(dataset, shuffle, own_seed), None
         try:
@@ -135,6 +138,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         changed since a mid-epoch save. A refused state changes nothing: the
         loader and its current iterator go on as before. An accepted one makes
         any iterator of this loader invalid and restarts persistent workers.
+        An iterable dataset (and its iterator) get their states where they are
+        read, when the next ``iter()`` sets the epoch up: a refusal there is
+        raised by that ``iter()``, which leaves the loaded position in place.
         """
         saved, note = self._check_state(state)
         if note:
@@ -300,6 +306,12 @@ def _own_seed(seed: int | None, generator: torch.Generator | None) -> int:
     if seed is not None:
         return seed
     return generator.initial_seed() if generator is not None else seeding.draw_seed()
+
+
+def _check_snapshot_steps(steps: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigurationError(f"snapshot_every_n_steps must be an int >= 1 or None, got {steps!r} (savegame "
+                                 "keeps the state after every batch; the argument is accepted for torchdata code)")
 
 
 def _default_sampler(dataset: Any, shuffle: bool | None, seed: int) -> ResumableSampler:
