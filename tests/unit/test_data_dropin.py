@@ -423,8 +423,9 @@ def failing_init(worker_id: int) -> None:
     raise RuntimeError(f"worker_init_fn failed in worker {worker_id}")
 
 
+@pytest.mark.slow   # torch joins a worker whose worker_init_fn raised only after its 5 s timeout, per loader
 def test_a_failing_worker_init_fn_raises_at_iter_like_torchdata() -> None:
-    kwargs = loader_kwargs(2, batch_size=2, worker_init_fn=failing_init)
+    kwargs = loader_kwargs(1, batch_size=2, worker_init_fn=failing_init)
     with pytest.raises(RuntimeError, match="worker_init_fn failed"):
         iter(StatefulDataLoader(StatefulSelfIterating(10), **kwargs))
     loader = DataLoader(StatefulSelfIterating(10), seed=0, **kwargs)
