@@ -203,6 +203,45 @@ class WithSeparateIterator(torch.utils.data.IterableDataset):
         return iter(SeparateIterator(self.n))
 
 
+class CountingIterator:
+    """A separate stateful iterator that also counts, in its dataset's state, every item served."""
+
+    def __init__(self, dataset: BothStateful) -> None:
+        self.dataset, self.items, self.i = dataset, shard(dataset.n), 0
+
+    def __iter__(self) -> CountingIterator:
+        return self
+
+    def __next__(self) -> int:
+        if self.i >= len(self.items):
+            raise StopIteration
+        self.i += 1
+        self.dataset.served += 1
+        return 1000 * self.dataset.served + self.items[self.i - 1]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"i": self.i}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.i = state["i"]
+
+
+class BothStateful(torch.utils.data.IterableDataset):
+    """Dataset and iterator each with its own state: both are saved and restored."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.served = n, 0
+
+    def __iter__(self) -> CountingIterator:
+        return CountingIterator(self)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"served": self.served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.served = state["served"]
+
+
 # -- running a loader and its reference side by side ---------------------------------------------------------
 
 
@@ -275,6 +314,11 @@ def check_plain_iteration(kind: type, kwargs: dict[str, Any]) -> None:
     assert ours == theirs
 
 
+@pytest.mark.parametrize("kind", [SelfIterating, OwnStatefulIterator])
+def test_plain_iteration_with_persistent_workers_yields_what_torch_yields(kind: type) -> None:
+    check_plain_iteration(kind, loader_kwargs(2, persistent=True, batch_size=2))
+
+
 def test_iter_is_called_once_per_epoch_in_the_main_process() -> None:
     calls = []
 
@@ -297,7 +341,7 @@ WORKER_STOPS = [(0, 0), (0, 3), (0, END)]
 
 
 @pytest.mark.parametrize("kind", [StatefulSelfIterating, SizedSelfIterating, OwnStatefulIterator, SharedStateDict,
-                                  EpochCounting, WithSeparateIterator])
+                                  EpochCounting, WithSeparateIterator, BothStateful])
 def test_resume_without_workers_matches_torchdata(kind: type) -> None:
     assert_resumes_like_torchdata(lambda: kind(10), STOPS, **loader_kwargs(0, batch_size=2))
 
