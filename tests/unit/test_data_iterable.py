@@ -43,7 +43,10 @@ class Stream(torch.utils.data.IterableDataset):
         return items[wid::count]
 
     def __iter__(self):  # type: ignore[no-untyped-def]
-        for i in self.shard()[self.start():]:
+        return self._items(self.shard()[self.start():])   # the pass is set up at iter(), its state describes it
+
+    def _items(self, items: list[int]):  # type: ignore[no-untyped-def]
+        for i in items:
             self.advance()
             with self.reads.get_lock():
                 self.reads.value += 1
@@ -57,7 +60,10 @@ class Stream(torch.utils.data.IterableDataset):
 
 
 class StatefulStream(Stream):
-    """The torchdata convention: state_dict() is the position in the current pass; load then iter() resumes."""
+    """The torchdata convention: state_dict() is the position in the current pass; load then iter() resumes.
+
+    ``iter()`` starts the pass at once, so the state taken right after it already describes the new pass.
+    """
 
     def __init__(self, n: int, uneven: bool = False) -> None:
         super().__init__(n, uneven)

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from savegame.data.fetch import SlotStart
+from savegame.data.fetch import SlotState
+from savegame.data.stream import SlotStart
 from savegame.errors import IncompatibleStateError
 
 VERSION = 1
@@ -101,7 +102,8 @@ def _parse_iterable(state: Mapping[str, Any], saved: Saved) -> None:
         if not isinstance(slot, Mapping) or not {"batches", "state", "ended"} <= slot.keys():
             raise IncompatibleStateError(f"DataLoader state field 'slots' holds {slot!r}, not a worker slot; "
                                          + _DAMAGED)
-        saved.slots.append(SlotStart(_item_int("slots", slot["batches"]), slot["state"], _bool(slot, "ended")))
+        held = SlotState(slot["state"], slot.get("iterator"))
+        saved.slots.append(SlotStart(_item_int("slots", slot["batches"]), held, _bool(slot, "ended")))
     saved.next_slot = _int(state, "next_slot") if "next_slot" in state else 0
 
 

@@ -10,7 +10,7 @@ resumed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,18 +23,40 @@ from savegame.data import seeding
 class Produced:
     """One collated batch and its address: a map-style position, or a worker slot and its count.
 
-    ``end`` marks a slot of an iterable dataset that has no more batches this epoch.
+    For an iterable dataset, ``state`` is the slot's state after this batch (a
+    :class:`SlotState`), and two markers carry no batch: ``start`` comes first in
+    every slot, once its epoch is set up, with the state before its next batch;
+    ``end`` comes last, with the state after the dataset ran out.
     """
 
-    __slots__ = ("batch", "end", "position", "slot", "state")
+    __slots__ = ("batch", "end", "position", "slot", "start", "state")
 
-    def __init__(self, batch: Any, position: int, slot: int = -1, state: Any = None, end: bool = False) -> None:
+    def __init__(self, batch: Any, position: int, slot: int = -1, state: SlotState | None = None,
+                 end: bool = False, start: bool = False) -> None:
         self.batch, self.position, self.slot, self.state, self.end = batch, position, slot, state, end
+        self.start = start
 
     def pin_memory(self) -> Produced:
         """Called by torch's pin-memory thread: pin the batch, keep the address."""
         batch = pin_memory(self.batch)  # type: ignore[no-untyped-call]
-        return Produced(batch, self.position, self.slot, self.state, self.end)
+        return Produced(batch, self.position, self.slot, self.state, self.end, self.start)
+
+
+@dataclass(frozen=True)
+class SlotState:
+    """What a worker slot of an iterable dataset holds at one point, as torchdata splits it.
+
+    ``dataset`` is the dataset's ``state_dict()`` (only when ``iter(dataset)``
+    returned another object), ``iterator`` that object's (or the dataset's, when
+    it is its own iterator); None where there is no state.
+    """
+
+    dataset: Any = None
+    iterator: Any = None
+
+    @property
+    def known(self) -> bool:
+        return self.dataset is not None or self.iterator is not None
 
 
 def identity(value: Any) -> Any:
@@ -61,92 +83,3 @@ class MapFetch(torch.utils.data.Dataset[Produced]):
             getitems = getattr(self.dataset, "__getitems__", None)
             items = getitems(unit) if getitems else [self.dataset[i] for i in unit]
             return Produced(self.collate_fn(items), position)
-
-
-@dataclass
-class SlotStart:
-    """Where one worker slot of an iterable dataset starts: after ``batches`` batches of its epoch.
-
-    ``state`` is the dataset's state after those batches (None: the dataset has no
-    state, so they are skipped by reading them again); ``ended`` means the slot had
-    nothing left.
-    """
-
-    batches: int = 0
-    state: Any = None
-    ended: bool = False
-
-
-@dataclass
-class StreamPlan:
-    """The epoch an :class:`IterStream` produces next and, when resuming, where each slot starts."""
-
-    seed: int
-    epoch: int
-    slots: list[SlotStart] | None = None
-    stateful: bool = False
-    used: bool = False
-
-
-class IterStream(torch.utils.data.IterableDataset[Produced]):
-    """An iterable dataset that batches, collates and tags the user's iterable dataset per worker slot.
-
-    A slot is the worker id (0 without workers). Batch ``n`` of a slot is produced
-    with generators seeded from ``(seed, epoch, slot, n)``. With persistent workers a
-    worker's copy counts epochs itself: the plan it was started with is used once,
-    later ``iter()`` calls produce the following epochs from their beginning.
-    """
-
-    def __init__(self, dataset: Any, batch_size: int | None, drop_last: bool, collate_fn: Callable[[Any], Any],
-                 plan: StreamPlan) -> None:
-        self.dataset, self.batch_size, self.drop_last, self.collate_fn = dataset, batch_size, drop_last, collate_fn
-        self.plan = plan
-
-    def __iter__(self) -> Iterator[Produced]:
-        info = torch.utils.data.get_worker_info()
-        slot = info.id if info is not None else 0
-        plan = self.plan
-        if plan.used:
-            plan = self.plan = StreamPlan(plan.seed, plan.epoch + 1, None, plan.stateful)
-        plan.used = True
-        start = plan.slots[slot] if plan.slots is not None else SlotStart()
-        return self._produce(plan, slot, start)
-
-    def _produce(self, plan: StreamPlan, slot: int, start: SlotStart) -> Iterator[Produced]:
-        if start.ended:
-            yield Produced(None, start.batches, slot, start.state, end=True)
-            return
-        with seeding.fetch_scope(seeding.derive(plan.seed, seeding.ITER, plan.epoch, slot)):
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(plan.epoch)
-            if start.state is not None:
-                self.dataset.load_state_dict(start.state)
-            source = iter(self.dataset)
-        count = start.batches
-        skip = count if start.state is None else 0
-        for n in range(count - skip, count):
-            with seeding.fetch_scope(seeding.derive(plan.seed, seeding.SLOT_BATCH, plan.epoch, slot, n)):
-                if not self._take(source):
-                    break
-        while True:
-            with seeding.fetch_scope(seeding.derive(plan.seed, seeding.SLOT_BATCH, plan.epoch, slot, count)):
-                items = self._take(source)
-                if items is None:
-                    break
-                batch = self.collate_fn(items if self.batch_size is not None else items[0])
-                state = self.dataset.state_dict() if plan.stateful else None
-            yield Produced(batch, count, slot, state)
-            count += 1
-        yield Produced(None, count, slot, None, end=True)
-
-    def _take(self, source: Iterator[Any]) -> list[Any] | None:
-        """The items of the next batch, or None when the slot has no more batches."""
-        wanted = 1 if self.batch_size is None else self.batch_size
-        items = []
-        for item in source:
-            items.append(item)
-            if len(items) == wanted:
-                return items
-        if not items or (self.drop_last and len(items) < wanted):
-            return None
-        return items

@@ -12,18 +12,12 @@ import torch
 from torch.utils.data import IterableDataset
 
 from savegame.data import compat, mapstate, seeding, streamstate
-from savegame.data.fetch import (
-    IterStream,
-    MapFetch,
-    Produced,
-    SlotStart,
-    StreamPlan,
-    identity,
-)
+from savegame.data.fetch import MapFetch, Produced, identity
 from savegame.data.merge import SlotMerge
-from savegame.data.plan import IndexSource, MapEpoch, TicketSource, is_stateful
+from savegame.data.plan import IndexSource, MapEpoch, TicketSource
 from savegame.data.progress import Progress
 from savegame.data.sampler import ResumableSampler
+from savegame.data.stream import IterStream, SlotStart, StreamPlan
 from savegame.errors import ConfigurationError, SavegameError
 
 log = logging.getLogger("savegame.data")
@@ -31,7 +25,8 @@ log = logging.getLogger("savegame.data")
 class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
     """A drop-in ``torch.utils.data.DataLoader`` with ``state_dict()`` / ``load_state_dict()``.
 
-    Takes torch's arguments, plus ``seed``. Guarantees:
+    Takes torch's arguments, plus ``seed``; torchdata's ``snapshot_every_n_steps`` is
+    accepted and has no effect (the state is exact after every batch). Guarantees:
 
     * **Exact resume.** After ``load_state_dict(s)``, the next ``iter()`` yields
       the batches the saved loader had not yielded yet in its epoch, then later
@@ -75,8 +70,10 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         pin_memory_device: str = "",
         in_order: bool = True,
         seed: int | None = None,
+        snapshot_every_n_steps: int | None = None,
     ) -> None:
         own_seed = _own_seed(seed, generator)
+        _check_snapshot_steps(snapshot_every_n_steps)
         if not isinstance(dataset, IterableDataset) and sampler is None and batch_sampler is None:
             sampler, shuffle = _default_sampler(dataset, shuffle, own_seed), None
         try:
@@ -93,7 +90,6 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         self._seed = seed
         self._iterable = isinstance(self.dataset, IterableDataset)
         self._source = None if self._iterable else IndexSource(self.sampler, self.batch_sampler, self._auto_collation)
-        self._dataset_stateful = is_stateful(self.dataset)
         self._progress = Progress(slots=[SlotStart() for _ in range(self._slot_count())])
         self._generation = 0
         self._tickets = TicketSource()
@@ -142,6 +138,9 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         changed since a mid-epoch save. A refused state changes nothing: the
         loader and its current iterator go on as before. An accepted one makes
         any iterator of this loader invalid and restarts persistent workers.
+        An iterable dataset (and its iterator) get their states where they are
+        read, when the next ``iter()`` sets the epoch up: a refusal there is
+        raised by that ``iter()``, which leaves the loaded position in place.
         """
         saved, note = self._check_state(state)
         if note:
@@ -149,7 +148,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         progress = Progress(epoch=saved.epoch, in_progress=saved.in_progress, position=saved.position,
                             resume_pending=saved.in_progress)
         if self._iterable:
-            streamstate.restore(saved, progress, self._slot_count(), self.dataset, self._dataset_stateful)
+            streamstate.restore(saved, progress, self._slot_count(), self.dataset)
         else:
             assert self._source is not None
             mapstate.restore(self._source, self.dataset, saved, progress)
@@ -168,13 +167,35 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> _LoaderIterator:  # type: ignore[override]  # ours is not torch's iterator class
+        """Start the next epoch (or continue a restored one).
+
+        For an iterable dataset this waits until every worker slot has set its
+        epoch up, as torchdata does: an error in ``worker_init_fn``,
+        ``set_epoch``, ``load_state_dict`` or the dataset's ``__iter__`` is raised
+        here, and leaves the loader's position as it was.
+        """
+        before = copy.deepcopy(self._progress)
+        try:
+            return self._begin()
+        except BaseException:
+            self._stop_workers()
+            self._plan = self._merge = None
+            self._progress = before
+            raise
+
+    def _begin(self) -> _LoaderIterator:
         progress = self._progress
         drain = progress.sampler_restored and progress.sampler_ended
+        carry = progress.take_carry() if self._carries_objects() else None
         resume = progress.begin(self._slot_count())
         self._generation += 1
         self._base_generator.manual_seed(seeding.derive(self._seed, seeding.BASE, progress.epoch))
-        source = self._start_iterable(resume) if self._iterable else self._start_map(resume, drain)
+        source = self._start_iterable(resume, carry) if self._iterable else self._start_map(resume, drain)
         return _LoaderIterator(self, source, self._generation, progress.consumed_count())
+
+    def _carries_objects(self) -> bool:
+        """Whether the dataset object an epoch ends with is the one the next epoch starts with, as in torch."""
+        return self.num_workers == 0 or self.persistent_workers
 
     def _start_map(self, resume: bool, drain: bool) -> Iterator[Produced]:
         assert self._source is not None
@@ -184,15 +205,16 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         self._tickets.plan = self._plan
         return iter(self._inner_loader())
 
-    def _start_iterable(self, resume: bool) -> Iterator[Produced]:
+    def _start_iterable(self, resume: bool, carry: list[SlotStart] | None) -> Iterator[Produced]:
         progress = self._progress
         inner = self._inner_loader()
         stream = inner.dataset
         assert isinstance(stream, IterStream)
         if not (self.persistent_workers and getattr(inner, "_iterator", None) is not None):
             slots = copy.deepcopy(progress.slots) if resume else None
-            stream.plan = StreamPlan(self._seed, progress.epoch, slots, self._dataset_stateful)
-        self._merge = SlotMerge(iter(inner), progress.slots, progress.next_slot if resume else 0)
+            stream.plan = StreamPlan(self._seed, progress.epoch, slots, copy.deepcopy(carry))
+        self._merge = SlotMerge(iter(inner), progress.slots, progress.next_slot if resume else 0, self.in_order)
+        self._merge.start()
         return self._merge
 
     def _inner_loader(self) -> torch.utils.data.DataLoader[Any]:
@@ -200,7 +222,7 @@ class DataLoader(torch.utils.data.DataLoader):  # type: ignore[type-arg]
         if self._inner is not None:
             return self._inner
         if self._iterable:
-            plan = StreamPlan(self._seed, self._progress.epoch, None, self._dataset_stateful)
+            plan = StreamPlan(self._seed, self._progress.epoch)
             data: Any = IterStream(self.dataset, self.batch_size, self.drop_last, self.collate_fn, plan)
             sampler = None
         else:
@@ -284,6 +306,12 @@ def _own_seed(seed: int | None, generator: torch.Generator | None) -> int:
     if seed is not None:
         return seed
     return generator.initial_seed() if generator is not None else seeding.draw_seed()
+
+
+def _check_snapshot_steps(steps: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigurationError(f"snapshot_every_n_steps must be an int >= 1 or None, got {steps!r} (savegame "
+                                 "keeps the state after every batch; the argument is accepted for torchdata code)")
 
 
 def _default_sampler(dataset: Any, shuffle: bool | None, seed: int) -> ResumableSampler:

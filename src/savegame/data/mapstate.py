@@ -15,13 +15,11 @@ import logging
 from typing import Any
 
 from savegame.data.compat import Saved
-from savegame.data.plan import IndexSource, MapEpoch, is_stateful
+from savegame.data.plan import IndexSource, MapEpoch
 from savegame.data.progress import Progress
-from savegame.errors import IncompatibleStateError, SavegameError
+from savegame.data.userstate import is_stateful, load_user
 
 log = logging.getLogger("savegame.data")
-
-_USER_LOAD_ERRORS = (KeyError, ValueError, TypeError, IndexError, AttributeError, RuntimeError)
 
 
 def capture(source: IndexSource, dataset: Any, plan: MapEpoch | None, progress: Progress) -> dict[str, Any]:
@@ -59,16 +57,3 @@ def restore(source: IndexSource, dataset: Any, saved: Saved, progress: Progress)
     progress.done, progress.pending = saved.done, saved.pending
     progress.sampler_restored = saved.sampler is not None and source.target is not None
     progress.sampler_ended = progress.sampler_restored and saved.sampler_ended
-
-
-def load_user(obj: Any, state: Any, name: str) -> None:
-    """``obj.load_state_dict(state)``, with a failure reported as IncompatibleStateError naming ``name``."""
-    try:
-        obj.load_state_dict(state)
-    except SavegameError:
-        raise
-    except _USER_LOAD_ERRORS as exc:
-        raise IncompatibleStateError(
-            f"savegame.DataLoader: the {name} ({type(obj).__name__}) refused the checkpoint's {name} state: {exc}. "
-            f"Build the {name} as in the run that saved it"
-        ) from exc

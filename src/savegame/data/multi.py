@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from savegame.data import seeding
-from savegame.data.plan import is_stateful
+from savegame.data.userstate import is_stateful
 from savegame.errors import ConfigurationError, IncompatibleStateError, SavegameError
 
 log = logging.getLogger("savegame.data")

@@ -29,15 +29,12 @@ from torch.utils.data import BatchSampler, SequentialSampler
 
 from savegame.data import seeding
 from savegame.data.sampler import ResumableSampler
+from savegame.data.userstate import is_stateful
 
 log = logging.getLogger("savegame.data")
 
 Ticket = tuple[int, int, Any]
 _END = object()
-
-
-def is_stateful(obj: object) -> bool:
-    return callable(getattr(obj, "state_dict", None)) and callable(getattr(obj, "load_state_dict", None))
 
 
 class IndexSource:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame.data.fetch import SlotStart
+from savegame.data.stream import SlotStart
 
 
 @dataclass
@@ -20,7 +20,8 @@ class Progress:
     Map-style datasets count consumed batches as a contiguous prefix
     (``position``) plus, with ``in_order=False``, the positions consumed past it
     (``done``). Iterable datasets count batches per worker slot (``slots``) and
-    whose turn is next (``next_slot``); ``position`` is their total.
+    whose turn is next (``next_slot``); ``position`` is their total. Between
+    epochs, ``slots`` hold where each slot ended the last epoch.
     """
 
     epoch: int = 0
@@ -33,6 +34,7 @@ class Progress:
     sampler_restored: bool = False          # map: the sampler holds the restored position itself
     sampler_ended: bool = False             # map: the sampler's state is the end of a finished pass
     pending: dict[int, Any] = field(default_factory=dict)   # map: restored units drawn but not consumed
+    carry_restored: bool = False            # iterable: ``slots`` are a restored epoch end, to put back before the next
 
     def begin(self, slot_count: int) -> bool:
         """Called by ``iter()``: True if it continues a restored epoch, else a new epoch starts here."""
@@ -46,10 +48,22 @@ class Progress:
         return False
 
     def finish(self, slot_count: int) -> None:
-        """The epoch's iterator ran out: the next ``iter()`` starts the following epoch."""
+        """The epoch's iterator ran out: the next ``iter()`` starts the following epoch.
+
+        An iterable dataset's slots keep their states at the end of the epoch:
+        a state saved now holds them, for a restored loader to put back.
+        """
         self.epoch += 1
+        ended = self.slots
         self._reset(slot_count)
+        self.slots = ended if len(ended) == slot_count else self.slots
         self.sampler_ended = True
+
+    def take_carry(self) -> list[SlotStart] | None:
+        """Before ``begin()``: the restored end of the previous epoch, if this ``iter()`` starts the next one."""
+        carry = self.slots if self.carry_restored and not self.resume_pending else None
+        self.carry_restored = False
+        return carry
 
     def consumed_map(self, position: int) -> bool:
         """Record map-style batch ``position`` as consumed; True if the contiguous prefix grew."""
@@ -74,4 +88,5 @@ class Progress:
     def _reset(self, slot_count: int) -> None:
         self.in_progress, self.position, self.next_slot = False, 0, 0
         self.done, self.pending, self.sampler_restored, self.sampler_ended = set(), {}, False, False
+        self.carry_restored = False
         self.slots = [SlotStart() for _ in range(slot_count)]
