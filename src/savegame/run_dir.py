@@ -6,20 +6,24 @@ import json
 import logging
 import math
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, NoReturn
 
 from savegame import reader
 from savegame.commit import RenameCommit, write_file_atomic
 from savegame.errors import CorruptCheckpointError, StorageError
 from savegame.format import codec
 from savegame.format import names as n
-from savegame.policies import CheckpointRecord
+from savegame.policies import MODES, CheckpointRecord
+from savegame.policies._common import recency
 from savegame.run_lock import RunLock
 from savegame.storage.base import Storage
 
-__all__ = ["CheckpointInfo", "RunDir", "RunLock", "alias_file", "alias_of_file", "checkpoint_name", "parse_step"]
+__all__ = ["CheckpointInfo", "RunDir", "RunLock", "alias_file", "alias_of_file", "checkpoint_name",
+           "info_from_manifest", "parse_step"]
 
 log = logging.getLogger("savegame.run")
 
@@ -32,7 +36,7 @@ class CheckpointInfo:
     """What a run directory knows about one committed checkpoint (from its manifest).
 
     ``best`` is the best-tracking state stored in it (``{metric: {"mode", "entries"}}``),
-    or None when it has none.
+    or None when it has none; ``seq`` its commit sequence (None when not recorded).
     """
 
     name: str
@@ -45,10 +49,15 @@ class CheckpointInfo:
     pinned: bool = False
     aliases: tuple[str, ...] = field(default=())
     best: Mapping[str, Any] | None = None
+    seq: int | None = None
 
     def record(self) -> CheckpointRecord:
+        return self._record
+
+    @cached_property
+    def _record(self) -> CheckpointRecord:  # made once: the records of a long run are asked for at every save
         return CheckpointRecord(step=self.step, name=self.name, time=self.time, epoch=self.epoch,
-                                metrics=self.metrics, pinned=self.pinned)
+                                metrics=self.metrics, pinned=self.pinned, seq=self.seq)
 
 
 def checkpoint_name(step: int, fields: str = "") -> str:
@@ -62,76 +71,154 @@ def parse_step(name: str) -> int | None:
 
 
 class RunDir:
+    """The checkpoints of one run directory and what their manifests say.
+
+    The listing and the records are read once and then kept current by this object's own
+    changes (:meth:`remember`, :meth:`delete`, :meth:`forget`), so the bookkeeping of a save
+    neither lists the directory nor reads a manifest again, however long the run is.
+    :meth:`refresh` lists it again (``restore()`` does, as another process may have changed it).
+    A checkpoint whose manifest, or any field of it the run needs, cannot be read is
+    *damaged*: listed by :meth:`unreadable`, never in :meth:`infos`. One that disappears
+    while being read (deleted by its writer's retention) is gone, not damaged.
+    """
+
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
         self.commit = RenameCommit()
         # Committed checkpoints never change, so what their manifests say is read once.
         self._infos: dict[str, CheckpointInfo] = {}
+        self._damaged: dict[str, str] = {}  # name -> why it cannot be read
         self._warned: set[str] = set()  # damaged checkpoints already reported
+        self._listed: set[str] | None = None
+        self._sorted: list[str] | None = None
+        self._readable: list[CheckpointInfo] | None = None
+        self._records: list[CheckpointRecord] | None = None
+        self._max_seq = -1
+
+    def refresh(self) -> None:
+        """Forget the listing and the damaged checkpoints: the next question reads the directory again."""
+        self._listed = None
+        self._damaged.clear()
+        self._changed()
 
     def names(self) -> list[str]:
         """Committed checkpoint names, oldest step first (leftovers and other files ignored)."""
+        if self._sorted is None:
+            if self._listed is None:
+                self._listed = set(self._list())
+                for gone in set(self._infos) - self._listed:
+                    del self._infos[gone]
+            self._sorted = sorted(self._listed, key=lambda name: (parse_step(name), name))
+        return list(self._sorted)
+
+    def _list(self) -> list[str]:
         if not self.storage.exists(""):
             return []
-        found = [name for name in self.storage.list_dir("") if parse_step(name) is not None]
-        return sorted(found, key=lambda name: (parse_step(name), name))
+        return [name for name in self.storage.list_dir("") if parse_step(name) is not None]
 
     def newest_first(self) -> list[str]:
-        """Every checkpoint name, newest first: by step, then save time (damaged ones by name)."""
-        def key(name: str) -> tuple[int, float, str]:
-            info = self._infos.get(name)
-            return (parse_step(name) or 0, info.time if info else -math.inf, name)
-        self.infos()  # reads (and caches) every manifest that reads
+        """Every checkpoint name, newest first: readable ones by :func:`policies.recency`
+        (step, commit sequence, save time), damaged ones by step and name."""
+        records = {r.name: recency(r) for r in self.records()}
+
+        def key(name: str) -> tuple[int, bool, int, float, str]:
+            return records.get(name) or (parse_step(name) or 0, False, 0, -math.inf, name)
         return sorted(self.names(), key=key, reverse=True)
 
     def unique_name(self, step: int, fields: str = "", *, freed: frozenset[str] = frozenset()) -> str:
         """A name for a new checkpoint of ``step`` that no entry has (``freed`` ones are about to go)."""
-        existing = set(self.storage.list_dir("")) - freed if self.storage.exists("") else set()
         base = checkpoint_name(step, fields)
         name, k = base, 0
-        while name in existing:
+        while name not in freed and self.storage.exists(name):
             k += 1
             name = f"{base}.{k}"
         return name
 
+    def next_seq(self) -> int:
+        """The commit sequence of the next save: above that of every readable checkpoint."""
+        self.infos()
+        return self._max_seq + 1
+
     def remember(self, info: CheckpointInfo) -> None:
         """Record a checkpoint this process just committed (no need to read its manifest back)."""
-        self._infos[info.name] = info
+        self._add(info)
+        if self._listed is not None:
+            self._listed.add(info.name)
+        self._changed()
 
     def forget(self, name: str) -> None:
+        """``name`` left the run directory (deleted or moved aside by this process)."""
         self._infos.pop(name, None)
+        self._damaged.pop(name, None)
+        if self._listed is not None:
+            self._listed.discard(name)
+        self._changed()
 
     def delete(self, name: str) -> None:
-        self.forget(name)
-        self.commit.delete(self.storage, name)
+        try:
+            self.commit.delete(self.storage, name)
+        finally:
+            if not self.storage.exists(name):
+                self.forget(name)
 
     def info(self, name: str) -> CheckpointInfo:
-        """Read one manifest (checksummed); raises CorruptCheckpointError."""
+        """Read one manifest (checksummed) and check the fields the run uses; raises CorruptCheckpointError."""
         if name in self._infos:
             return self._infos[name]
+        if name in self._damaged:
+            raise CorruptCheckpointError(self._damaged[name])
         doc = reader.read_manifest(self.storage, name)
-        meta = reader.decode_meta(doc)
-        size = reader.data_bytes(doc)
-        info = CheckpointInfo(name, meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
-                              float(meta["time"] or 0.0), size, doc.get(n.M_PINNED) is True, best=_stored_best(doc))
-        self._infos[name] = info
+        info = info_from_manifest(f"{self.storage.root}/{name}", name, doc)
+        self._add(info)
         return info
 
     def infos(self) -> list[CheckpointInfo]:
         """Every checkpoint whose manifest reads; the others are left out (and logged once each)."""
-        out = []
-        for name in self.names():
-            try:
-                out.append(self.info(name))
-            except CorruptCheckpointError as exc:
-                if name not in self._warned:
-                    self._warned.add(name)
-                    log.warning("skipping checkpoint %s: %s", name, exc)
-        return out
+        if self._readable is None:
+            readable = [info for name in self.names() if (info := self._try_info(name)) is not None]
+            self._readable = readable
+        return list(self._readable)
+
+    def records(self) -> list[CheckpointRecord]:
+        """The policy records of :meth:`infos`, in the same order."""
+        if self._records is None or self._readable is None:
+            self._records = [info.record() for info in self.infos()]
+        return list(self._records)
 
     def unreadable(self) -> list[str]:
         """Listed checkpoints whose manifest does not read (after :meth:`infos`)."""
         return [name for name in self.names() if name not in self._infos]
+
+    def problem(self, name: str) -> str | None:
+        """Why checkpoint ``name`` is damaged, when it is known to be."""
+        return self._damaged.get(name)
+
+    def _try_info(self, name: str) -> CheckpointInfo | None:
+        if name in self._damaged:
+            return None
+        try:
+            return self.info(name)
+        except CorruptCheckpointError as exc:
+            if not self.storage.exists(name):  # deleted while being read (another process's retention): gone
+                log.debug("checkpoint %s disappeared while being read", name)
+                if self._listed is not None:
+                    self._listed.discard(name)
+                self._sorted = None
+                return None
+            self._damaged[name] = str(exc)
+            if name not in self._warned:
+                self._warned.add(name)
+                log.warning("skipping checkpoint %s: %s", name, exc)
+            return None
+
+    def _add(self, info: CheckpointInfo) -> None:
+        self._infos[info.name] = info
+        self._damaged.pop(info.name, None)
+        if info.seq is not None:
+            self._max_seq = max(self._max_seq, info.seq)
+
+    def _changed(self) -> None:
+        self._sorted = self._readable = self._records = None
 
     # Aliases: tiny JSON pointer files, replaced atomically. They are hints for people and tools.
     def write_alias(self, alias: str, target: str, **about: Any) -> None:
@@ -139,12 +226,16 @@ class RunDir:
         write_file_atomic(self.storage, alias_file(alias), data)
 
     def read_alias(self, alias: str) -> str | None:
+        target = self.alias_about(alias).get("target")
+        return target if isinstance(target, str) and parse_step(target) is not None else None
+
+    def alias_about(self, alias: str) -> dict[str, Any]:
+        """What an alias file says (``target``, ``step``, ``metric``...); empty when missing or damaged."""
         try:
             doc = json.loads(self.storage.read_bytes(alias_file(alias)))
-        except (StorageError, ValueError, UnicodeDecodeError):
-            return None
-        target = doc.get("target") if isinstance(doc, dict) else None
-        return target if isinstance(target, str) and parse_step(target) is not None else None
+        except (StorageError, ValueError, UnicodeDecodeError, RecursionError):
+            return {}  # a damaged alias file is a missing hint: readers derive the alias from the manifests
+        return doc if isinstance(doc, dict) else {}
 
     def aliases(self) -> dict[str, str]:
         out = {}
@@ -190,13 +281,83 @@ def _unescape(text: str) -> str:
     return raw.decode()
 
 
-def _stored_best(doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    """The best-tracking state inside a manifest's value tree (it never holds tensors)."""
+def info_from_manifest(where: str, name: str, doc: Mapping[str, Any]) -> CheckpointInfo:
+    """The run's record of checkpoint ``name`` from its checked manifest ``doc``.
+
+    Every field the run directory uses is checked: the step and epoch are ints, the time
+    a finite number (or absent), each metric a number, ``pinned`` a bool, ``seq`` an int
+    >= 0 (or absent) and the stored best state well formed. Anything else raises
+    CorruptCheckpointError naming the field, so the checkpoint is listed as damaged and
+    skipped, like one whose bytes are wrong.
+    """
+    meta = reader.decode_meta(doc)
+    step, epoch = meta["step"], meta["epoch"]
+    _require(where, "step", step, type(step) is int)
+    _require(where, "epoch", epoch, epoch is None or type(epoch) is int)
+    pinned, seq = doc.get(n.M_PINNED, False), doc.get(n.M_SEQ)
+    _require(where, n.M_PINNED, pinned, type(pinned) is bool)
+    _require(where, n.M_SEQ, seq, seq is None or (type(seq) is int and seq >= 0))
+    return CheckpointInfo(name, step, epoch, _metrics(where, meta["metrics"]), meta["extra"], _time(where, meta["time"]),
+                          reader.data_bytes(doc), pinned, best=_stored_best(where, doc), seq=seq)
+
+
+def _require(where: str, key: str, value: object, ok: bool) -> None:
+    if not ok:
+        _bad(where, key, value)
+
+
+def _bad(where: str, key: str, value: object) -> NoReturn:
+    raise CorruptCheckpointError(f"{where}: manifest field {key!r} is malformed ({_short(value)}); "
+                                 "the checkpoint is damaged")
+
+
+def _short(value: object) -> str:
+    text = reprlib.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a float when it is an int or float (not bool) that a float holds, else None."""
+    if type(value) not in (int, float):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int of hundreds of digits
+        return None
+
+
+def _metrics(where: str, value: object) -> dict[str, float]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        _bad(where, n.M_METRICS, value)
+    out = {}
+    for key, v in value.items():
+        number = _number(v)
+        if number is None:
+            _bad(where, f"{n.M_METRICS}.{key}", v)
+        out[key] = number
+    return out
+
+
+def _time(where: str, value: object) -> float:
+    when = 0.0 if value is None else _number(value)
+    _require(where, n.M_TIME, value, when is not None and math.isfinite(when))
+    return when if when is not None else 0.0
+
+
+def _stored_best(where: str, doc: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The best-tracking state inside a manifest's value tree (it never holds tensors); None when it has none."""
     tree = doc.get(n.M_TREE)
     run = tree.get(n.TREE_RUN) if isinstance(tree, dict) else None
-    try:
-        decoded = codec.decode(run, [])
-    except CorruptCheckpointError:
+    if run is None:
         return None
+    decoded = codec.decode(run, [])
     best = decoded.get("best") if isinstance(decoded, dict) else None
+    if best is None:
+        return None
+    ok = isinstance(best, dict) and all(
+        isinstance(metric, str) and isinstance(held, dict) and held.get("mode") in MODES
+        and isinstance(held.get("entries"), list) for metric, held in best.items())
+    _require(where, "tree.run.best", best, ok)
     return best if isinstance(best, dict) else None

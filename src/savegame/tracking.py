@@ -9,9 +9,14 @@ A save goes through three stages here:
 - ``accept`` makes that state current in memory once the save is accepted (its values
   encoded, its name chosen), so ``should_stop`` answers at once;
 - ``committed`` runs in the writer after the commit: the state becomes durable, and
-  retention, history and aliases follow, each on its own so that one failing never
-  stops the others. A save that fails in the background calls ``rollback``: the
-  in-memory state returns to the last durable one before the error is raised.
+  aliases, retention and history follow, each on its own so that one failing never
+  stops the others. The aliases are rewritten before retention deletes anything, and
+  name only checkpoints it keeps, so no crash leaves an alias naming a deleted
+  checkpoint. A save that fails in the background calls ``rollback``: the in-memory
+  state returns to the last durable one before the error is raised.
+
+The records come from :class:`RunDir`, which keeps them in memory across saves: a
+save's bookkeeping reads no manifest but its own and does not list the directory.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame import policies
+from savegame import policies, run_settings
 from savegame.errors import ConfigurationError, StorageError
 from savegame.history import History
 from savegame.lineage import move_aside
 from savegame.run_dir import CheckpointInfo, RunDir, parse_step
+from savegame.run_settings import RunSettings
 
 log = logging.getLogger("savegame.run")
 
@@ -57,6 +63,7 @@ class RunTracker:
         self.resumed_from: str | None = None
         self._resume: policies.CheckpointRecord | None = None  # set until the line is settled by a save
         self._durable_es = early_stopping.state_dict() if early_stopping is not None else None
+        self._settings: RunSettings | None = RunSettings(keep_last, keep_every, self.modes, best_k)  # until written
 
     @property
     def should_stop(self) -> bool:
@@ -68,13 +75,15 @@ class RunTracker:
         if self._resume is None:
             return []
         resumed = self._resume
-        names = policies.ahead_of([i.record() for i in self.run.infos()], resumed)
+        names = policies.ahead_of(self.run.records(), resumed)
         damaged = [n for n in self.run.unreadable() if (parse_step(n) or 0) > resumed.step]
         return names + damaged
 
     def propose(self, info: CheckpointInfo, abandon: list[str]) -> Pending:
-        """What saving ``info`` stores; changes nothing."""
-        lineage = [i.record() for i in self.run.infos() if i.name not in abandon]
+        """What saving ``info`` stores (its best state and commit sequence); changes nothing."""
+        records = self.run.records()
+        lineage = [r for r in records if r.name not in abandon] if abandon else records
+        info = dataclasses.replace(info, seq=self.run.next_seq())
         best = policies.best_from_records([*lineage, info.record()], self.modes, self.best_k)
         improved = {m: any(s == info.step for _, s in held["entries"]) for m, held in best.items()}
         es = self.early_stopping
@@ -105,10 +114,12 @@ class RunTracker:
             self._resume = None
 
     def committed(self, pending: Pending) -> None:
-        """In the writer, after a successful commit: durable state, logs, retention, history, aliases.
+        """In the writer, after a successful commit: durable state, logs, aliases, retention, history.
 
         The checkpoint is already durable, so a storage error here is logged, not raised;
-        each step runs even if another failed (retention first: it frees space).
+        each step runs even if another failed. The aliases go first (they name only what
+        retention keeps); if they could not be written (a full disk), they are tried
+        again once retention has freed space.
         """
         info = pending.info
         self.run.remember(info)
@@ -120,9 +131,12 @@ class RunTracker:
         if self._durable_es is not None and self._durable_es["stopped"] and not was_stopped and self.early_stopping:
             es = self.early_stopping
             log.warning("early stopping: %s has not improved for %d evaluations", es.metric, es.patience)
-        for what, task in (("retention", self._retain), ("the metrics history", self._append_history),
-                           ("the aliases", self._write_aliases)):
+        aliases_written = _logged("the aliases", info.name, self._write_aliases, info)
+        for what, task in (("the retention settings file", self._write_settings), ("retention", self._retain),
+                           ("the metrics history", self._append_history)):
             _logged(what, info.name, task, info)
+        if not aliases_written:
+            _logged("the aliases", info.name, self._write_aliases, info)
 
     # -- restore ----------------------------------------------------------------------------
     def resumed(self, info: CheckpointInfo | None, run_state: Any) -> None:
@@ -142,14 +156,14 @@ class RunTracker:
     def best_names(self, which: str) -> list[str]:
         """Candidates for "best" / "best:<metric>", best first (see :func:`policies.rank_best`)."""
         metric, mode = self._best_metric(which)
-        current = policies.latest_saves(i.record() for i in self.run.infos())
+        current = policies.latest_saves(self.run.records())
         return [r.name for r in policies.rank_best(current, metric, mode)]
 
     def _best_metric(self, which: str) -> tuple[str, str]:
         """The metric and mode ``which`` asks for: from best= first, else from the best state stored in the
         run, else from early_stopping= (its metric and direction)."""
         metric = which.partition(":")[2] if ":" in which else None
-        stored = [i.best for i in sorted(self.run.infos(), key=lambda i: i.record().step, reverse=True) if i.best]
+        stored = [i.best for i in sorted(self.run.infos(), key=lambda i: i.step, reverse=True) if i.best]
         es = self.early_stopping
         if metric is None:
             metric = next(iter(self.modes), None) or next((m for s in stored for m in s), None) or \
@@ -172,7 +186,7 @@ class RunTracker:
 
     # -- after a commit ---------------------------------------------------------------------
     def _retain(self, info: CheckpointInfo) -> None:
-        records = [i.record() for i in self.run.infos()]
+        records = self.run.records()
         protected = {info.name} | ({self.resumed_from} if self.resumed_from else set())
         plan = policies.plan_retention(records, self.retention, protected=protected)
         kept = "; ".join(f"{name} ({', '.join(why)})" for name, why in plan.keep.items())
@@ -185,23 +199,26 @@ class RunTracker:
         self.history.append(info.step, info.epoch, info.metrics, info.time)
 
     def _write_aliases(self, info: CheckpointInfo) -> None:
-        current = policies.latest_saves(i.record() for i in self.run.infos())
-        if current:
-            newest = current[-1]
-            self.run.write_alias("latest", newest.name, step=newest.step)
-        for i, (metric, mode) in enumerate(self.modes.items()):
-            ranked = policies.rank_best(current, metric, mode)
-            if not ranked:
-                continue
-            top = ranked[0]
-            about = {"metric": metric, "mode": mode, "value": top.metrics[metric], "step": top.step}
-            self.run.write_alias(f"best:{metric}", top.name, **about)
-            if i == 0:
-                self.run.write_alias("best", top.name, **about)
+        first = next(iter(self.modes), None)
+        for alias, target in policies.alias_targets(self.run.records(), self.modes).items():
+            metric = alias.partition(":")[2] or (first if alias == "best" else None)
+            about: dict[str, object] = {"step": target.step}
+            if metric is not None:
+                about = {"metric": metric, "mode": self.modes[metric], "value": target.metrics[metric], **about}
+            self.run.write_alias(alias, target.name, **about)
+
+    def _write_settings(self, info: CheckpointInfo) -> None:
+        """Once per process: the retention settings, so ``savegame prune`` keeps what this run keeps."""
+        if self._settings is not None:
+            run_settings.write(self.run.storage, self._settings)
+            self._settings = None
 
 
-def _logged(what: str, name: str, task: Callable[[CheckpointInfo], None], info: CheckpointInfo) -> None:
+def _logged(what: str, name: str, task: Callable[[CheckpointInfo], None], info: CheckpointInfo) -> bool:
+    """Run ``task``; a storage error is logged, not raised. True when it succeeded."""
     try:
         task(info)
     except StorageError as exc:
         log.warning("checkpoint %s is saved, but %s could not be updated: %s", name, what, exc)
+        return False
+    return True

@@ -174,7 +174,8 @@ def plan_retention(records: Iterable[CheckpointRecord], policies: Iterable[Polic
             why[r.name].append("no retention policy")
     # While an earlier save of a step stays (pinned, protected), the step's newest save stays too:
     # otherwise deleting it would silently make the earlier save that step's save again.
-    older_kept = {r.step: r.name for r in rows if why[r.name] and r.name not in {c.name for c in current}}
+    current_names = {c.name for c in current}
+    older_kept = {r.step: r.name for r in rows if why[r.name] and r.name not in current_names}
     for r in current:
         if r.step in older_kept and not why[r.name]:
             why[r.name].append(f"newest save of step {r.step}, whose earlier save {older_kept[r.step]} stays")
