@@ -225,6 +225,24 @@ class RunDir:
         data = json.dumps({"alias": alias, "target": target, **about}).encode()
         write_file_atomic(self.storage, alias_file(alias), data)
 
+    def write_aliases(self, targets: Mapping[str, CheckpointRecord], modes: Mapping[str, str], *,
+                      only_stale: bool = False) -> list[str]:
+        """Write the alias files of ``targets`` (see :func:`policies.alias_targets`); best ones say their metric,
+        mode and value. ``only_stale``: only those that do not name their target already. Returns the aliases
+        written; raises StorageError."""
+        first = next(iter(modes), None)
+        written = []
+        for alias, target in targets.items():
+            if only_stale and self.read_alias(alias) == target.name:
+                continue
+            metric = alias.partition(":")[2] or (first if alias == "best" else None)
+            about: dict[str, Any] = {"step": target.step}
+            if metric is not None:
+                about = {"metric": metric, "mode": modes[metric], "value": target.metrics[metric], **about}
+            self.write_alias(alias, target.name, **about)
+            written.append(alias)
+        return written
+
     def read_alias(self, alias: str) -> str | None:
         target = self.alias_about(alias).get("target")
         return target if isinstance(target, str) and parse_step(target) is not None else None

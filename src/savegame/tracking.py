@@ -199,13 +199,7 @@ class RunTracker:
         self.history.append(info.step, info.epoch, info.metrics, info.time)
 
     def _write_aliases(self, info: CheckpointInfo) -> None:
-        first = next(iter(self.modes), None)
-        for alias, target in policies.alias_targets(self.run.records(), self.modes).items():
-            metric = alias.partition(":")[2] or (first if alias == "best" else None)
-            about: dict[str, object] = {"step": target.step}
-            if metric is not None:
-                about = {"metric": metric, "mode": self.modes[metric], "value": target.metrics[metric], **about}
-            self.run.write_alias(alias, target.name, **about)
+        self.run.write_aliases(policies.alias_targets(self.run.records(), self.modes), self.modes)
 
     def _write_settings(self, info: CheckpointInfo) -> None:
         """Once per process: the retention settings, so ``savegame prune`` keeps what this run keeps."""

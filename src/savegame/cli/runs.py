@@ -23,7 +23,7 @@ from savegame.cli._output import (
 )
 from savegame.cli._paths import disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
-from savegame.errors import CorruptCheckpointError, RunLockedError
+from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
 from savegame.format import names as n
 from savegame.run_dir import RunDir, RunLock, info_from_manifest, parse_step
 from savegame.run_settings import RunSettings
@@ -306,14 +306,21 @@ def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
         table.add_row(row.name, str(row.step), human_bytes(row.bytes), action, reasons[row.name])
     out.print(table)
     freed = sum(row.bytes for row in rows if row.name in doomed)
-    if not doomed:
-        out.print(f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
-        return
     if dry_run:
-        out.print(f"would delete {len(doomed)} checkpoint(s), {human_bytes(freed)}; nothing was deleted (dry run)")
+        out.print(f"would delete {len(doomed)} checkpoint(s), {human_bytes(freed)}; nothing was deleted (dry run)"
+                  if doomed else f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
         return
     run = RunDir(storage)
     for row in rows:
         if row.name in doomed:
             run.commit.delete(storage, row.name)
-    out.print(f"deleted {len(doomed)} checkpoint(s), freed {human_bytes(freed)}")
+    out.print(f"deleted {len(doomed)} checkpoint(s), freed {human_bytes(freed)}"
+              if doomed else f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
+    kept = [row.record() for row in rows if row.name not in doomed and not row.problems]
+    try:  # a crash can leave alias files naming an older checkpoint, or one this prune just deleted
+        fixed = run.write_aliases(policies.alias_targets(kept, modes), modes, only_stale=True)
+    except StorageError as exc:
+        out.print(Text(f"warning: the alias files could not be rewritten ({exc}); they are hints only", style="yellow"))
+        return
+    if fixed:
+        out.print(f"rewrote the stale alias(es) {', '.join(fixed)}")
