@@ -24,7 +24,6 @@ from savegame.cli._output import (
 from savegame.cli._paths import disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
-from savegame.format import names as n
 from savegame.run_dir import RunDir, RunLock, info_from_manifest, parse_step
 from savegame.run_settings import RunSettings
 from savegame.storage.local import LocalStorage

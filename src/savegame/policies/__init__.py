@@ -41,8 +41,8 @@ from savegame.policies.retention import (
 from savegame.policies.spec import parse_best_spec
 
 __all__ = [
-    "MODES", "CheckpointRecord", "alias_targets", "EarlyStopping", "EarlyStoppingConfig", "EarlyStoppingState", "Policy",
-    "RetentionPlan", "RetentionPolicy", "ahead_of", "best_from_records", "early_stopping_step",
+    "MODES", "CheckpointRecord", "EarlyStopping", "EarlyStoppingConfig", "EarlyStoppingState", "Policy",
+    "RetentionPlan", "RetentionPolicy", "ahead_of", "alias_targets", "best_from_records", "early_stopping_step",
     "initial_early_stopping_state", "is_better", "keep_best", "keep_every", "keep_last", "keep_pinned",
     "latest_saves", "parse_best_spec", "plan_retention", "rank_best", "select_keep", "superseded",
     "to_delete", "update_best",

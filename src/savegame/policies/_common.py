@@ -54,8 +54,13 @@ def check_min_delta(value: object) -> float:
 
 def finite(value: object) -> float | None:
     """The value as a float when it is a finite real number, else None (never ranks)."""
+    if type(value) is float:  # the common case, without the slower check against numbers.Real
+        return value if math.isfinite(value) else None
     if isinstance(value, numbers.Real):
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int too large for a float never ranks
+            return None
         return result if math.isfinite(result) else None
     return None
 
