@@ -7,7 +7,7 @@ import logging
 import math
 import re
 import reprlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NoReturn
@@ -93,11 +93,14 @@ class RunDir:
         self._sorted: list[str] | None = None
         self._readable: list[CheckpointInfo] | None = None
         self._records: list[CheckpointRecord] | None = None
+        self._by_step: dict[int, set[str]] = {}  # step -> names of its readable saves
+        self._all_read = False  # every listed manifest has been read once
         self._max_seq = -1
 
     def refresh(self) -> None:
         """Forget the listing and the damaged checkpoints: the next question reads the directory again."""
         self._listed = None
+        self._all_read = False
         self._damaged.clear()
         self._changed()
 
@@ -107,7 +110,7 @@ class RunDir:
             if self._listed is None:
                 self._listed = set(self._list())
                 for gone in set(self._infos) - self._listed:
-                    del self._infos[gone]
+                    self._drop(gone)
             self._sorted = sorted(self._listed, key=lambda name: (parse_step(name), name))
         return list(self._sorted)
 
@@ -136,8 +139,17 @@ class RunDir:
 
     def next_seq(self) -> int:
         """The commit sequence of the next save: above that of every readable checkpoint."""
-        self.infos()
+        if not self._all_read:
+            self.infos()
         return self._max_seq + 1
+
+    def saves_of(self, step: int) -> list[CheckpointRecord]:
+        """The records of the readable saves of ``step`` (after :meth:`infos`)."""
+        return [self._infos[name].record() for name in self._by_step.get(step, ())]
+
+    def records_of(self, names: Iterable[str]) -> list[CheckpointRecord]:
+        """The records of those of ``names`` that are readable checkpoints (after :meth:`infos`)."""
+        return [self._infos[name].record() for name in names if name in self._infos]
 
     def remember(self, info: CheckpointInfo) -> None:
         """Record a checkpoint this process just committed (no need to read its manifest back)."""
@@ -148,7 +160,7 @@ class RunDir:
 
     def forget(self, name: str) -> None:
         """``name`` left the run directory (deleted or moved aside by this process)."""
-        self._infos.pop(name, None)
+        self._drop(name)
         self._damaged.pop(name, None)
         if self._listed is not None:
             self._listed.discard(name)
@@ -176,7 +188,7 @@ class RunDir:
         """Every checkpoint whose manifest reads; the others are left out (and logged once each)."""
         if self._readable is None:
             readable = [info for name in self.names() if (info := self._try_info(name)) is not None]
-            self._readable = readable
+            self._readable, self._all_read = readable, True
         return list(self._readable)
 
     def records(self) -> list[CheckpointRecord]:
@@ -212,10 +224,20 @@ class RunDir:
             return None
 
     def _add(self, info: CheckpointInfo) -> None:
+        self._drop(info.name)
         self._infos[info.name] = info
+        self._by_step.setdefault(info.step, set()).add(info.name)
         self._damaged.pop(info.name, None)
         if info.seq is not None:
             self._max_seq = max(self._max_seq, info.seq)
+
+    def _drop(self, name: str) -> None:
+        info = self._infos.pop(name, None)
+        if info is not None:
+            saves = self._by_step.get(info.step, set())
+            saves.discard(name)
+            if not saves:
+                self._by_step.pop(info.step, None)
 
     def _changed(self) -> None:
         self._sorted = self._readable = self._records = None

@@ -45,6 +45,7 @@ class Pending:
     run_state: dict[str, Any]
     improved: dict[str, bool]
     abandon: list[str] = field(default_factory=list)
+    scope: tuple[policies.CheckpointRecord, ...] | None = None  # the records its decisions need (None: all)
 
 
 class RunTracker:
@@ -64,6 +65,8 @@ class RunTracker:
         self._resume: policies.CheckpointRecord | None = None  # set until the line is settled by a save
         self._durable_es = early_stopping.state_dict() if early_stopping is not None else None
         self._settings: RunSettings | None = RunSettings(keep_last, keep_every, self.modes, best_k)  # until written
+        self._keep_last = keep_last
+        self._window: policies.Window | None = None  # None: the next save looks at every record
 
     @property
     def should_stop(self) -> bool:
@@ -81,10 +84,17 @@ class RunTracker:
 
     def propose(self, info: CheckpointInfo, abandon: list[str]) -> Pending:
         """What saving ``info`` stores (its best state and commit sequence); changes nothing."""
-        records = self.run.records()
-        lineage = [r for r in records if r.name not in abandon] if abandon else records
         info = dataclasses.replace(info, seq=self.run.next_seq())
-        best = policies.best_from_records([*lineage, info.record()], self.modes, self.best_k)
+        scope = None
+        if self._window is not None and not abandon:
+            protected = [self.resumed_from] if self.resumed_from else []
+            scope = policies.scope(self._window, info.record(), self.run.saves_of, self.run.records_of,
+                                   protected=protected)
+        if scope is not None:
+            records = scope
+        else:
+            records = [*(r for r in self.run.records() if r.name not in abandon), info.record()]
+        best = policies.best_from_records(records, self.modes, self.best_k)
         improved = {m: any(s == info.step for _, s in held["entries"]) for m, held in best.items()}
         es = self.early_stopping
         es_state = None
@@ -94,7 +104,7 @@ class RunTracker:
                 new = policies.early_stopping_step(es_state, info.metrics[es.metric], info.step, es.config)
                 es_state = {**new, "config": es.config.to_dict()}
         return Pending(dataclasses.replace(info, best=best), {"best": best, "early_stopping": es_state},
-                       improved, abandon)
+                       improved, abandon, tuple(scope) if scope is not None else None)
 
     def accept(self, pending: Pending) -> None:
         """The save is accepted: its early-stopping state is current from now on."""
@@ -110,6 +120,7 @@ class RunTracker:
         """Before the write: move the abandoned continuation aside (raises StorageError)."""
         resumed = self._resume
         if resumed is not None:
+            self._window = None
             move_aside(self.run, self.history, resumed.name, resumed.step, pending.abandon)
             self._resume = None
 
@@ -131,12 +142,13 @@ class RunTracker:
         if self._durable_es is not None and self._durable_es["stopped"] and not was_stopped and self.early_stopping:
             es = self.early_stopping
             log.warning("early stopping: %s has not improved for %d evaluations", es.metric, es.patience)
-        aliases_written = _logged("the aliases", info.name, self._write_aliases, info)
-        for what, task in (("the retention settings file", self._write_settings), ("retention", self._retain),
-                           ("the metrics history", self._append_history)):
-            _logged(what, info.name, task, info)
+        records = list(pending.scope) if pending.scope is not None else self.run.records()
+        aliases_written = _logged("the aliases", info.name, lambda i: self._write_aliases(records), info)
+        _logged("the retention settings file", info.name, self._write_settings, info)
+        _logged("retention", info.name, lambda i: self._retain(i, records), info)
+        _logged("the metrics history", info.name, self._append_history, info)
         if not aliases_written:
-            _logged("the aliases", info.name, self._write_aliases, info)
+            _logged("the aliases", info.name, lambda i: self._write_aliases(self.run.records()), info)
 
     # -- restore ----------------------------------------------------------------------------
     def resumed(self, info: CheckpointInfo | None, run_state: Any) -> None:
@@ -147,6 +159,7 @@ class RunTracker:
         """
         self.resumed_from = info.name if info is not None else None
         self._resume = info.record() if info is not None else None
+        self._window = None
         es = self.early_stopping
         saved = run_state.get("early_stopping") if isinstance(run_state, Mapping) else None
         if es is not None and isinstance(saved, Mapping):
@@ -185,21 +198,26 @@ class RunTracker:
         return metric, mode
 
     # -- after a commit ---------------------------------------------------------------------
-    def _retain(self, info: CheckpointInfo) -> None:
-        records = self.run.records()
+    def _retain(self, info: CheckpointInfo, records: list[policies.CheckpointRecord]) -> None:
+        """Delete what the policies do not keep, deciding over ``records`` (the save's scope, or all)."""
         protected = {info.name} | ({self.resumed_from} if self.resumed_from else set())
         plan = policies.plan_retention(records, self.retention, protected=protected)
-        kept = "; ".join(f"{name} ({', '.join(why)})" for name, why in plan.keep.items())
-        log.log(logging.INFO if plan.delete else logging.DEBUG, "retention keeps %s", kept)
+        level = logging.INFO if plan.delete else logging.DEBUG
+        if log.isEnabledFor(level):
+            kept = "; ".join(f"{name} ({', '.join(why)})" for name, why in plan.keep.items())
+            log.log(level, "retention keeps %s", kept)
+        self._window = None  # until every deletion is done: a failed one is retried over all records
         for name, why in plan.delete.items():
             log.info("retention: deleting checkpoint %s: %s", name, why)
             self.run.delete(name)
+        self._window = policies.next_window(records, plan, modes=self.modes, best_k=self.best_k,
+                                            keep_last=self._keep_last)
 
     def _append_history(self, info: CheckpointInfo) -> None:
         self.history.append(info.step, info.epoch, info.metrics, info.time)
 
-    def _write_aliases(self, info: CheckpointInfo) -> None:
-        self.run.write_aliases(policies.alias_targets(self.run.records(), self.modes), self.modes)
+    def _write_aliases(self, records: list[policies.CheckpointRecord]) -> None:
+        self.run.write_aliases(policies.alias_targets(records, self.modes), self.modes)
 
     def _write_settings(self, info: CheckpointInfo) -> None:
         """Once per process: the retention settings, so ``savegame prune`` keeps what this run keeps."""

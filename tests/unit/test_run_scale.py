@@ -82,3 +82,19 @@ def test_plan_retention_grows_linearly_with_the_records():
     assert large / small < 14, (small, large)
     no_policy = [executed_lines(lambda c=c: policies.plan_retention(records(c), [])) for c in (500, 4000)]
     assert no_policy[1] / no_policy[0] < 14, no_policy
+
+
+def lines_of_one_save(run, count: int, **options) -> int:
+    """Python lines executed by one save (and its bookkeeping) after ``count`` saves in this process."""
+    model = torch.nn.Linear(2, 2)
+    with savegame.Checkpointer(run, {"model": model}, async_save=False, best="loss", **options) as ckpt:
+        for step in range(1, count + 1):
+            ckpt.save(step, metrics={"loss": (step * 37 % 11) / 11}, pin=step == 3)
+        return executed_lines(lambda: ckpt.save(count + 1, metrics={"loss": 0.5}))
+
+
+def test_the_bookkeeping_of_a_save_does_not_grow_with_the_run(tmp_path):
+    for options in ({}, {"keep_last": 2, "keep_every": 3}, {"keep_last": 3}):
+        small = lines_of_one_save(tmp_path / f"small{len(options)}", 10, **options)
+        large = lines_of_one_save(tmp_path / f"large{len(options)}", 150, **options)
+        assert large < small * 1.2, (options, small, large)  # 15 times the checkpoints, the same work

@@ -39,11 +39,12 @@ from savegame.policies.retention import (
                                               to_delete,
 )
 from savegame.policies.spec import parse_best_spec
+from savegame.policies.window import Window, next_window, scope
 
 __all__ = [
     "MODES", "CheckpointRecord", "EarlyStopping", "EarlyStoppingConfig", "EarlyStoppingState", "Policy",
-    "RetentionPlan", "RetentionPolicy", "ahead_of", "alias_targets", "best_from_records", "early_stopping_step",
+    "RetentionPlan", "RetentionPolicy", "Window", "ahead_of", "alias_targets", "best_from_records", "early_stopping_step",
     "initial_early_stopping_state", "is_better", "keep_best", "keep_every", "keep_last", "keep_pinned",
-    "latest_saves", "parse_best_spec", "plan_retention", "rank_best", "select_keep", "superseded",
-    "to_delete", "update_best",
+    "latest_saves", "next_window", "parse_best_spec", "plan_retention", "rank_best", "scope", "select_keep",
+    "superseded", "to_delete", "update_best",
 ]
