@@ -21,6 +21,12 @@ def retention(keep_last, keep_every, best_k):
     return chosen
 
 
+def lookups(store: dict[str, CheckpointRecord]):
+    """``saves_of`` and ``records_of`` over ``store``, as the run directory answers them."""
+    return (lambda step: [r for r in store.values() if r.step == step],
+            lambda names: [store[n] for n in names if n in store])
+
+
 saves = st.lists(st.tuples(st.sampled_from([1, 1, 1, 1, 1, 1, 2, 0, -2]),
                            st.sampled_from([0.1, 0.2, 0.3, 0.5, 0.9, math.nan]),
                            st.sampled_from([0.1, 0.4, 0.8, math.inf]),
@@ -47,13 +53,7 @@ def test_the_scope_of_a_save_decides_as_every_record(plan, keep_last, keep_every
         protected = [resumed] if resumed in store else []
         every = [*store.values(), new]
 
-        def saves_of(s):
-            return [r for r in store.values() if r.step == s]
-
-        def records_of(names):
-            return [store[n] for n in names if n in store]
-
-        scope = policies.scope(window, new, saves_of, records_of, protected=protected) if window else None
+        scope = policies.scope(window, new, *lookups(store), protected=protected) if window else None
         full = policies.plan_retention(every, chosen, protected={new.name, *protected})
         if scope is not None:
             scoped += 1
@@ -76,8 +76,7 @@ def test_a_long_run_without_retention_decides_each_save_over_a_few_records():
         new = CheckpointRecord(seq, f"c{seq}", time=0.0, seq=seq, metrics={"loss": (seq * 37 % 101) / 101},
                                pinned=seq % 50 == 0)
         every = [*store.values(), new]
-        scope = policies.scope(window, new, lambda s: [r for r in store.values() if r.step == s],
-                               lambda names: [store[n] for n in names if n in store]) if window else None
+        scope = policies.scope(window, new, *lookups(store)) if window else None
         used = scope if scope is not None else every
         sizes.append(len(used))
         done = policies.plan_retention(used, [], protected={new.name})
