@@ -207,3 +207,23 @@ def test_ls_verify_exits_1_when_a_checkpoint_is_damaged(tmp_path):
     assert result.exit_code == 1 and "DAMAGED" in result.output
     assert cli("ls", tmp_path, "--verify", "--json").exit_code == 1
     assert cli("ls", tmp_path).exit_code == 0  # the quick listing reads no data: nothing found, nothing claimed
+
+
+def test_a_checkpoint_written_into_the_run_later_is_newer_than_a_save_of_its_step(tmp_path):
+    """An import (savegame import / offline.write_tree) records its commit sequence too."""
+    from savegame.offline import write_tree
+
+    model, ckpt = make(tmp_path)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ckpt.save(5)
+    ckpt.close()
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    tree = dict(savegame.load(tmp_path / "step-0000000005"))
+    tree["state"] = {"model": {k: v.clone() for k, v in model.state_dict().items()}}
+    write_tree(tmp_path, tree, step=5)
+    model, ckpt = make(tmp_path)
+    assert ckpt.restore().step == 5 and model.weight.eq(2.0).all()
+    ckpt.close()
+    assert json.loads((tmp_path / "latest.alias.json").read_text())["target"] == "step-0000000005.1"
