@@ -64,6 +64,7 @@ class RunDir:
         self._by_step: dict[int, set[str]] = {}  # step -> names of its readable saves
         self._all_read = False  # every listed manifest has been read once
         self._max_seq = -1
+        self._aliases: dict[str, str] = {}  # alias -> the target this object last wrote
 
     def refresh(self) -> None:
         """Forget the listing and the damaged checkpoints: the next question reads the directory again."""
@@ -213,7 +214,9 @@ class RunDir:
     # Aliases: tiny JSON pointer files, replaced atomically. They are hints for people and tools.
     def write_alias(self, alias: str, target: str, **about: Any) -> None:
         data = json.dumps({"alias": alias, "target": target, **about}).encode()
+        self._aliases.pop(alias, None)
         write_file_atomic(self.storage, alias_file(alias), data)
+        self._aliases[alias] = target  # what this process wrote last (a writer holds the run's lock)
 
     def write_aliases(self, targets: Mapping[str, CheckpointRecord], modes: Mapping[str, str], *,
                       only_stale: bool = False) -> list[str]:
@@ -223,7 +226,7 @@ class RunDir:
         first = next(iter(modes), None)
         written = []
         for alias, target in targets.items():
-            if only_stale and self.read_alias(alias) == target.name:
+            if only_stale and (self._aliases.get(alias) or self.read_alias(alias)) == target.name:
                 continue
             metric = alias.partition(":")[2] or (first if alias == "best" else None)
             about: dict[str, Any] = {"step": target.step}

@@ -217,7 +217,7 @@ class RunTracker:
         self.history.append(info.step, info.epoch, info.metrics, info.time)
 
     def _write_aliases(self, records: list[policies.CheckpointRecord]) -> None:
-        self.run.write_aliases(policies.alias_targets(records, self.modes), self.modes)
+        self.run.write_aliases(policies.alias_targets(records, self.modes), self.modes, only_stale=True)
 
     def _write_settings(self, info: CheckpointInfo) -> None:
         """Once per process: the retention settings, so ``savegame prune`` keeps what this run keeps."""
