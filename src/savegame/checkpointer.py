@@ -170,7 +170,8 @@ class Checkpointer:
         if self._opts.nan_policy == "refuse":
             refuse_non_finite_state(tree[n.TREE_STATE])
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(metrics, _no_tensor),
-                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin}
+                n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin,
+                n.M_SEQ: pending.info.seq}
         return pending, prepare(tree, meta, self._opts.shard_bytes)
 
     def maybe_save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -251,6 +252,8 @@ class Checkpointer:
         errors = []
         for storage, name in candidates:
             try:
+                if storage is self._storage:
+                    self._run.info(name)  # a manifest the run directory cannot use is damaged here too
                 doc = reader.read_manifest(storage, name)
                 direct = capture.targets(self._objects, doc, strict=strict, assign=assign)
                 tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)

@@ -3,7 +3,7 @@
 Each line is ``{"step", "epoch", "time", "metrics"}`` (a non-finite metric is written
 as the string "nan", "inf" or "-inf"). A crash during an append can leave a torn last
 line: the next append starts on a fresh line, so the torn line never swallows the
-next record, and readers skip lines that do not parse.
+next record, and readers skip lines that do not parse (:func:`parse` says which).
 """
 
 from __future__ import annotations
@@ -32,13 +32,57 @@ def line(step: int, epoch: int | None, metrics: Mapping[str, float], when: float
 
 
 def parse(raw: bytes) -> dict[str, Any] | None:
-    """One history line as a record, or None when it is damaged (torn, not JSON, no int step)."""
+    """One history line as a record ``{"step", "epoch", "time", "metrics"}``, or None when it is damaged.
+
+    Damaged: torn, not UTF-8 JSON (or nested too deep to parse), not an object, a step that is
+    not an int, an epoch that is neither an int nor null, a time that is not a finite number,
+    or a metric that is not a number (or "nan"/"inf"/"-inf") a float holds. Metrics come back
+    as floats.
+    """
     try:
         record = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
-    ok = isinstance(record, dict) and isinstance(record.get("step"), int) and not isinstance(record["step"], bool)
-    return record if ok else None
+    if not isinstance(record, dict):
+        return None
+    step, epoch, when, metrics = record.get("step"), record.get("epoch"), record.get("time"), record.get("metrics")
+    if type(step) is not int or not (epoch is None or type(epoch) is int):
+        return None
+    if when is not None and not (type(when) in (int, float) and _finite(when)):
+        return None
+    values = {} if metrics is None else metrics
+    if not isinstance(values, dict):
+        return None
+    floats = {k: _metric(v) for k, v in values.items()}
+    if any(v is None for v in floats.values()):
+        return None
+    return {"step": step, "epoch": epoch, "time": when, "metrics": floats}
+
+
+def _metric(value: object) -> float | None:
+    if isinstance(value, str):
+        return _SPECIAL.get(value)
+    if type(value) not in (int, float):
+        return None
+    try:
+        return float(value)  # type: ignore[arg-type]
+    except OverflowError:  # an int of hundreds of digits
+        return None
+
+
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(value)  # type: ignore[arg-type]
+    except OverflowError:
+        return False
+
+
+_SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
+def read(storage: Storage) -> tuple[list[dict[str, Any]], int]:
+    """Every readable record of the history, in file order, and how many lines were skipped as damaged."""
+    return History(storage).read()
 
 
 class History:
@@ -58,16 +102,21 @@ class History:
 
     def records(self) -> list[dict[str, Any]]:
         """Every readable record, in file order; damaged lines are skipped (and counted in the log)."""
+        out, damaged = self.read()
+        if damaged:
+            log.warning("%s: skipped %d damaged line(s)", FILE, damaged)
+        return out
+
+    def read(self) -> tuple[list[dict[str, Any]], int]:
+        """(every readable record in file order, the number of damaged lines skipped); raises StorageError."""
         out, damaged = [], 0
         for raw in self._lines():
             record = parse(raw)
             if record is None:
-                damaged += raw.strip() != b""
+                damaged += 1
             else:
                 out.append(record)
-        if damaged:
-            log.warning("%s: skipped %d damaged line(s)", FILE, damaged)
-        return out
+        return out, damaged
 
     def split_after(self, step: int) -> tuple[bytes, bytes]:
         """(the lines to keep, the lines of records past ``step``); damaged lines stay with the kept ones."""

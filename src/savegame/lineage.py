@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 
 from savegame.commit import write_new_file
+from savegame.errors import StorageError
 from savegame.format import names
 from savegame.history import FILE as HISTORY_FILE
 from savegame.history import History
@@ -25,8 +26,15 @@ ABANDONED_DIR = names.ABANDONED_DIR
 
 
 def move_aside(run: RunDir, history: History, resumed_name: str, resumed_step: int, names: Sequence[str]) -> str | None:
-    """Move ``names`` and the history lines past ``resumed_step`` aside; return the folder (None: nothing to move)."""
-    keep, past = history.split_after(resumed_step)
+    """Move ``names`` and the history lines past ``resumed_step`` aside; return the folder (None: nothing to move).
+
+    A metrics history that cannot be read is left as it is (logged): it never stops a save.
+    """
+    try:
+        keep, past = history.split_after(resumed_step)
+    except StorageError as exc:
+        log.warning("%s cannot be read (%s); its lines past step %d stay in it", HISTORY_FILE, exc, resumed_step)
+        keep, past = b"", b""
     if not names and not past:
         return None
     storage = run.storage

@@ -50,10 +50,11 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
         name = run.unique_name(step)
         now = time.time()
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(dict(metrics or {}), _refuse),
-                n.M_EXTRA: codec.encode(extra, _refuse), n.M_TIME: now, n.M_PINNED: False}
+                n.M_EXTRA: codec.encode(extra, _refuse), n.M_TIME: now, n.M_PINNED: False, n.M_SEQ: run.next_seq()}
         prepared = prepare(dict(tree), meta)
         target = _Reporting(storage.root, progress) if progress is not None else storage
         write_checkpoint(target, name, prepared, snapshot(prepared, None), run.commit)
+        run.refresh()  # the listing read for next_seq() predates this checkpoint
         if lines:
             torn = _ends_torn(storage)
             storage.append(n.HISTORY_FILE, (b"\n" if torn else b"") + "".join(json.dumps(x) + "\n" for x in lines).encode())

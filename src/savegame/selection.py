@@ -20,7 +20,11 @@ Which = int | str | os.PathLike[str] | None
 
 
 def candidates(which: Which, run: RunDir, tracker: RunTracker) -> list[tuple[Storage, str]]:
-    """(storage, checkpoint name) pairs to try, best candidate first; raises ConfigurationError for a bad ``which``."""
+    """(storage, checkpoint name) pairs to try, best candidate first; raises ConfigurationError for a bad ``which``.
+
+    The run directory is listed again first: another process may have changed it since.
+    """
+    run.refresh()
     if which is None or which == "latest":
         return [(run.storage, name) for name in run.newest_first()]
     if isinstance(which, str) and (which == "best" or which.startswith("best:")):

@@ -9,9 +9,14 @@ A save goes through three stages here:
 - ``accept`` makes that state current in memory once the save is accepted (its values
   encoded, its name chosen), so ``should_stop`` answers at once;
 - ``committed`` runs in the writer after the commit: the state becomes durable, and
-  retention, history and aliases follow, each on its own so that one failing never
-  stops the others. A save that fails in the background calls ``rollback``: the
-  in-memory state returns to the last durable one before the error is raised.
+  aliases, retention and history follow, each on its own so that one failing never
+  stops the others. The aliases are rewritten before retention deletes anything, and
+  name only checkpoints it keeps, so no crash leaves an alias naming a deleted
+  checkpoint. A save that fails in the background calls ``rollback``: the in-memory
+  state returns to the last durable one before the error is raised.
+
+The records come from :class:`RunDir`, which keeps them in memory across saves: a
+save's bookkeeping reads no manifest but its own and does not list the directory.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame import policies
+from savegame import policies, run_settings
 from savegame.errors import ConfigurationError, StorageError
 from savegame.history import History
 from savegame.lineage import move_aside
 from savegame.run_dir import CheckpointInfo, RunDir, parse_step
+from savegame.run_settings import RunSettings
 
 log = logging.getLogger("savegame.run")
 
@@ -39,6 +45,7 @@ class Pending:
     run_state: dict[str, Any]
     improved: dict[str, bool]
     abandon: list[str] = field(default_factory=list)
+    scope: tuple[policies.CheckpointRecord, ...] | None = None  # the records its decisions need (None: all)
 
 
 class RunTracker:
@@ -57,6 +64,9 @@ class RunTracker:
         self.resumed_from: str | None = None
         self._resume: policies.CheckpointRecord | None = None  # set until the line is settled by a save
         self._durable_es = early_stopping.state_dict() if early_stopping is not None else None
+        self._settings: RunSettings | None = RunSettings(keep_last, keep_every, self.modes, best_k)  # until written
+        self._keep_last = keep_last
+        self._window: policies.Window | None = None  # None: the next save looks at every record
 
     @property
     def should_stop(self) -> bool:
@@ -68,14 +78,23 @@ class RunTracker:
         if self._resume is None:
             return []
         resumed = self._resume
-        names = policies.ahead_of([i.record() for i in self.run.infos()], resumed)
+        names = policies.ahead_of(self.run.records(), resumed)
         damaged = [n for n in self.run.unreadable() if (parse_step(n) or 0) > resumed.step]
         return names + damaged
 
     def propose(self, info: CheckpointInfo, abandon: list[str]) -> Pending:
-        """What saving ``info`` stores; changes nothing."""
-        lineage = [i.record() for i in self.run.infos() if i.name not in abandon]
-        best = policies.best_from_records([*lineage, info.record()], self.modes, self.best_k)
+        """What saving ``info`` stores (its best state and commit sequence); changes nothing."""
+        info = dataclasses.replace(info, seq=self.run.next_seq())
+        scope = None
+        if self._window is not None and not abandon:
+            protected = [self.resumed_from] if self.resumed_from else []
+            scope = policies.scope(self._window, info.record(), self.run.saves_of, self.run.records_of,
+                                   protected=protected)
+        if scope is not None:
+            records = scope
+        else:
+            records = [*(r for r in self.run.records() if r.name not in abandon), info.record()]
+        best = policies.best_from_records(records, self.modes, self.best_k)
         improved = {m: any(s == info.step for _, s in held["entries"]) for m, held in best.items()}
         es = self.early_stopping
         es_state = None
@@ -85,7 +104,7 @@ class RunTracker:
                 new = policies.early_stopping_step(es_state, info.metrics[es.metric], info.step, es.config)
                 es_state = {**new, "config": es.config.to_dict()}
         return Pending(dataclasses.replace(info, best=best), {"best": best, "early_stopping": es_state},
-                       improved, abandon)
+                       improved, abandon, tuple(scope) if scope is not None else None)
 
     def accept(self, pending: Pending) -> None:
         """The save is accepted: its early-stopping state is current from now on."""
@@ -101,14 +120,17 @@ class RunTracker:
         """Before the write: move the abandoned continuation aside (raises StorageError)."""
         resumed = self._resume
         if resumed is not None:
+            self._window = None
             move_aside(self.run, self.history, resumed.name, resumed.step, pending.abandon)
             self._resume = None
 
     def committed(self, pending: Pending) -> None:
-        """In the writer, after a successful commit: durable state, logs, retention, history, aliases.
+        """In the writer, after a successful commit: durable state, logs, aliases, retention, history.
 
         The checkpoint is already durable, so a storage error here is logged, not raised;
-        each step runs even if another failed (retention first: it frees space).
+        each step runs even if another failed. The aliases go first (they name only what
+        retention keeps); if they could not be written (a full disk), they are tried
+        again once retention has freed space.
         """
         info = pending.info
         self.run.remember(info)
@@ -120,9 +142,13 @@ class RunTracker:
         if self._durable_es is not None and self._durable_es["stopped"] and not was_stopped and self.early_stopping:
             es = self.early_stopping
             log.warning("early stopping: %s has not improved for %d evaluations", es.metric, es.patience)
-        for what, task in (("retention", self._retain), ("the metrics history", self._append_history),
-                           ("the aliases", self._write_aliases)):
-            _logged(what, info.name, task, info)
+        records = list(pending.scope) if pending.scope is not None else self.run.records()
+        aliases_written = _logged("the aliases", info.name, lambda i: self._write_aliases(records), info)
+        _logged("the retention settings file", info.name, self._write_settings, info)
+        _logged("retention", info.name, lambda i: self._retain(i, records), info)
+        _logged("the metrics history", info.name, self._append_history, info)
+        if not aliases_written:
+            _logged("the aliases", info.name, lambda i: self._write_aliases(self.run.records()), info)
 
     # -- restore ----------------------------------------------------------------------------
     def resumed(self, info: CheckpointInfo | None, run_state: Any) -> None:
@@ -133,6 +159,7 @@ class RunTracker:
         """
         self.resumed_from = info.name if info is not None else None
         self._resume = info.record() if info is not None else None
+        self._window = None
         es = self.early_stopping
         saved = run_state.get("early_stopping") if isinstance(run_state, Mapping) else None
         if es is not None and isinstance(saved, Mapping):
@@ -142,14 +169,14 @@ class RunTracker:
     def best_names(self, which: str) -> list[str]:
         """Candidates for "best" / "best:<metric>", best first (see :func:`policies.rank_best`)."""
         metric, mode = self._best_metric(which)
-        current = policies.latest_saves(i.record() for i in self.run.infos())
+        current = policies.latest_saves(self.run.records())
         return [r.name for r in policies.rank_best(current, metric, mode)]
 
     def _best_metric(self, which: str) -> tuple[str, str]:
         """The metric and mode ``which`` asks for: from best= first, else from the best state stored in the
         run, else from early_stopping= (its metric and direction)."""
         metric = which.partition(":")[2] if ":" in which else None
-        stored = [i.best for i in sorted(self.run.infos(), key=lambda i: i.record().step, reverse=True) if i.best]
+        stored = [i.best for i in sorted(self.run.infos(), key=lambda i: i.step, reverse=True) if i.best]
         es = self.early_stopping
         if metric is None:
             metric = next(iter(self.modes), None) or next((m for s in stored for m in s), None) or \
@@ -171,37 +198,39 @@ class RunTracker:
         return metric, mode
 
     # -- after a commit ---------------------------------------------------------------------
-    def _retain(self, info: CheckpointInfo) -> None:
-        records = [i.record() for i in self.run.infos()]
+    def _retain(self, info: CheckpointInfo, records: list[policies.CheckpointRecord]) -> None:
+        """Delete what the policies do not keep, deciding over ``records`` (the save's scope, or all)."""
         protected = {info.name} | ({self.resumed_from} if self.resumed_from else set())
         plan = policies.plan_retention(records, self.retention, protected=protected)
-        kept = "; ".join(f"{name} ({', '.join(why)})" for name, why in plan.keep.items())
-        log.log(logging.INFO if plan.delete else logging.DEBUG, "retention keeps %s", kept)
+        level = logging.INFO if plan.delete else logging.DEBUG
+        if log.isEnabledFor(level):
+            kept = "; ".join(f"{name} ({', '.join(why)})" for name, why in plan.keep.items())
+            log.log(level, "retention keeps %s", kept)
+        self._window = None  # until every deletion is done: a failed one is retried over all records
         for name, why in plan.delete.items():
             log.info("retention: deleting checkpoint %s: %s", name, why)
             self.run.delete(name)
+        self._window = policies.next_window(records, plan, modes=self.modes, best_k=self.best_k,
+                                            keep_last=self._keep_last)
 
     def _append_history(self, info: CheckpointInfo) -> None:
         self.history.append(info.step, info.epoch, info.metrics, info.time)
 
-    def _write_aliases(self, info: CheckpointInfo) -> None:
-        current = policies.latest_saves(i.record() for i in self.run.infos())
-        if current:
-            newest = current[-1]
-            self.run.write_alias("latest", newest.name, step=newest.step)
-        for i, (metric, mode) in enumerate(self.modes.items()):
-            ranked = policies.rank_best(current, metric, mode)
-            if not ranked:
-                continue
-            top = ranked[0]
-            about = {"metric": metric, "mode": mode, "value": top.metrics[metric], "step": top.step}
-            self.run.write_alias(f"best:{metric}", top.name, **about)
-            if i == 0:
-                self.run.write_alias("best", top.name, **about)
+    def _write_aliases(self, records: list[policies.CheckpointRecord]) -> None:
+        self.run.write_aliases(policies.alias_targets(records, self.modes), self.modes, only_stale=True)
+
+    def _write_settings(self, info: CheckpointInfo) -> None:
+        """Once per process: the retention settings, so ``savegame prune`` keeps what this run keeps."""
+        if self._settings is not None:
+            run_settings.write(self.run.storage, self._settings)
+            self._settings = None
 
 
-def _logged(what: str, name: str, task: Callable[[CheckpointInfo], None], info: CheckpointInfo) -> None:
+def _logged(what: str, name: str, task: Callable[[CheckpointInfo], None], info: CheckpointInfo) -> bool:
+    """Run ``task``; a storage error is logged, not raised. True when it succeeded."""
     try:
         task(info)
     except StorageError as exc:
         log.warning("checkpoint %s is saved, but %s could not be updated: %s", name, what, exc)
+        return False
+    return True

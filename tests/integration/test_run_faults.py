@@ -191,3 +191,100 @@ def test_a_damaged_metrics_history_is_skipped_where_damaged_and_appended_cleanly
     aside = History(LocalStorage(tmp_path / "abandoned" / "after-step-0000000002")).records()
     assert [r["step"] for r in aside] == ([3] if how == "truncate" else [3, 4])
     assert json.loads(path.read_bytes().splitlines()[-1])["metrics"] == {"loss": 0.44}
+
+
+def alias_targets(run_dir: Path) -> dict[str, str]:
+    out = {}
+    for p in run_dir.glob("*.alias.json"):
+        out[p.name] = json.loads(p.read_text())["target"]
+    return out
+
+
+def test_no_crash_during_a_save_leaves_an_alias_naming_a_deleted_checkpoint(tmp_path):
+    """The new save becomes best and retention deletes the old best: the aliases move first."""
+    def prepare(run_dir: Path) -> None:
+        with savegame.Checkpointer(run_dir, {"m": torch.nn.Linear(4, 4)}, keep_last=1, best="loss",
+                                   async_save=False) as ckpt:
+            ckpt.save(1, metrics={"loss": 0.5})
+            ckpt.save(2, metrics={"loss": 0.9})  # step 1 stays as the best
+
+    probe = tmp_path / "probe"
+    prepare(probe)
+    faulty = FaultyStorage(LocalStorage(probe))
+    with savegame.Checkpointer(probe, {"m": torch.nn.Linear(4, 4)}, storage=faulty, keep_last=1, best="loss",
+                               async_save=False) as ckpt:
+        start = len(faulty.ops)
+        ckpt.save(3, metrics={"loss": 0.1})
+        total = len(faulty.ops) - start
+    assert listed(probe) == ["step-0000000003"]
+    for op in range(total):
+        run_dir = tmp_path / f"run{op}"
+        prepare(run_dir)
+        faulty = FaultyStorage(LocalStorage(run_dir), crash=True)
+        ckpt = savegame.Checkpointer(run_dir, {"m": torch.nn.Linear(4, 4)}, storage=faulty, keep_last=1,
+                                     best="loss", async_save=False)
+        faulty.fail_at = len(faulty.ops) + op
+        with pytest.raises(InjectedFault):
+            ckpt.save(3, metrics={"loss": 0.1})
+        ckpt._lock.release()
+        names = listed(run_dir)
+        for alias, target in alias_targets(run_dir).items():
+            assert target in names, (op, faulty.ops[faulty.fail_at], alias, target, names)
+
+
+def test_prune_re_derives_best_from_the_manifests_when_an_alias_is_stale(tmp_path):
+    with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(2, 2)}, best="loss", async_save=False) as ckpt:
+        for step, loss in ((1, 0.9), (2, 0.1), (3, 0.5), (4, 0.7)):
+            ckpt.save(step, metrics={"loss": loss})
+    for name in ("best.alias.json", "best__loss.alias.json"):  # as a crash between a deletion and the rewrite left it
+        doc = json.loads((tmp_path / name).read_text())
+        (tmp_path / name).write_text(json.dumps({**doc, "target": "step-0000000000"}))
+    (tmp_path / "retention.json").unlink(missing_ok=True)  # what the run's settings say is not needed either: the alias says min
+    out = subprocess.run([sys.executable, "-m", "savegame.cli", "prune", str(tmp_path), "--keep-last", "1"],
+                         capture_output=True, text=True, timeout=120, env=child_env(), check=False)
+    assert out.returncode == 0, out.stderr
+    assert listed(tmp_path) == ["step-0000000002", "step-0000000004"], out.stdout
+
+
+def test_prune_honours_the_runs_keep_every_and_best_k(tmp_path):
+    with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(2, 2)}, keep_last=100, keep_every=5,
+                               best={"loss": "min", "acc": "max"}, best_k=2, async_save=False) as ckpt:
+        for step in range(1, 13):
+            ckpt.save(step, metrics={"loss": (step * 7 % 13) / 13, "acc": (step * 5 % 11) / 11})
+    assert json.loads((tmp_path / "retention.json").read_text()) == {
+        "keep_last": 100, "keep_every": 5, "best": {"loss": "min", "acc": "max"}, "best_k": 2}
+    for p in tmp_path.glob("*.alias.json"):
+        p.unlink()  # prune needs no alias file
+    from click.testing import CliRunner
+
+    from savegame.cli import main
+    dry = CliRunner().invoke(main, ["prune", str(tmp_path), "--keep-last", "1", "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert "keep_every=5 of the run" in dry.output and "best 2 loss (min)" in dry.output
+    assert "best 2 acc (max)" in dry.output and "newest 1" in dry.output
+    assert len(listed(tmp_path)) == 12
+    assert CliRunner().invoke(main, ["prune", str(tmp_path), "--keep-last", "1"]).exit_code == 0
+    losses = {s: (s * 7 % 13) / 13 for s in range(1, 13)}
+    accs = {s: (s * 5 % 11) / 11 for s in range(1, 13)}
+    best_loss = sorted(losses, key=lambda s: (losses[s], s))[:2]
+    best_acc = sorted(accs, key=lambda s: (-accs[s], s))[:2]
+    wanted = sorted({5, 10, 12, *best_loss, *best_acc})
+    assert listed(tmp_path) == [f"step-{s:010d}" for s in wanted]
+
+
+def test_a_damaged_retention_settings_file_is_ignored_and_rewritten(tmp_path, caplog):
+    (tmp_path / "retention.json").write_bytes(b"[" * 100_000)
+    from click.testing import CliRunner
+
+    from savegame.cli import main
+    with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(2, 2)}, async_save=False) as ckpt:
+        ckpt.save(1)
+        ckpt.save(2)
+    (tmp_path / "retention.json").write_bytes(b'{"keep_last": 0, "keep_every": "x", "best": [], "best_k": true}')
+    result = CliRunner().invoke(main, ["prune", str(tmp_path), "--keep-last", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ignoring retention.json" in result.output
+    assert listed(tmp_path) == ["step-0000000002"]
+    with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(2, 2)}, keep_last=3, async_save=False) as ckpt:
+        ckpt.save(3)
+    assert json.loads((tmp_path / "retention.json").read_text())["keep_last"] == 3

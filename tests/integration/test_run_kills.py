@@ -5,7 +5,9 @@ a random few milliseconds after a save returned (the background write is then in
 flight) or right as it announces a chosen storage operation (mid-write, mid-commit,
 mid-retention). After every kill: every listed checkpoint verifies, restore() returns
 the newest listed step, which is at least the last step the child reported durable,
-with exactly its content, and the next child carries on from there.
+with exactly its content, and the next child carries on from there. Then ``savegame prune
+--keep-last 1`` runs, as a user cleaning up after the crash would: the checkpoint that is
+best by the recorded metrics survives it, and so does every alias's target.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import threading
 from pathlib import Path
 
 import torch
+from click.testing import CliRunner
 
 import savegame
+from savegame import policies
+from savegame.cli import main as cli_main
 from savegame.reader import verify_checkpoint
 from savegame.run_dir import RunDir
 from savegame.storage import LocalStorage
@@ -97,6 +102,18 @@ def check(run_dir: Path, durable: int, how: str) -> int:
     return info.step
 
 
+def prune_keeps_the_best(run_dir: Path, how: str) -> None:
+    records = [info.record() for info in RunDir(LocalStorage(run_dir)).infos()]
+    best = policies.rank_best(policies.latest_saves(records), "loss", "min")[0].name
+    result = CliRunner().invoke(cli_main, ["prune", str(run_dir), "--keep-last", "1"])
+    assert result.exit_code == 0, (how, result.output)
+    names = RunDir(LocalStorage(run_dir)).names()
+    assert best in names, f"killed {how}: prune deleted the best checkpoint {best}:\n{result.output}"
+    for alias in run_dir.glob("*.alias.json"):
+        target = RunDir(LocalStorage(run_dir)).read_alias(alias.name.removesuffix(".alias.json"))
+        assert target is None or target in names, (how, alias.name, target, names)
+
+
 def test_sigkill_at_random_moments_many_times(tmp_path):
     rng = random.Random(20261123)
     run_dir = tmp_path / "run"
@@ -107,6 +124,7 @@ def test_sigkill_at_random_moments_many_times(tmp_path):
             resumed, durable, how = zygote.kill_one(run_dir, rng)
             assert resumed == newest  # the next process carries on from the newest durable step
             newest = check(run_dir, durable, how)
+            prune_keeps_the_best(run_dir, how)
             ways.add(how.split(" ")[0] if how.startswith("at") else "timer")
     finally:
         zygote.close()

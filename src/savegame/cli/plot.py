@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any
 
 import click
 
+from savegame import history as run_history
 from savegame.cli._app import CliError
 from savegame.cli._output import console
 from savegame.cli._paths import atomic_output, require_run_dir
+from savegame.errors import StorageError
 from savegame.format import names as n
 from savegame.storage.local import LocalStorage
 
@@ -19,30 +20,19 @@ History = dict[str, dict[int, float]]  # metric -> step -> value (the last recor
 
 
 def read_history(run_dir: str) -> tuple[History, int]:
-    """Every metric by step, and how many lines could not be read (a torn last line after a crash)."""
-    storage = LocalStorage(run_dir)  # never reads through a link: a linked history is refused, naming it
+    """Every metric by step, and how many lines could not be read (torn by a crash, or damaged)."""
+    storage = LocalStorage(run_dir)
     if not storage.exists(n.HISTORY_FILE):
         raise CliError(f"{run_dir}: no {n.HISTORY_FILE} (no checkpoint was saved with metrics here)")
-    lines = storage.read_bytes(n.HISTORY_FILE).decode("utf-8", "replace").splitlines()
-    history: History = {}
-    skipped = 0
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            step, metrics = int(record["step"]), record.get("metrics") or {}
-            for name, value in metrics.items():
-                history.setdefault(name, {})[step] = _float(value)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            skipped += 1
-    return history, skipped
-
-
-def _float(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise TypeError(f"not a number: {value!r}")
-    return float(value)  # "nan", "inf" and "-inf" are how the history writes non-finite values
+    try:
+        records, skipped = run_history.read(storage)
+    except StorageError as exc:
+        raise CliError(f"{run_dir}: {n.HISTORY_FILE} cannot be read: {exc}") from exc
+    out: History = {}
+    for record in records:
+        for name, value in record["metrics"].items():
+            out.setdefault(name, {})[record["step"]] = value
+    return out, skipped
 
 
 @click.command("plot")

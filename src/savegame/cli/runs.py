@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import click
 from rich.text import Text
 
-from savegame import policies, reader
+from savegame import policies, reader, run_settings
 from savegame.cli._app import FINDING, CliError
 from savegame.cli._output import (
     console,
@@ -23,9 +23,9 @@ from savegame.cli._output import (
 )
 from savegame.cli._paths import disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
-from savegame.errors import CorruptCheckpointError, RunLockedError
-from savegame.format import names as n
-from savegame.run_dir import RunDir, RunLock, parse_step
+from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
+from savegame.run_dir import RunDir, RunLock, info_from_manifest, parse_step
+from savegame.run_settings import RunSettings
 from savegame.storage.local import LocalStorage
 
 RUN_DIR = click.Path(exists=True, file_okay=False)
@@ -45,11 +45,13 @@ class Row:
     pinned: bool = False
     aliases: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    seq: int | None = None
+    best: Mapping[str, Any] | None = None
 
     def record(self) -> policies.CheckpointRecord:
         when = self.time if self.time is not None else _mtime(self.path)
         return policies.CheckpointRecord(step=self.step, name=self.name, time=when, epoch=self.epoch,
-                                         metrics=self.metrics, pinned=self.pinned)
+                                         metrics=self.metrics, pinned=self.pinned, seq=self.seq)
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "step": self.step, "epoch": self.epoch,
@@ -62,27 +64,63 @@ def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | 
 
     Without ``full`` only the manifest and the tensor file headers are checked (cheap:
     catches missing files, truncation and a damaged manifest); ``full`` checks every byte,
-    reporting the bytes read to ``progress``.
+    reporting the bytes read to ``progress``. A checkpoint that disappears while it is
+    read (a trainer's retention deleted it) is gone, not damaged: it is left out.
+    ``aliases`` are derived from the manifests (see :func:`label_aliases`).
     """
     storage = LocalStorage(run_dir) if progress is None else CountingStorage(run_dir, progress)
-    run = RunDir(storage)
-    by_target: dict[str, list[str]] = {}
-    for alias, target in sorted(run.aliases().items()):
-        by_target.setdefault(target, []).append(alias)
     rows = []
-    for name in run.names():
+    for name in RunDir(storage).names():
         path = os.path.join(run_dir, name)
-        row = Row(name, path, parse_step(name) or 0, bytes=disk_bytes(path), aliases=by_target.get(name, []))
+        row = Row(name, path, parse_step(name) or 0, bytes=disk_bytes(path))
         try:
             doc = reader.read_manifest(storage, name)
-            meta = reader.decode_meta(doc)
-            row.epoch, row.metrics, row.time = meta["epoch"], dict(meta["metrics"] or {}), meta["time"]
-            row.pinned = doc.get(n.M_PINNED) is True
+            info = info_from_manifest(f"{storage.root}/{name}", name, doc)
+            row.epoch, row.metrics, row.time, row.pinned = info.epoch, dict(info.metrics), info.time, info.pinned
+            row.seq, row.best = info.seq, info.best
             row.problems = reader.verify_checkpoint(storage, name) if full else reader.quick_check(storage, name, doc)
         except CorruptCheckpointError as exc:
             row.problems = [str(exc)]
+        if row.problems and not storage.exists(name):
+            continue
         rows.append(row)
+    label_aliases(rows, RunDir(storage), run_settings.read(storage))
     return rows
+
+
+def run_modes(rows: list[Row], run: RunDir, settings: RunSettings | None) -> dict[str, str]:
+    """``{metric: mode}`` of the run's best tracking, the first being "best": from the retention settings
+    file, then the best alias files, then the best state stored in the newest checkpoint that has one."""
+    modes = dict(settings.best) if settings is not None else {}
+    about = [run.alias_about(alias) for alias in ("best", *sorted(run.aliases()))]
+    for doc in about:
+        metric, mode = doc.get("metric"), doc.get("mode")
+        if isinstance(metric, str) and metric and mode in policies.MODES:
+            modes.setdefault(metric, mode)
+    for row in sorted((r for r in rows if r.best and not r.problems), key=lambda r: r.record().step, reverse=True):
+        for metric, held in (row.best or {}).items():
+            modes.setdefault(metric, held["mode"])
+        break
+    return modes
+
+
+def label_aliases(rows: list[Row], run: RunDir, settings: RunSettings | None) -> dict[str, str]:
+    """Set each row's aliases; return the run's modes (see :func:`run_modes`).
+
+    ``latest``, ``best`` and ``best:<metric>`` are derived from the intact checkpoints'
+    manifests, as the library derives them (alias files are hints that a crash can leave
+    stale); any other alias file is shown where its target exists.
+    """
+    modes = run_modes(rows, run, settings)
+    intact = [row.record() for row in rows if not row.problems]
+    by_name = {row.name: row for row in rows}
+    derived = {alias: record.name for alias, record in policies.alias_targets(intact, modes).items()}
+    other = {alias: target for alias, target in run.aliases().items()
+             if alias != "latest" and alias != "best" and not alias.startswith("best:")}
+    for alias, target in sorted({**other, **derived}.items()):
+        if target in by_name:
+            by_name[target].aliases.append(alias)
+    return modes
 
 
 def _mtime(path: str) -> float:
@@ -99,7 +137,10 @@ def _mtime(path: str) -> float:
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list (oldest first) instead of a table.")
 @click.option("--verify", "full", is_flag=True, help="Check every byte, not only manifests and headers.")
 def ls(run_dir: str, as_json: bool, full: bool) -> None:
-    """List the checkpoints of RUN_DIR, oldest first; damaged ones are marked, not hidden."""
+    """List the checkpoints of RUN_DIR, oldest first; damaged ones are marked, not hidden.
+
+    With --verify, exits 1 when a checkpoint is damaged.
+    """
     require_run_dir(run_dir)
     if full:
         with ByteProgress() as bar:
@@ -110,7 +151,13 @@ def ls(run_dir: str, as_json: bool, full: bool) -> None:
         rows = scan(run_dir)
     if as_json:
         echo_json([row.to_json() for row in rows])
-        return
+    else:
+        _print_rows(run_dir, rows)
+    if full and any(row.problems for row in rows):
+        click.get_current_context().exit(FINDING)
+
+
+def _print_rows(run_dir: str, rows: list[Row]) -> None:
     out = console()
     if not rows:
         out.print(f"no checkpoints in {run_dir}")
@@ -146,22 +193,26 @@ def verify(path: str) -> None:
         if not names:
             raise CliError(f"{path}: no savegame checkpoint in this directory")
     sizes = {name: disk_bytes(os.path.join(storage.root, name)) for name in names}
-    out, bad = console(), 0
+    out, bad, gone = console(), 0, 0
     with ByteProgress() as bar:
         bar.phase("verifying", sum(sizes.values()))
         counting = CountingStorage(storage.root, bar.advance)
         for name in names:
             bar.describe(f"verifying {name}")
             problems = reader.verify_checkpoint(counting, name)
-            if problems:
+            if problems and not storage.exists(name):  # deleted while being checked (a trainer's retention)
+                gone += 1
+                out.print(f"gone    {name} (deleted while being checked)")
+            elif problems:
                 bad += 1
                 out.print(Text(f"DAMAGED {name}: " + "; ".join(problems), style="bold red"))
             else:
                 out.print(f"ok      {name} ({human_bytes(sizes[name])})")
+    checked = len(names) - gone
     if bad:
-        out.print(Text(f"{bad} of {len(names)} checkpoint(s) damaged", style="bold red"))
+        out.print(Text(f"{bad} of {checked} checkpoint(s) damaged", style="bold red"))
         click.get_current_context().exit(FINDING)
-    out.print(f"all {len(names)} checkpoint(s) intact")
+    out.print(f"all {checked} checkpoint(s) intact" + (f" ({gone} deleted while being checked)" if gone else ""))
 
 
 # -- prune ---------------------------------------------------------------------------------
@@ -197,24 +248,34 @@ def prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
             lock.release()
 
 
-def plan_prune(rows: list[Row], keep_last: int) -> tuple[set[str], dict[str, str]]:
+def plan_prune(rows: list[Row], keep_last: int, *, modes: Mapping[str, str] | None = None,
+               settings: RunSettings | None = None) -> tuple[set[str], dict[str, str]]:
     """(names to delete, why each checkpoint is kept or deleted).
 
-    Kept: the ``keep_last`` newest intact checkpoints, best-alias targets, pinned ones,
+    Kept: the ``keep_last`` newest intact checkpoints; the best ``best_k`` (of the settings,
+    else 1) intact ones by their recorded metrics for each metric of ``modes``; the
+    targets of best aliases; every multiple of the run's ``keep_every``; pinned ones;
     and the newest checkpoint whatever its state (the library never deletes that one).
     """
     records = [row.record() for row in rows]
     intact = {row.name for row in rows if not row.problems}
     why: dict[str, list[str]] = {row.name: [] for row in rows}
-    newest: policies.Policy = lambda recs: policies.keep_last(keep_last)([r for r in recs if r.name in intact])
-    for name in newest(records):
-        why[name].append(f"newest {keep_last}")
-    for name in policies.keep_pinned()(records):
-        why[name].append("pinned")
+    chosen: list[tuple[policies.Policy, str]] = [
+        (_on_intact(policies.keep_last(keep_last), intact), f"newest {keep_last}"),
+        (policies.keep_pinned(), "pinned")]
+    best_k = settings.best_k if settings is not None else 1
+    for metric, mode in (modes or {}).items():
+        label = f"best {metric} ({mode})" if best_k == 1 else f"best {best_k} {metric} ({mode})"
+        chosen.append((_on_current(policies.keep_best(metric, mode, best_k), intact), label))
+    if settings is not None and settings.keep_every is not None:
+        chosen.append((policies.keep_every(settings.keep_every), f"keep_every={settings.keep_every} of the run"))
+    for policy, label in chosen:
+        for name in policy(records):
+            why[name].append(label)
     for row in rows:
         why[row.name] += [f"alias {a}" for a in row.aliases if a == "best" or a.startswith("best:")]
     best = {row.name for row in rows if any(r.startswith("alias") for r in why[row.name])}
-    doomed = set(policies.to_delete(records, [newest, policies.keep_pinned()], protected=best))
+    doomed = set(policies.to_delete(records, [p for p, _ in chosen], protected=best))
     reasons = {}
     for row in rows:
         if row.name in doomed:
@@ -224,9 +285,20 @@ def plan_prune(rows: list[Row], keep_last: int) -> tuple[set[str], dict[str, str
     return doomed, reasons
 
 
+def _on_intact(policy: policies.Policy, intact: set[str]) -> policies.Policy:
+    return lambda records: policy([r for r in records if r.name in intact])
+
+
+def _on_current(policy: policies.Policy, intact: set[str]) -> policies.Policy:
+    return lambda records: policy(policies.latest_saves(r for r in records if r.name in intact))
+
+
 def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
     rows = scan(run_dir)
-    doomed, reasons = plan_prune(rows, keep_last)
+    storage = LocalStorage(run_dir)
+    settings = run_settings.read(storage)
+    modes = run_modes(rows, RunDir(storage), settings)
+    doomed, reasons = plan_prune(rows, keep_last, modes=modes, settings=settings)
     out = console()
     table = new_table(f"{run_dir}: prune --keep-last {keep_last}" + (" (dry run)" if dry_run else ""),
                       "checkpoint", "step", "size", "action", "why", right=("step", "size"))
@@ -235,15 +307,21 @@ def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
         table.add_row(row.name, str(row.step), human_bytes(row.bytes), action, reasons[row.name])
     out.print(table)
     freed = sum(row.bytes for row in rows if row.name in doomed)
-    if not doomed:
-        out.print(f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
-        return
     if dry_run:
-        out.print(f"would delete {len(doomed)} checkpoint(s), {human_bytes(freed)}; nothing was deleted (dry run)")
+        out.print(f"would delete {len(doomed)} checkpoint(s), {human_bytes(freed)}; nothing was deleted (dry run)"
+                  if doomed else f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
         return
-    storage = LocalStorage(run_dir)
     run = RunDir(storage)
     for row in rows:
         if row.name in doomed:
             run.commit.delete(storage, row.name)
-    out.print(f"deleted {len(doomed)} checkpoint(s), freed {human_bytes(freed)}")
+    out.print(f"deleted {len(doomed)} checkpoint(s), freed {human_bytes(freed)}"
+              if doomed else f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
+    kept = [row.record() for row in rows if row.name not in doomed and not row.problems]
+    try:  # a crash can leave alias files naming an older checkpoint, or one this prune just deleted
+        fixed = run.write_aliases(policies.alias_targets(kept, modes), modes, only_stale=True)
+    except StorageError as exc:
+        out.print(Text(f"warning: the alias files could not be rewritten ({exc}); they are hints only", style="yellow"))
+        return
+    if fixed:
+        out.print(f"rewrote the stale alias(es) {', '.join(fixed)}")

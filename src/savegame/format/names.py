@@ -16,6 +16,7 @@ TRASH_PREFIX = ".trash-"
 LOCK_FILE = ".savegame.lock"
 ALIAS_SUFFIX = ".alias.json"
 HISTORY_FILE = "metrics.jsonl"
+SETTINGS_FILE = "retention.json"    # the retention settings of the run's last writer (for prune)
 ABANDONED_DIR = "abandoned"         # checkpoints of a continuation given up by restoring an older one
 
 # Top-level keys of the state tree.
@@ -35,6 +36,7 @@ M_METRICS = "metrics"
 M_EXTRA = "extra"
 M_TIME = "time"
 M_PINNED = "pinned"
+M_SEQ = "seq"                          # optional: the save's commit sequence in its run directory
 M_TREE = "tree"
 M_TENSORS = "tensors"
 M_ENTRIES = "entries"

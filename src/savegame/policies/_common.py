@@ -14,7 +14,11 @@ MODES = ("min", "max")
 
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """What the policies know about one committed checkpoint; ``name`` identifies it."""
+    """What the policies know about one committed checkpoint; ``name`` identifies it.
+
+    ``seq`` is the save's place in its run directory (increasing with every commit), or
+    None for a checkpoint written before savegame recorded it.
+    """
 
     step: int
     name: str
@@ -22,6 +26,7 @@ class CheckpointRecord:
     epoch: int | None = None
     metrics: Mapping[str, float] = field(default_factory=dict)
     pinned: bool = False
+    seq: int | None = None
 
 
 Policy = Callable[[Sequence[CheckpointRecord]], set[str]]
@@ -49,15 +54,25 @@ def check_min_delta(value: object) -> float:
 
 def finite(value: object) -> float | None:
     """The value as a float when it is a finite real number, else None (never ranks)."""
+    if type(value) is float:  # the common case, without the slower check against numbers.Real
+        return value if math.isfinite(value) else None
     if isinstance(value, numbers.Real):
-        result = float(value)
+        try:
+            result = float(value)
+        except OverflowError:  # an int too large for a float never ranks
+            return None
         return result if math.isfinite(result) else None
     return None
 
 
-def recency(record: CheckpointRecord) -> tuple[int, float, str]:
-    """Sort key of "newest": the step, then the save time, then the name."""
-    return (record.step, record.time, record.name)
+def recency(record: CheckpointRecord) -> tuple[int, bool, int, float, str]:
+    """Sort key of "newest": the step, then the commit sequence, then the save time, then the name.
+
+    The sequence orders the saves of one step even when the wall clock stepped back between
+    them; a save without one (written before it existed) is older than any save with one.
+    """
+    seq = record.seq
+    return (record.step, seq is not None, seq or 0, record.time, record.name)
 
 
 def rank_key(value: float, step: int, mode: str) -> tuple[float, int]:

@@ -17,7 +17,6 @@ from savegame.policies._common import (
     check_mode,
     finite,
     named,
-    rank_key,
     recency,
 )
 
@@ -48,10 +47,17 @@ def rank_best(records: Iterable[CheckpointRecord], metric: str, mode: str) -> li
     The one ranking of "best" in savegame: retention, aliases, ``restore("best")`` and
     the best state stored in each checkpoint all use it.
     """
-    mode = check_mode(mode)
-    scored = [(v, r) for r in records if (v := finite(r.metrics.get(metric))) is not None]
-    scored.sort(key=lambda s: (rank_key(s[0], s[1].step, mode), recency(s[1])))
-    return [r for _, r in scored]
+    sign = 1.0 if check_mode(mode) == "min" else -1.0
+    # (rank_key, recency, position): the position breaks full ties without comparing records
+    scored = [(sign * v, r.step, recency(r), i, r) for i, r in enumerate(records)
+              if (v := finite(r.metrics.get(metric))) is not None]
+    scored.sort(key=_without_record)
+    return [s[-1] for s in scored]
+
+
+def _without_record(scored: tuple[float, int, tuple[int, bool, int, float, str], int, CheckpointRecord]) -> tuple[
+        float, int, tuple[int, bool, int, float, str], int]:
+    return scored[:4]
 
 
 def keep_best(metric: str, mode: str, k: int = 1) -> Policy:
@@ -89,8 +95,12 @@ def latest_saves(records: Iterable[CheckpointRecord]) -> list[CheckpointRecord]:
 def superseded(records: Iterable[CheckpointRecord]) -> dict[str, str]:
     """Older saves of a step saved again, pinned ones exempt: ``{old name: the newer save's name}``."""
     rows = list(records)
-    current = {r.step: r.name for r in latest_saves(rows)}
-    return {r.name: current[r.step] for r in rows if r.name != current[r.step] and not r.pinned}
+    return _superseded(rows, latest_saves(rows))
+
+
+def _superseded(rows: Sequence[CheckpointRecord], current: Sequence[CheckpointRecord]) -> dict[str, str]:
+    names = {r.step: r.name for r in current}
+    return {r.name: names[r.step] for r in rows if r.name != names[r.step] and not r.pinned}
 
 
 def ahead_of(records: Iterable[CheckpointRecord], resumed: CheckpointRecord) -> list[str]:
@@ -157,7 +167,8 @@ def plan_retention(records: Iterable[CheckpointRecord], policies: Iterable[Polic
     """
     _check_protected(protected)
     rows, chosen = sorted(records, key=recency), list(policies)
-    current, replaced = latest_saves(rows), superseded(rows)
+    current = latest_saves(rows)
+    replaced = _superseded(rows, current)
     why: dict[str, list[str]] = {r.name: [] for r in rows}
     if rows:
         why[rows[-1].name].append("newest")
@@ -174,7 +185,8 @@ def plan_retention(records: Iterable[CheckpointRecord], policies: Iterable[Polic
             why[r.name].append("no retention policy")
     # While an earlier save of a step stays (pinned, protected), the step's newest save stays too:
     # otherwise deleting it would silently make the earlier save that step's save again.
-    older_kept = {r.step: r.name for r in rows if why[r.name] and r.name not in {c.name for c in current}}
+    current_names = {c.name for c in current}
+    older_kept = {r.step: r.name for r in rows if why[r.name] and r.name not in current_names}
     for r in current:
         if r.step in older_kept and not why[r.name]:
             why[r.name].append(f"newest save of step {r.step}, whose earlier save {older_kept[r.step]} stays")
