@@ -32,6 +32,8 @@ def split(text: object) -> tuple[str, str | int] | None:
         return head, int(tail)
     if tail in ("latest", "best") or (tail.startswith("best:") and len(tail) > len("best:")):
         return head, tail
+    if not os.path.isdir(head):
+        return None  # a missing path with an '@' in it: reported as missing by the caller
     raise ConfigurationError(f"{raw!r}: after '@' comes {FORMS} (as in 'runs/x@best:val_loss'), not {tail!r}")
 
 

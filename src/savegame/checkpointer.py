@@ -66,6 +66,10 @@ class Checkpointer:
     and re-raises a failed save's error. Options are checked here, before the run
     directory is touched; a Checkpointer that is garbage-collected without
     ``close()`` releases its lock.
+
+    A run directory holds one run: the first ``save()`` of a Checkpointer that has not
+    called ``restore()`` refuses to join checkpoints already there, and ``fresh=True``
+    moves them aside into ``abandoned/`` (nothing is deleted) to start a new run.
     """
 
     def __init__(

@@ -129,9 +129,9 @@ def test_restore_only_is_checked_before_anything_is_read(run, tmp_path):
             ckpt.restore(f"{tmp_path / 'typo'}@best", only=["model"])
     assert torch.equal(model[0].weight, before)
     wide = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
-    with savegame.Checkpointer(tmp_path / "wide", {"model": wide}) as ckpt:
-        with pytest.raises(IncompatibleStateError, match="state 'model' does not match.*0.weight"):
-            ckpt.restore(f"{run}@best", only=["model"])  # strict for the chosen states
+    with savegame.Checkpointer(tmp_path / "wide", {"model": wide}) as ckpt, \
+            pytest.raises(IncompatibleStateError, match="state 'model' does not match.*0.weight"):
+        ckpt.restore(f"{run}@best", only=["model"])  # strict for the chosen states
 
 
 def cli(*args):

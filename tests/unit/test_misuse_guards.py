@@ -157,9 +157,9 @@ def test_a_changed_architecture_is_reported_as_the_model_not_the_optimizer(tmp_p
     with savegame.Checkpointer(tmp_path, {"model": model, "optimizer": opt}, async_save=False) as ckpt:
         ckpt.save(1)
     wider = torch.nn.Linear(64, 256)
-    with savegame.Checkpointer(tmp_path, {"model": wider, "optimizer": torch.optim.Adam(wider.parameters())}) as c:
-        with pytest.raises(IncompatibleStateError) as err:
-            c.restore()
+    state = {"model": wider, "optimizer": torch.optim.Adam(wider.parameters())}
+    with savegame.Checkpointer(tmp_path, state) as c, pytest.raises(IncompatibleStateError) as err:
+        c.restore()
     assert str(err.value).startswith("state 'model'") and "weight" in str(err.value)
     assert "optimizer" not in str(err.value)
 
@@ -169,12 +169,12 @@ def test_a_changed_architecture_is_reported_as_the_model_not_the_optimizer(tmp_p
 @pytest.mark.parametrize("async_save", [False, True])
 def test_each_save_and_restore_is_one_info_line_with_the_full_path(tmp_path, caplog, async_save):
     model = torch.nn.Linear(2, 2)
-    with caplog.at_level(logging.INFO, logger="savegame"):
-        with savegame.Checkpointer(tmp_path, {"model": model}, async_save=async_save) as ckpt:
-            ckpt.restore()
-            ckpt.save(1)
-            ckpt.wait()
-            ckpt.restore()
+    with caplog.at_level(logging.INFO, logger="savegame"), \
+            savegame.Checkpointer(tmp_path, {"model": model}, async_save=async_save) as ckpt:
+        ckpt.restore()
+        ckpt.save(1)
+        ckpt.wait()
+        ckpt.restore()
     path = tmp_path / "step-0000000001"
     saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("saved checkpoint")]
     assert len(saved) == 1 and re.fullmatch(rf"saved checkpoint {re.escape(str(path))} \([1-9]\d* bytes, "
