@@ -91,6 +91,8 @@ def test_load_with_which_or_an_address(run):
         savegame.load(ck(run, 10), which="best")
     with pytest.raises(ConfigurationError, match="after '@'"):
         savegame.load(f"{run}@bset")
+    with pytest.raises(CheckpointNotFoundError):  # a missing path that happens to hold an '@'
+        savegame.load(run.parent / "user@host")
 
 
 def test_restore_another_runs_best_weights_only(run, tmp_path):

@@ -55,3 +55,12 @@ def test_progress_bars_use_the_units_of_the_tables():
         bar._bar.refresh()
     assert "MiB" in buffer.getvalue() and "MB " not in buffer.getvalue()
     assert human_bytes(3 * 1024 * 1024) == "3.0 MiB"
+
+
+def test_verify_refuses_a_file_and_takes_an_address(tmp_path):
+    make_run(tmp_path / "run", [1, 2], best={"loss": "min"})
+    (tmp_path / "notes.txt").write_text("hi")
+    out = cli("verify", tmp_path / "notes.txt")
+    assert out.exit_code == 2 and "is a file" in out.output
+    out = cli("verify", f"{tmp_path / 'run'}@1")
+    assert out.exit_code == 0 and "step-0000000001" in out.output and "step-0000000002" not in out.output

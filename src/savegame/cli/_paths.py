@@ -24,8 +24,13 @@ class CheckpointArg(click.ParamType):  # type: ignore[type-arg]
 
     name = "checkpoint"
 
+    def __init__(self, *, file_okay: bool = True) -> None:
+        self.file_okay = file_okay
+
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text: str = os.fspath(value)
+        if not self.file_okay and os.path.isfile(text):
+            self.fail(f"{text!r} is a file; give a checkpoint directory, a run directory or RUN_DIR@which", param, ctx)
         try:
             if os.path.exists(text) or address.split(text) is not None:
                 return text

@@ -22,7 +22,7 @@ from savegame.cli._output import (
     number,
 )
 from savegame.cli._overview import print_abandoned, print_child_runs
-from savegame.cli._paths import CHECKPOINT, disk_bytes, is_checkpoint_dir, require_run_dir
+from savegame.cli._paths import CheckpointArg, disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.errors import CorruptCheckpointError, RunLockedError
 from savegame.format import names as n
@@ -136,7 +136,7 @@ def ls(run_dir: str, as_json: bool, full: bool) -> None:
 # -- verify --------------------------------------------------------------------------------
 
 @click.command("verify")
-@click.argument("path", type=CHECKPOINT)
+@click.argument("path", type=CheckpointArg(file_okay=False))
 def verify(path: str) -> None:
     """Check every byte of PATH (a run directory: all its checkpoints; or one checkpoint directory).
 
