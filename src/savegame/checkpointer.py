@@ -15,7 +15,6 @@ import torch
 from savegame import capture, guards, listing, reader
 from savegame import fresh as fresh_start
 from savegame.errors import (
-    CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
     SavegameError,
@@ -272,7 +271,7 @@ class Checkpointer:
                 log.info("no checkpoint in %s: starting from scratch", os.path.abspath(self.path))
                 self._continues = True
                 return None
-            raise CheckpointNotFoundError(f"no checkpoint {which!r} in {os.path.abspath(self.path)}")
+            raise listing.not_found(which, self.path)
         errors = []
         for storage, name in candidates:
             try:

@@ -68,8 +68,16 @@ def resolve(run_dir: str | os.PathLike[str], which: selection.Which) -> str:
     run = address.open_run(os.fspath(run_dir))
     found = first_readable(candidates(which, run, plain_tracker(run)))
     if found is None:
-        raise CheckpointNotFoundError(f"no checkpoint {which!r} in {os.path.abspath(os.fspath(run_dir))}")
+        raise not_found(which, os.fspath(run_dir))
     return found
+
+
+def not_found(which: selection.Which, run_dir: str) -> CheckpointNotFoundError:
+    """The error for a ``which`` that names no checkpoint: in ``run_dir``, or in the run an address names."""
+    parsed = address.split(which)
+    if parsed is not None:
+        run_dir, which = parsed
+    return CheckpointNotFoundError(f"no checkpoint {which!r} in {os.path.abspath(run_dir)}")
 
 
 def first_readable(found: list[tuple[Storage, str]]) -> str | None:

@@ -129,6 +129,8 @@ def test_restore_only_is_checked_before_anything_is_read(run, tmp_path):
             ckpt.restore(f"{run}@best", only="model")
         with pytest.raises(CheckpointNotFoundError, match="no run directory"):
             ckpt.restore(f"{tmp_path / 'typo'}@best", only=["model"])
+        with pytest.raises(CheckpointNotFoundError, match=f"no checkpoint 15 in {run}$"):
+            ckpt.restore(f"{run}@15", only=["model"])
     assert torch.equal(model[0].weight, before)
     wide = torch.nn.Sequential(torch.nn.Linear(4, 9), torch.nn.Linear(9, 2))
     with savegame.Checkpointer(tmp_path / "wide", {"model": wide}) as ckpt, \
