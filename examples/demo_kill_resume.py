@@ -9,7 +9,7 @@ AdamW, a OneCycle schedule and a shuffling, resumable data loader. The demo
    directory,
 3. compares every per-step loss and every final weight bit for bit.
 
-Run it with ``make demo``.
+Run it with ``make demo``: a progress bar per training process, then a short report.
 """
 
 from __future__ import annotations
@@ -84,16 +84,26 @@ def train(run_dir: str, losses_path: str) -> None:
 
 
 def run_child(run_dir: str, losses: str, kill_at: int | None) -> int | None:
+    """Run one training process, its steps shown as a progress bar; SIGKILL it after step ``kill_at``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     cmd = [sys.executable, __file__, "--child", run_dir, losses]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
-    for line in proc.stdout:
-        print("   " + line.rstrip())
-        if kill_at is not None and line.strip() == f"step {kill_at}":
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return proc.returncode
-    proc.wait()
+    with Progress(TextColumn("   {task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
+        task = bar.add_task("training", total=STEPS)
+        for line in proc.stdout:
+            line = line.strip()
+            if not line.startswith("step "):  # the child's own news: fresh start or resumed step
+                bar.console.print("   " + line, markup=False, highlight=False)
+                continue
+            bar.update(task, completed=int(line.split()[1]))
+            if kill_at is not None and line == f"step {kill_at}":
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                bar.update(task, description=f"killed with SIGKILL after step {kill_at}")
+                return proc.returncode
+        proc.wait()
     if proc.returncode != 0:
         raise SystemExit(f"training process failed with exit code {proc.returncode}")
     return proc.returncode

@@ -99,7 +99,7 @@ def capture(objects: Mapping[str, Stateful], run_state: Any) -> dict[str, Any]:
 
 @pausing
 def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: bool = True,
-            assign: bool = False) -> dict[int, torch.Tensor]:
+            assign: bool = False, only: Sequence[str] | None = None) -> dict[int, torch.Tensor]:
     """Check a checkpoint against the objects before reading it; return where bytes can go directly.
 
     Raises IncompatibleStateError (``strict``) when state names, model keys or
@@ -108,18 +108,16 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
     Returns tensor numbers of the tree mapped to the models' own parameters and
     buffers, which the reader fills in place (no second copy); with ``assign``
     there are none, since the checkpoint's tensors replace the models' own.
+    Models are checked first: when the architecture changed, the error names the model's
+    keys, not the optimizer moments that changed with them.
     """
     tree = doc.get(n.M_TREE)
     saved = tree.get(n.TREE_STATE) if isinstance(tree, Mapping) else None
     if not isinstance(saved, Mapping):
         raise IncompatibleStateError("the checkpoint holds no object states")
+    saved = _only(saved, only)
     _check_names(objects, saved, strict)
     meta = reader.tensor_meta(doc)
-    if strict:
-        assert isinstance(tree, Mapping)
-        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), meta)
-    if not any(isinstance(obj, torch.nn.Module) for obj in objects.values()):
-        return {}
     out: dict[int, torch.Tensor] = {}
     for name, obj in objects.items():
         encoded = saved.get(name)
@@ -130,7 +128,21 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
         own = match_module(obj, shapes, name=name, strict=strict, assign=assign)
         if not assign:
             out.update((refs[key], tensor) for key, tensor in own.items() if key in refs)
+    if strict:
+        assert isinstance(tree, Mapping)
+        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), meta)
     return out
+
+
+def _only(saved: Mapping[str, Any], only: Sequence[str] | None) -> Mapping[str, Any]:
+    """The saved states ``restore(only=...)`` asks for; each must be in the checkpoint."""
+    if only is None:
+        return saved
+    missing = [name for name in only if name not in saved]
+    if missing:
+        raise IncompatibleStateError(f"the checkpoint has no state {missing} (it has {sorted(saved)}); "
+                                     "restore(only=...) names states of the checkpoint")
+    return {name: saved[name] for name in only}
 
 
 def _precheck_optimizers(objects: Mapping[str, Stateful], saved: Mapping[str, Any], types: Any,
@@ -171,11 +183,12 @@ def _check_names(objects: Mapping[str, Stateful], saved: Mapping[str, Any], stri
 
 @pausing
 def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: bool = True,
-          assign: bool = False, restore_rng: bool = True) -> dict[str, KeyReport]:
+          assign: bool = False, restore_rng: bool = True, only: Sequence[str] | None = None) -> dict[str, KeyReport]:
     """Load every object's state from ``tree``, then the RNGs (last, so loading cannot disturb them)."""
     saved = tree.get(n.TREE_STATE)
     if not isinstance(saved, Mapping):
         raise IncompatibleStateError("the checkpoint holds no object states")
+    saved = _only(saved, only)
     _check_names(objects, saved, strict)
     types = tree.get(n.TREE_TYPES)
     types = types if isinstance(types, Mapping) else {}

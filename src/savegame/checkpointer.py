@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from savegame import capture, reader, selection
+from savegame import capture, guards, listing, reader
+from savegame import fresh as fresh_start
 from savegame.errors import (
-    CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
     SavegameError,
@@ -65,6 +65,10 @@ class Checkpointer:
     and re-raises a failed save's error. Options are checked here, before the run
     directory is touched; a Checkpointer that is garbage-collected without
     ``close()`` releases its lock.
+
+    A run directory holds one run: the first ``save()`` of a Checkpointer that has not
+    called ``restore()`` refuses to join checkpoints already there, and ``fresh=True``
+    moves them aside into ``abandoned/`` (nothing is deleted) to start a new run.
     """
 
     def __init__(
@@ -86,13 +90,14 @@ class Checkpointer:
         verify: bool = True,
         shard_bytes: int = 1 << 30,
         storage: Storage | None = None,
+        fresh: bool = False,
     ) -> None:
         self._closed = True  # until construction completes
         self._opts = Options(
             async_save=async_save, keep_last=keep_last, keep_every=keep_every, best=best, best_k=best_k,
             early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
             every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
-            shard_bytes=shard_bytes, storage=storage)
+            shard_bytes=shard_bytes, storage=storage, fresh=fresh)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
         self._storage: Storage = self._opts.storage or LocalStorage(self.path)
@@ -101,6 +106,8 @@ class Checkpointer:
         self._lock.acquire()  # first: nothing else is set up unless this process owns the run directory
         try:
             self._open()
+            if self._opts.fresh:
+                fresh_start.move_run_aside(self._run)
         except BaseException:
             self._lock.release()
             raise
@@ -120,6 +127,9 @@ class Checkpointer:
             log.info("removed %d leftover(s) of interrupted saves in %s: %s", len(leftovers), self.path, leftovers)
         self._schedule = SaveSchedule(every_steps=opts.every_steps, every_seconds=opts.every_seconds,
                                       signals=opts.signals)
+        self._watched = guards.monitored(opts.modes, opts.early_stopping)
+        self._continues = opts.fresh  # False until restore() (or fresh=True): guards a new run mixed into an old one
+        self._resumed: tuple[int, str] | None = None  # (step, name) restored from this run directory
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -137,10 +147,17 @@ class Checkpointer:
         clean = clean_metrics(metrics)
         if self._opts.nan_policy == "refuse":
             refuse_non_finite_metrics(clean)
+        guards.check_monitored(clean, self._watched)
+        guards.check_step(step, self._resumed)
         self._wait()
+        if not self._continues:
+            guards.check_new_run(self._run.names(), self.path)
+        started = time.monotonic()
         pending, prepared = self._prepare(step, epoch, clean, extra, pin)
         shards = snapshot(prepared, self._staging)
         self._tracker.accept(pending)  # accepted: from here on only the write can fail
+        self._continues = True
+        where = os.path.abspath(os.path.join(self.path, pending.info.name))
         self._schedule.saved(step)
 
         def job() -> None:
@@ -150,7 +167,8 @@ class Checkpointer:
             except BaseException:
                 self._tracker.rollback()
                 raise
-            log.info("saved checkpoint %s (%d bytes)", pending.info.name, prepared.nbytes)
+            log.info("saved checkpoint %s (%d bytes, durable %.2f s after save())", where, prepared.nbytes,
+                     time.monotonic() - started)
             self._tracker.committed(_sized(pending, prepared.nbytes))
 
         if self._opts.async_save:
@@ -230,49 +248,60 @@ class Checkpointer:
 
     # -- restoring --------------------------------------------------------------------------
     def restore(self, which: Which = "latest", *, strict: bool = True, verify: bool | None = None,
-                map_location: str | torch.device | None = None, assign: bool = False) -> RestoreInfo | None:
+                map_location: str | torch.device | None = None, assign: bool = False,
+                only: Sequence[str] | None = None) -> RestoreInfo | None:
         """Load a checkpoint into the registered objects and set every RNG.
 
         ``which`` is "latest" (the newest checkpoint that verifies; damaged ones
-        are skipped with a warning), "best" or "best:<metric>", a step, or a
-        checkpoint path. Returns None when the run directory has no checkpoint
-        and ``which`` is "latest".
+        are skipped with a warning), "best" or "best:<metric>", a step, a
+        checkpoint path, or ``"<run_dir>@<which>"`` for a checkpoint of another run.
+        Returns None when the run directory has no checkpoint and ``which`` is "latest".
+        ``only=[names]`` restores just those states (``strict`` for them) and leaves every
+        other object, the RNGs and this run's bookkeeping as they are.
         """
         self._check_open()
         for arg, value in (("strict", strict), ("assign", assign)):
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
         reader.device_of(map_location)  # a bad or absent device is refused before anything is read
+        objects = guards.only_objects(self._objects, only)
         self._wait()
-        candidates = selection.candidates(which, self._run, self._tracker)
+        candidates = listing.candidates(which, self._run, self._tracker)
         if not candidates:
             if which in (None, "latest"):
+                log.info("no checkpoint in %s: starting from scratch", os.path.abspath(self.path))
+                self._continues = True
                 return None
-            raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.path}")
+            raise listing.not_found(which, self.path)
         errors = []
         for storage, name in candidates:
             try:
                 if storage is self._storage:
                     self._run.info(name)  # a manifest the run directory cannot use is damaged here too
                 doc = reader.read_manifest(storage, name)
-                direct = capture.targets(self._objects, doc, strict=strict, assign=assign)
+                direct = capture.targets(objects, doc, strict=strict, assign=assign, only=only)
                 tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)
             except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))
                 continue
-            return self._apply(storage, name, doc, tree, strict=strict, assign=assign)
+            return self._apply(storage, name, doc, tree, strict=strict, assign=assign, only=only)
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
 
     def _apply(self, storage: Storage, name: str, doc: Mapping[str, Any], tree: Any, *, strict: bool,
-               assign: bool) -> RestoreInfo:
+               assign: bool, only: Sequence[str] | None = None) -> RestoreInfo:
         if not isinstance(tree, dict):
             raise CorruptCheckpointError(f"{name}: the state tree is not a mapping")
-        reports = capture.apply(self._objects, tree, strict=strict, assign=assign)
+        objects = guards.only_objects(self._objects, only)
+        reports = capture.apply(objects, tree, strict=strict, assign=assign, only=only, restore_rng=only is None)
         meta = reader.decode_meta(doc)
         own = self._run.info(name) if storage is self._storage else None
-        self._tracker.resumed(own, tree.get(n.TREE_RUN))
-        log.info("restored checkpoint %s (step %d)", name, meta["step"])
+        if only is None:
+            self._tracker.resumed(own, tree.get(n.TREE_RUN))
+            if own is not None:  # continuing this run: its next saves go on from this step
+                self._continues, self._resumed = True, (own.step, own.name)
+        log.info("restored checkpoint %s (step %d%s)", os.path.abspath(os.path.join(storage.root, name)),
+                 meta["step"], f", states {list(only)} only" if only is not None else "")
         return RestoreInfo(meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                            os.path.join(storage.root, name), reports)
 
@@ -287,6 +316,16 @@ class Checkpointer:
             raise ConfigurationError(f"name_format {fmt!r} cannot be filled with step, epoch and metrics "
                                      f"{sorted(metrics)}: {exc!r}") from exc
         return "".join(c if c.isalnum() or c in "._=+-" else "_" for c in text)
+
+    def path_of(self, which: Which = "latest") -> str | None:
+        """The path of the checkpoint ``which`` names ("latest", "best", "best:<metric>", a step,
+        ``"<run_dir>@<which>"``), as ``restore(which)`` would pick it; None if there is none.
+
+        Waits for the save in flight first, so "latest" includes it.
+        """
+        self._check_open()
+        self._wait()
+        return listing.first_readable(listing.candidates(which, self._run, self._tracker))
 
     def _check_open(self) -> None:
         if self._closed:

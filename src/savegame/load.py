@@ -8,7 +8,7 @@ from typing import Any, NoReturn
 
 import torch
 
-from savegame import reader
+from savegame import listing, reader
 from savegame.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
@@ -28,9 +28,14 @@ class FrozenDict(dict[str, Any]):
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _refuse
 
 
-def load(path: str | os.PathLike[str], *, map_location: str | torch.device | None = None,
-         verify: bool | None = None, mmap: bool = False) -> FrozenDict:
+def load(path: str | os.PathLike[str], *, which: int | str | None = None,
+         map_location: str | torch.device | None = None, verify: bool | None = None,
+         mmap: bool = False) -> FrozenDict:
     """Read a checkpoint (a checkpoint directory, its manifest, or a run directory for its newest).
+
+    ``which`` picks a checkpoint of a run directory as ``Checkpointer.restore`` does:
+    "latest", "best", "best:<metric>" or a step; ``path`` may also be an address,
+    ``"runs/x@best:val_loss"``.
 
     Returns ``{"step", "epoch", "metrics", "extra", "time", "savegame_version",
     "torch_version", "state", "rng", "run", "types"}`` (``types``: the class of
@@ -49,7 +54,7 @@ def load(path: str | os.PathLike[str], *, map_location: str | torch.device | Non
         if value is not None and not isinstance(value, bool):
             raise ConfigurationError(f"{arg} must be True or False, got {value!r}")
     verify = not mmap if verify is None else verify
-    storage, name = _locate(Path(path))
+    storage, name = _locate(Path(listing.checkpoint_path(path, which)))
     doc = reader.read_manifest(storage, name)
     tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, mmap=mmap)
     if not isinstance(tree, dict):

@@ -42,11 +42,12 @@ class Options:
     verify: bool = True
     shard_bytes: int = 1 << 30
     storage: Storage | None = None
+    fresh: bool = False
     modes: dict[str, str] = field(init=False)
     signals: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        for arg in ("async_save", "verify"):
+        for arg in ("async_save", "verify", "fresh"):
             check_bool(getattr(self, arg), arg)
         for arg in ("keep_last", "keep_every", "every_steps"):
             value = getattr(self, arg)

@@ -35,6 +35,7 @@ def main(run_dir: str) -> None:
     ckpt.close()
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     ckpt = savegame.Checkpointer(run_dir, {"small": small, "big": big})  # training goes on
+    ckpt.restore()
     ckpt.save(3)
     ckpt.close()
     print("ok 3", flush=True)

@@ -40,6 +40,7 @@ def test_fault_at_every_operation_of_a_save(tmp_path, crash):
         first = model.weight.detach().clone()
         faulty = FaultyStorage(LocalStorage(run), crash=crash, errno_=errno.ENOSPC)
         ckpt = savegame.Checkpointer(run, {"m": model}, storage=faulty, async_save=False)
+        ckpt.restore()  # the same run, continued
         faulty.fail_at = len(faulty.ops) + op
         with torch.no_grad():
             model.weight.add_(1.0)

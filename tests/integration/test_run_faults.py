@@ -51,6 +51,7 @@ def test_crash_during_retention_deletes_nothing_that_should_stay(tmp_path):
     faulty = FaultyStorage(LocalStorage(probe))
     with savegame.Checkpointer(probe, {"m": torch.nn.Linear(4, 4)}, storage=faulty, keep_last=2,
                                async_save=False) as ckpt:
+        ckpt.restore()  # the same run, continued
         start = len(faulty.ops)
         ckpt.save(4)
         total = len(faulty.ops) - start
@@ -61,6 +62,7 @@ def test_crash_during_retention_deletes_nothing_that_should_stay(tmp_path):
         faulty = FaultyStorage(LocalStorage(run_dir), crash=True)
         ckpt = savegame.Checkpointer(run_dir, {"m": torch.nn.Linear(4, 4)}, storage=faulty, keep_last=2,
                                      async_save=False)
+        ckpt.restore()
         faulty.fail_at = len(faulty.ops) + op
         with pytest.raises(InjectedFault):
             ckpt.save(4)

@@ -13,7 +13,7 @@ def test_every_public_name_resolves():
 
 def test_issue_contract_names_are_public():
     for name in ("Checkpointer", "RestoreInfo", "Stateful", "load", "EarlyStopping", "DataLoader",
-                 "ResumableSampler", "MultiLoader", "errors", "SavegameError"):
+                 "ResumableSampler", "MultiLoader", "errors", "SavegameError", "list_checkpoints", "CheckpointEntry"):
         assert name in savegame.__all__, name
 
 

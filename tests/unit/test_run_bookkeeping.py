@@ -202,6 +202,7 @@ def test_a_torn_last_history_line_does_not_swallow_the_next_record(tmp_path, cap
     with open(tmp_path / "metrics.jsonl", "ab") as f:
         f.write(b'{"step": 2, "epoch": null, "metr')  # a crash cut this append
     _, ckpt = make(tmp_path)
+    ckpt.restore()
     ckpt.save(3, metrics={"loss": 0.5})
     ckpt.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
@@ -278,10 +279,12 @@ def test_retention_logs_why_it_keeps_and_deletes(tmp_path, caplog):
 def test_a_damaged_checkpoint_is_reported_once_not_at_every_save(tmp_path, caplog):
     _, ckpt = make(tmp_path, keep_last=5)
     ckpt.save(1)
+    ckpt.save(2)
     ckpt.close()
     (tmp_path / "step-0000000001" / "manifest.json").write_bytes(b"{broken")
     _, ckpt = make(tmp_path, keep_last=5)
-    for step in range(2, 6):
+    assert ckpt.restore().step == 2
+    for step in range(3, 6):
         ckpt.save(step)
     ckpt.close()
     assert caplog.text.count("skipping checkpoint step-0000000001") == 1

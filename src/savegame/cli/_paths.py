@@ -8,15 +8,46 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
+import click
+
+from savegame import address, listing
 from savegame.cli._app import CliError
+from savegame.errors import ConfigurationError
 from savegame.format import names as n
 from savegame.run_dir import RunDir, parse_step
 from savegame.storage.local import LocalStorage, kind_of
 
 
+class CheckpointArg(click.ParamType):  # type: ignore[type-arg]
+    """A checkpoint argument: a path that exists, or an address ``RUN_DIR@latest|best|best:<metric>|<step>``."""
+
+    name = "checkpoint"
+
+    def __init__(self, *, file_okay: bool = True) -> None:
+        self.file_okay = file_okay
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text: str = os.fspath(value)
+        if not self.file_okay and os.path.isfile(text):
+            self.fail(f"{text!r} is a file; give a checkpoint directory, a run directory or RUN_DIR@which", param, ctx)
+        try:
+            if os.path.exists(text) or address.split(text) is not None:
+                return text
+        except ConfigurationError as exc:
+            self.fail(str(exc), param, ctx)
+        self.fail(f"{text!r} does not exist (a checkpoint, a run directory, or RUN_DIR@latest, @best, "
+                  "@best:<metric>, @<step>)", param, ctx)
+
+
+CHECKPOINT = CheckpointArg()
+
+
 def locate(path: str) -> tuple[LocalStorage, str]:
-    """(storage of the run directory, checkpoint name) for a checkpoint dir, its manifest, or a run dir (newest)."""
+    """(storage of the run directory, checkpoint name) for a checkpoint dir, its manifest, a run dir (newest)
+    or an address (``RUN_DIR@best:val_loss``)."""
+    path = listing.checkpoint_path(path)
     p = Path(os.path.abspath(path))
     if p.name == n.MANIFEST:
         p = p.parent

@@ -40,7 +40,8 @@ class ByteProgress:
     def __init__(self, err: Console | None = None, *, delay: float = DELAY,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.console = err or console(stderr=True)
-        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        self._bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+                             DownloadColumn(binary_units=True),  # KiB, MiB: the unit of every size the CLI prints
                              TimeElapsedColumn(), TimeRemainingColumn(), console=self.console, transient=True)
         self._enabled = self.console.is_terminal
         self._clock, self._delay = clock, delay

@@ -21,7 +21,7 @@ import torch
 import savegame
 from savegame.cli._app import CliError
 from savegame.cli._output import console, human_bytes, nbytes
-from savegame.cli._paths import atomic_output, check_output, locate
+from savegame.cli._paths import CHECKPOINT, atomic_output, check_output, locate
 from savegame.cli._progress import ByteProgress, verify_bytes
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -29,7 +29,7 @@ FORMATS = (".safetensors", ".pt", ".pth", ".npz")
 
 
 @click.command("export")
-@click.argument("ckpt", type=click.Path(exists=True))
+@click.argument("ckpt", type=CHECKPOINT)
 @click.option("--to", "target", required=True, type=click.Path(dir_okay=False),
               help="Output file: .safetensors, .pt/.pth or .npz (a regular file there is replaced).")
 @click.option("--state", "state_name", help="Which state to export (default: 'model', else the only state of tensors).")

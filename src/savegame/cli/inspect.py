@@ -29,7 +29,7 @@ from savegame.cli._output import (
     short,
     tensor_text,
 )
-from savegame.cli._paths import locate
+from savegame.cli._paths import CHECKPOINT, locate
 from savegame.cli._progress import ByteProgress, verify_bytes
 from savegame.cli._tree import (
     Diff,
@@ -42,7 +42,7 @@ from savegame.cli._tree import (
 )
 from savegame.format import names as n
 
-CKPT = click.Path(exists=True)
+CKPT = CHECKPOINT
 # Keys that mark a state as a data-loader (or sampler) position; its small scalar fields are shown.
 DATA_KEYS = ("batches_consumed", "samples_consumed", "position", "epoch", "batch_idx")
 MAX_ROWS = 30  # tensors listed per state before "... N more"

@@ -21,9 +21,11 @@ from savegame.cli._output import (
     new_table,
     number,
 )
-from savegame.cli._paths import disk_bytes, is_checkpoint_dir, require_run_dir
+from savegame.cli._overview import print_abandoned, print_child_runs
+from savegame.cli._paths import CheckpointArg, disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
+from savegame.listing import checkpoint_path
 from savegame.run_dir import RunDir, RunLock, info_from_manifest, parse_step
 from savegame.run_settings import RunSettings
 from savegame.storage.local import LocalStorage
@@ -160,7 +162,9 @@ def ls(run_dir: str, as_json: bool, full: bool) -> None:
 def _print_rows(run_dir: str, rows: list[Row]) -> None:
     out = console()
     if not rows:
-        out.print(f"no checkpoints in {run_dir}")
+        if not print_child_runs(out, run_dir):
+            out.print(f"no checkpoints in {run_dir}")
+        print_abandoned(out, run_dir)
         return
     table = new_table(f"{run_dir}: {len(rows)} checkpoint(s)", "checkpoint", "step", "epoch", "metrics", "size",
                       "age", "aliases", "status", right=("step", "epoch", "size", "age"))
@@ -173,17 +177,19 @@ def _print_rows(run_dir: str, rows: list[Row]) -> None:
     for row in rows:
         for problem in row.problems:
             out.print(Text(f"damaged {row.name}: {problem}", style="red"))
+    print_abandoned(out, run_dir)
 
 
 # -- verify --------------------------------------------------------------------------------
 
 @click.command("verify")
-@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.argument("path", type=CheckpointArg(file_okay=False))
 def verify(path: str) -> None:
     """Check every byte of PATH (a run directory: all its checkpoints; or one checkpoint directory).
 
     Exits 0 when everything is intact, 1 when a checkpoint is damaged.
     """
+    path = checkpoint_path(path)  # RUN_DIR@best and the like: that one checkpoint
     if is_checkpoint_dir(path):
         full = os.path.abspath(path)
         storage, names = LocalStorage(os.path.dirname(full)), [os.path.basename(full)]

@@ -1,0 +1,49 @@
+"""Run addresses: ``"<run_dir>@<which>"`` names one checkpoint of any run directory.
+
+``which`` is ``latest``, ``best``, ``best:<metric>`` or a step: ``runs/pretrain@best:val_loss``,
+``runs/x@120``. A path that exists as written is never read as an address, so a
+directory whose name holds an ``@`` still works.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from savegame.errors import CheckpointNotFoundError, ConfigurationError
+from savegame.format import names as n
+from savegame.run_dir import RunDir, parse_step
+from savegame.storage.local import LocalStorage
+
+FORMS = "'latest', 'best', 'best:<metric>' or a step"
+
+
+def split(text: object) -> tuple[str, str | int] | None:
+    """(run directory, which) for ``"RUN_DIR@which"``; None when ``text`` is not such an address."""
+    if not isinstance(text, (str, os.PathLike)):
+        return None
+    raw = os.fspath(text)
+    if not isinstance(raw, str):
+        return None
+    head, sep, tail = raw.rpartition("@")
+    if not sep or not head or os.path.exists(raw):
+        return None
+    if tail.isdigit():
+        return head, int(tail)
+    if tail in ("latest", "best") or (tail.startswith("best:") and len(tail) > len("best:")):
+        return head, tail
+    if not os.path.isdir(head):
+        return None  # a missing path with an '@' in it: reported as missing by the caller
+    raise ConfigurationError(f"{raw!r}: after '@' comes {FORMS} (as in 'runs/x@best:val_loss'), not {tail!r}")
+
+
+def open_run(run_dir: str) -> RunDir:
+    """The run directory an address names; a missing one or a checkpoint directory is refused."""
+    path = Path(run_dir)
+    if (path / n.MANIFEST).is_file() or (path.is_dir() and parse_step(path.name) is not None):
+        raise ConfigurationError(f"{run_dir!r} is a checkpoint directory, not a run directory: {FORMS} pick "
+                                 f"among the checkpoints of a run directory, such as {str(path.parent)!r}; "
+                                 "give the checkpoint's path alone to read that one")
+    if not path.is_dir():
+        raise CheckpointNotFoundError(f"no run directory {os.path.abspath(run_dir)!r}")
+    return RunDir(LocalStorage(str(path)))
