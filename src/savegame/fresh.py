@@ -1,6 +1,6 @@
 """``Checkpointer(..., fresh=True)``: start a new run in a run directory that holds another one.
 
-The old run's checkpoints, alias files and metrics history are moved, never deleted,
+The old run's checkpoints, alias files, metrics history and retention settings are moved, never deleted,
 to ``abandoned/run-<UTC time>/``. Each move is a rename, so a crash part-way leaves
 every checkpoint complete, either still in place or moved.
 """
@@ -21,7 +21,7 @@ def move_run_aside(run: RunDir) -> str | None:
     storage = run.storage
     files = storage.list_dir("") if storage.exists("") else []
     checkpoints = run.names()
-    others = [f for f in files if f == n.HISTORY_FILE or alias_of_file(f) is not None]
+    others = [f for f in files if f in (n.HISTORY_FILE, n.SETTINGS_FILE) or alias_of_file(f) is not None]
     if not checkpoints and not others:
         return None
     base = f"{n.ABANDONED_DIR}/run-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"

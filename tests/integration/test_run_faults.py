@@ -215,16 +215,19 @@ def test_no_crash_during_a_save_leaves_an_alias_naming_a_deleted_checkpoint(tmp_
     faulty = FaultyStorage(LocalStorage(probe))
     with savegame.Checkpointer(probe, {"m": torch.nn.Linear(4, 4)}, storage=faulty, keep_last=1, best="loss",
                                async_save=False) as ckpt:
+        ckpt.restore()
         start = len(faulty.ops)
         ckpt.save(3, metrics={"loss": 0.1})
         total = len(faulty.ops) - start
-    assert listed(probe) == ["step-0000000003"]
+    # the old best (step 1) is deleted by this save; step 2, restored from, stays protected for one save
+    assert listed(probe) == ["step-0000000002", "step-0000000003"]
     for op in range(total):
         run_dir = tmp_path / f"run{op}"
         prepare(run_dir)
         faulty = FaultyStorage(LocalStorage(run_dir), crash=True)
         ckpt = savegame.Checkpointer(run_dir, {"m": torch.nn.Linear(4, 4)}, storage=faulty, keep_last=1,
                                      best="loss", async_save=False)
+        ckpt.restore()
         faulty.fail_at = len(faulty.ops) + op
         with pytest.raises(InjectedFault):
             ckpt.save(3, metrics={"loss": 0.1})
@@ -288,5 +291,6 @@ def test_a_damaged_retention_settings_file_is_ignored_and_rewritten(tmp_path, ca
     assert "ignoring retention.json" in result.output
     assert listed(tmp_path) == ["step-0000000002"]
     with savegame.Checkpointer(tmp_path, {"m": torch.nn.Linear(2, 2)}, keep_last=3, async_save=False) as ckpt:
+        ckpt.restore()
         ckpt.save(3)
     assert json.loads((tmp_path / "retention.json").read_text())["keep_last"] == 3

@@ -74,6 +74,7 @@ def test_a_linked_history_is_not_appended_to(tmp_path, caplog):
     (run / "metrics.jsonl").symlink_to(target)
     with caplog.at_level(logging.WARNING, "savegame"), \
             savegame.Checkpointer(run, {"model": torch.nn.Linear(2, 2)}, async_save=False) as ckpt:
+        ckpt.restore()
         ckpt.save(3, metrics={"loss": 0.1})
     assert target.read_bytes() == PRECIOUS
     assert "metrics.jsonl' is a symbolic link" in caplog.text

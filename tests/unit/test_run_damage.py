@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import shutil
 import types
+import time
 import zlib
 
 import pytest
@@ -103,7 +104,7 @@ def test_a_malformed_stored_best_state_makes_the_checkpoint_damaged(tmp_path):
 
 def test_a_clock_that_steps_back_between_two_saves_of_a_step_does_not_bring_back_the_older(tmp_path, monkeypatch):
     clock = iter([2000.0, 1000.0])
-    monkeypatch.setattr("savegame.checkpointer.time", types.SimpleNamespace(time=lambda: next(clock)))
+    monkeypatch.setattr("savegame.checkpointer.time", types.SimpleNamespace(time=lambda: next(clock), monotonic=time.monotonic))
     model, ckpt = make(tmp_path)
     for value in (1.0, 2.0):
         with torch.no_grad():
