@@ -212,13 +212,15 @@ class Checkpointer:
             log.debug("waited %.3f s for the previous save", waited)
 
     def close(self) -> None:
-        """Wait for the in-flight save, restore signal handlers and release the run lock."""
+        """Wait for the in-flight save, free the staging buffers, restore signal handlers, release the lock."""
         if self._closed:
             return
         self._closed = True
         try:
             self._writer.wait()
         finally:
+            if self._staging is not None:
+                self._staging.release()  # page-locked memory goes back now, not at exit
             self._finalizer()
 
     def __enter__(self) -> Checkpointer:
