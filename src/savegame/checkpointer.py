@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from savegame import capture, reader, selection
+from savegame import capture, reader, selection, todevice
 from savegame.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
@@ -255,7 +255,9 @@ class Checkpointer:
             try:
                 doc = reader.read_manifest(storage, name)
                 direct = capture.targets(self._objects, doc, strict=strict, assign=assign)
-                tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)
+                follow = None if map_location is None else todevice.module_tensors(self._objects, doc)
+                tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct,
+                                        follow=follow)
             except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))

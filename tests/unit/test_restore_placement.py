@@ -1,0 +1,106 @@
+"""Where a restore puts each tensor (savegame.todevice), checked on the CPU with the meta device.
+
+``map_location`` moves a model's tensors and anything saved on a GPU; a tensor
+saved on the CPU outside a model (an Adam ``step``, an RNG state) stays there,
+and a target the caller owns decides its own device. ``load()`` moves everything.
+The GPU run of the same decisions is in test_cuda_paths.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import savegame
+from savegame import reader, todevice
+from savegame.format import names as n
+from savegame.storage.local import LocalStorage
+
+META = torch.device("meta")
+
+
+def table(devices: list[str], entries: list[int] | None = None) -> dict:
+    return {n.T_ENTRY: entries if entries is not None else list(range(len(devices))), n.T_DEVICE: devices,
+            n.T_VIEWS: []}
+
+
+def test_saved_on_the_cpu_stays_there_unless_it_follows_map_location():
+    places = todevice.entry_places(table(["cpu", "cuda:0", "cpu"]), 3, META, follow={0}, chosen={})
+    assert places == [META, META, None]
+
+
+def test_without_models_everything_follows_map_location():
+    assert todevice.entry_places(table(["cpu", "cuda:1"]), 2, META, follow=None, chosen={}) == [META, META]
+
+
+def test_a_target_decides_its_own_device():
+    target = torch.empty(3, device="meta")
+    places = todevice.entry_places(table(["cpu", "cpu"]), 2, torch.device("cpu"), follow=None, chosen={1: target})
+    assert places == [None, META]
+    cpu_target = torch.empty(3)
+    assert todevice.entry_places(table(["cuda:0"]), 1, META, follow=None, chosen={0: cpu_target}) == [None]
+
+
+def test_nothing_moves_without_map_location_or_device_targets():
+    assert todevice.entry_places(table(["cuda:0", "cpu"]), 2, None, follow=set(), chosen={}) is None
+    assert todevice.entry_places(table(["cuda:0"]), 1, torch.device("cpu"), follow=None,
+                                 chosen={0: torch.empty(1)}) is None
+
+
+def test_tensors_sharing_an_entry_go_together():
+    places = todevice.entry_places(table(["cpu", "cpu", "cpu"], entries=[0, 0, 1]), 2, META, follow={1}, chosen={})
+    assert places == [META, None]
+
+
+def _trained(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    with savegame.Checkpointer(tmp_path, {"model": model, "opt": opt}) as ckpt:
+        ckpt.save(1)
+    storage = LocalStorage(str(tmp_path))
+    name = [d.name for d in tmp_path.iterdir() if d.name.startswith("step-")][0]
+    return model, opt, storage, name, reader.read_manifest(storage, name)
+
+
+def test_module_tensors_are_the_models_only(tmp_path):
+    model, _, _, _, doc = _trained(tmp_path)
+    numbers = todevice.module_tensors({"model": model, "opt": object()}, doc)
+    assert len(numbers) == 2  # weight and bias; not the moments, steps or RNG states
+    table_ = doc[n.M_TENSORS]
+    shapes = sorted(tuple(doc[n.M_ENTRIES][n.E_SHAPE][table_[n.T_ENTRY][j]]) for j in numbers)
+    assert shapes == [(4,), (4, 8)]
+
+
+def test_a_restore_keeps_adam_step_and_rng_on_the_cpu_and_moves_the_model(tmp_path):
+    model, opt, storage, name, doc = _trained(tmp_path)
+    follow = todevice.module_tensors({"model": model, "opt": opt}, doc)
+    tree = reader.read_tree(storage, name, doc, map_location="meta", follow=follow)
+    state = tree[n.TREE_STATE]
+    assert state["model"]["weight"].is_meta and state["model"]["bias"].is_meta
+    for moments in state["opt"]["state"].values():
+        assert moments["step"].is_cpu, "a CPU step must not follow map_location"
+        assert moments["exp_avg"].is_cpu  # saved on the CPU, outside a model
+    assert tree[n.TREE_RNG]["torch"].is_cpu
+    assert tree[n.TREE_RNG]["numpy"][1].dtype.kind == "u"  # a NumPy array, rebuilt on the CPU
+
+
+def test_load_still_moves_everything(tmp_path):
+    _trained(tmp_path)
+    tree = savegame.load(tmp_path, map_location="meta")
+    assert tree["state"]["model"]["weight"].is_meta
+    assert all(m["step"].is_meta for m in tree["state"]["opt"]["state"].values())
+    assert tree["rng"]["numpy"][1].dtype.kind == "u"  # NumPy arrays stay arrays
+
+
+def test_restore_with_map_location_gives_the_saved_values(tmp_path):
+    model, opt, _, _, _ = _trained(tmp_path)
+    fresh = torch.nn.Linear(8, 4)
+    fresh_opt = torch.optim.Adam(fresh.parameters())
+    with savegame.Checkpointer(tmp_path, {"model": fresh, "opt": fresh_opt}) as ckpt:
+        ckpt.restore(map_location="cpu")
+    assert torch.equal(fresh.weight, model.weight)
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(fresh_opt.state[q][key], opt.state[p][key]), key
