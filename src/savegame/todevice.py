@@ -27,7 +27,7 @@ import torch
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum, codec
 from savegame.format import names as n
-from savegame.pinned import HostBuffer, cuda_pinner
+from savegame.pinned import HostBuffer, Pinner, cuda_pinner
 
 SLOT = 8 << 20  # bytes per page-locked slot
 SLOTS = 4  # slots used in turn: 32 MiB of page-locked memory during a GPU restore, released after it
@@ -88,13 +88,13 @@ def allocate(entries: Mapping[str, Any], dtypes: Sequence[torch.dtype], places: 
 class _Slots:
     """A few page-locked buffers used in turn; one is refilled only after its copies have completed."""
 
-    def __init__(self, count: int, size: int) -> None:
+    def __init__(self, count: int, size: int, pinner: Pinner) -> None:
         self.size, self.index, self.used = size, count - 1, size  # the first put moves to slot 0
         self.hosts: list[HostBuffer] = []
         self.done: list[list[torch.cuda.Event]] = [[] for _ in range(count)]
         self.streams: dict[torch.device, torch.cuda.Stream] = {}  # streams reading the current slot
         for _ in range(count):
-            self.hosts.append(HostBuffer(size, cuda_pinner()))
+            self.hosts.append(HostBuffer(size, pinner))
         self.views = [h.tensor.numpy().data for h in self.hosts]
 
     def put(self, address: int, nbytes: int) -> tuple[torch.Tensor, memoryview]:
@@ -136,31 +136,42 @@ class _Slots:
 
 
 def fill(entries: Sequence[int], targets: Mapping[int, torch.Tensor], columns: Mapping[str, Any],
-         algo: checksum.Algorithm | None, address: int, where: str, slot: int = SLOT) -> None:
+         algo: checksum.Algorithm | None, address: int, where: str, slot: int = SLOT,
+         pinner: Pinner | None = None) -> None:
     """Copy each entry's bytes (at ``address`` + its start) into its GPU tensor, checking them on the way.
 
     Returns when every copy has completed. Raises CorruptCheckpointError on a
     checksum mismatch; the entries before it (and part of that one) are then
-    already in their tensors.
+    already in their tensors. (A CPU tensor is filled the same way, synchronously:
+    tests use that, with ``pinner`` faked, to check the slot logic without a GPU.)
     """
     starts, ends, sums = columns[n.E_START], columns[n.E_END], columns[n.E_SUM]
-    slots = _Slots(SLOTS, slot)
+    slots = _Slots(SLOTS, slot, pinner or cuda_pinner())
     try:
-        for e in entries:
-            start, end, dst = starts[e], ends[e], targets[e]
-            if end == start:
-                continue
-            flat = dst.reshape(-1).view(torch.uint8)  # contiguous: a view, not a copy
-            stream = torch.cuda.current_stream(dst.device)  # where torch runs a host-to-device copy
-            running = algo.running() if algo is not None else None
-            for lo in range(start, end, slot):
-                hi = min(lo + slot, end)
-                piece, view = slots.put(address + lo, hi - lo)
-                if running is not None:
-                    running.update(view)
-                flat[lo - start:hi - start].copy_(piece, non_blocking=True)
-                slots.sent(dst.device, stream)
-            if running is not None and running.value() != sums[e]:
-                raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
+        with torch.no_grad():
+            for e in entries:
+                value = _send(slots, targets[e], address, starts[e], ends[e], algo, slot)
+                if value is not None and value != sums[e]:
+                    raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
     finally:
         slots.close()
+
+
+def _send(slots: _Slots, dst: torch.Tensor, address: int, start: int, end: int, algo: checksum.Algorithm | None,
+          slot: int) -> checksum.Value | None:
+    """One entry, a slot-sized piece at a time; its checksum (None when not verifying)."""
+    if end == start:
+        return algo.of(b"") if algo is not None else None
+    flat = dst.reshape(-1).view(torch.uint8)  # contiguous: a view, not a copy
+    # torch runs a host-to-device copy on the destination device's current stream
+    stream = torch.cuda.current_stream(dst.device) if dst.is_cuda else None
+    running = algo.running() if algo is not None else None
+    for lo in range(start, end, slot):
+        hi = min(lo + slot, end)
+        piece, view = slots.put(address + lo, hi - lo)
+        if running is not None:
+            running.update(view)
+        flat[lo - start:hi - start].copy_(piece, non_blocking=stream is not None)
+        if stream is not None:
+            slots.sent(dst.device, stream)
+    return running.value() if running is not None else None

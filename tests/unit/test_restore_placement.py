@@ -8,10 +8,14 @@ The GPU run of the same decisions is in test_cuda_paths.py.
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 import torch
 
 import savegame
 from savegame import reader, todevice
+from savegame.errors import CorruptCheckpointError
+from savegame.format import checksum
 from savegame.format import names as n
 from savegame.storage.local import LocalStorage
 
@@ -104,3 +108,44 @@ def test_restore_with_map_location_gives_the_saved_values(tmp_path):
     for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
         for key in ("step", "exp_avg", "exp_avg_sq"):
             assert torch.equal(fresh_opt.state[q][key], opt.state[p][key]), key
+
+
+def _columns(tensors: list[torch.Tensor]) -> tuple[dict, np.ndarray]:
+    raw = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors]
+    starts = [sum(len(r) for r in raw[:i]) for i in range(len(raw))]
+    ends = [s + len(r) for s, r in zip(starts, raw, strict=True)]
+    sums = [checksum.CURRENT.of(r.tobytes()) for r in raw]
+    data = np.concatenate(raw) if raw else np.empty(0, dtype=np.uint8)
+    return {n.E_START: starts, n.E_END: ends, n.E_SUM: sums}, data
+
+
+@pytest.mark.parametrize("slot", [16, 24, 1 << 20])
+def test_fill_streams_every_entry_through_the_slots_and_unlocks_them(slot):
+    from tests.unit.test_staging_logic import FakePinner
+
+    torch.manual_seed(1)
+    saved = [torch.randn(37), torch.arange(5, dtype=torch.int16), torch.empty(0), torch.tensor(True),
+             torch.randn(4, 9).double(), torch.randint(0, 255, (3,), dtype=torch.uint8)]
+    columns, data = _columns(saved)
+    targets = {e: torch.full_like(t, 0) for e, t in enumerate(saved)}
+    pinner = FakePinner()
+    todevice.fill(range(len(saved)), targets, columns, checksum.CURRENT, data.ctypes.data, "here", slot=slot,
+                  pinner=pinner)
+    for e, t in enumerate(saved):
+        assert torch.equal(targets[e], t), e
+    assert pinner.live == {}, "the slots must be unregistered after a restore"
+
+
+def test_fill_refuses_a_damaged_entry_and_still_unlocks_the_slots():
+    from tests.unit.test_staging_logic import FakePinner
+
+    saved = [torch.randn(100), torch.randn(100)]
+    columns, data = _columns(saved)
+    data[500] ^= 0xFF  # in the second entry
+    pinner = FakePinner()
+    targets = {e: torch.zeros_like(t) for e, t in enumerate(saved)}
+    with pytest.raises(CorruptCheckpointError, match="here: checksum mismatch in entry 1"):
+        todevice.fill([0, 1], targets, columns, checksum.CURRENT, data.ctypes.data, "here", slot=64, pinner=pinner)
+    assert torch.equal(targets[0], saved[0]) and pinner.live == {}
+    todevice.fill([0, 1], targets, columns, None, data.ctypes.data, "here", slot=64, pinner=pinner)  # no verify
+    assert not torch.equal(targets[1], saved[1])
