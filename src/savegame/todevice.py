@@ -12,14 +12,18 @@ How (:func:`fill`): entries bound for a GPU are copied from the mapped file
 into a few small page-locked slots, each sent on with a non-blocking copy into
 the destination tensor on its device's current stream; a slot is refilled once
 the event recorded after its copies has completed, so reading the next slot
-overlaps the transfer of the previous one. No pageable CPU copy of the state
-and no second copy on the GPU is made.
+overlaps the transfer of the previous one; a large piece is read into its slot
+by a few threads. No pageable CPU copy of the state and no second copy on the
+GPU is made.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -31,6 +35,8 @@ from savegame.pinned import HostBuffer, Pinner, cuda_pinner
 
 SLOT = 8 << 20  # bytes per page-locked slot
 SLOTS = 4  # slots used in turn: 32 MiB of page-locked memory during a GPU restore, released after it
+SPLIT = 1 << 20  # a piece at least this big is copied into its slot by several threads (memmove releases the GIL)
+THREADS = min(4, os.cpu_count() or 1)
 
 
 def resolve(device: torch.device | None) -> torch.device | None:
@@ -88,8 +94,8 @@ def allocate(entries: Mapping[str, Any], dtypes: Sequence[torch.dtype], places: 
 class _Slots:
     """A few page-locked buffers used in turn; one is refilled only after its copies have completed."""
 
-    def __init__(self, count: int, size: int, pinner: Pinner) -> None:
-        self.size, self.index, self.used = size, count - 1, size  # the first put moves to slot 0
+    def __init__(self, count: int, size: int, pinner: Pinner, pool: ThreadPoolExecutor | None) -> None:
+        self.size, self.index, self.used, self.pool = size, count - 1, size, pool  # the first put moves to slot 0
         self.hosts: list[HostBuffer] = []
         self.done: list[list[torch.cuda.Event]] = [[] for _ in range(count)]
         self.streams: dict[torch.device, torch.cuda.Stream] = {}  # streams reading the current slot
@@ -102,7 +108,14 @@ class _Slots:
         if self.used + nbytes > self.size:
             self._advance()
         host, lo = self.hosts[self.index], self.used
-        ctypes.memmove(host.tensor.data_ptr() + lo, address, nbytes)
+        to = host.tensor.data_ptr() + lo
+        if self.pool is None or nbytes < SPLIT:
+            ctypes.memmove(to, address, nbytes)
+        else:  # reading from the page cache (or faulting pages in) is the slow side: use a few cores
+            part = -(-nbytes // THREADS)
+            parts = [(to + i, address + i, min(part, nbytes - i)) for i in range(0, nbytes, part)]
+            for _ in self.pool.map(lambda p: ctypes.memmove(*p), parts):
+                pass
         self.used += nbytes
         return host.tensor[lo:lo + nbytes], self.views[self.index][lo:lo + nbytes]
 
@@ -146,15 +159,22 @@ def fill(entries: Sequence[int], targets: Mapping[int, torch.Tensor], columns: M
     tests use that, with ``pinner`` faked, to check the slot logic without a GPU.)
     """
     starts, ends, sums = columns[n.E_START], columns[n.E_END], columns[n.E_SUM]
-    slots = _Slots(SLOTS, slot, pinner or cuda_pinner())
-    try:
-        with torch.no_grad():
-            for e in entries:
-                value = _send(slots, targets[e], address, starts[e], ends[e], algo, slot)
-                if value is not None and value != sums[e]:
-                    raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
-    finally:
-        slots.close()
+    big = THREADS > 1 and any(ends[e] - starts[e] >= SPLIT for e in entries)
+    with ThreadPoolExecutor(max_workers=THREADS) if big else _nothing() as pool:
+        slots = _Slots(SLOTS, slot, pinner or cuda_pinner(), pool)
+        try:
+            with torch.no_grad():
+                for e in entries:
+                    value = _send(slots, targets[e], address, starts[e], ends[e], algo, slot)
+                    if value is not None and value != sums[e]:
+                        raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
+        finally:
+            slots.close()
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield None
 
 
 def _send(slots: _Slots, dst: torch.Tensor, address: int, start: int, end: int, algo: checksum.Algorithm | None,

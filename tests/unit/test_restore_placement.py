@@ -149,3 +149,15 @@ def test_fill_refuses_a_damaged_entry_and_still_unlocks_the_slots():
     assert torch.equal(targets[0], saved[0]) and pinner.live == {}
     todevice.fill([0, 1], targets, columns, None, data.ctypes.data, "here", slot=64, pinner=pinner)  # no verify
     assert not torch.equal(targets[1], saved[1])
+
+
+@pytest.mark.parametrize("slot", [(2 << 20) + 7, 8 << 20])
+def test_fill_copies_big_entries_with_several_threads_exactly(slot):
+    from tests.unit.test_staging_logic import FakePinner
+
+    saved = [torch.randn((5 << 20) // 4 + 3), torch.arange(11, dtype=torch.int64), torch.randn(3 << 18).double()]
+    columns, data = _columns(saved)
+    targets = {e: torch.zeros_like(t) for e, t in enumerate(saved)}
+    pinner = FakePinner()
+    todevice.fill([2, 0, 1], targets, columns, checksum.CURRENT, data.ctypes.data, "here", slot=slot, pinner=pinner)
+    assert all(torch.equal(targets[e], t) for e, t in enumerate(saved)) and pinner.live == {}
