@@ -13,11 +13,13 @@ CUDA sources (see :mod:`savegame.pinned` for the page-locked buffers they are
 copied into) are grouped by device. Each device gets a side stream that first
 waits for that device's current stream, so the copy sees every write the
 caller queued there; every stream used is synchronised before ``copy_out``
-returns, also when a copy raises. Small same-device tensors that sit next to
-each other in a file are gathered into one device buffer and copied with one
-transfer; a non-contiguous device tensor is made contiguous a slice of at most
-``CHUNK`` bytes at a time (torch's device-to-host copy of a strided tensor
-makes a contiguous device temporary of the size it is given).
+returns, also when a copy raises. Small tensors of one device (under ``SMALL``
+bytes, wherever they lie in the files) are gathered into one device buffer by
+one kernel and copied out with one transfer into a page-locked scratch area of
+``SCRATCH`` bytes per GPU, then moved to their places on the host; a
+non-contiguous device tensor is made contiguous a slice of at most ``CHUNK``
+bytes at a time (torch's device-to-host copy of a strided tensor makes a
+contiguous device temporary of the size it is given).
 
 Without a staging area the snapshot is the live tensors: the caller must then
 write before it returns (``async_save=False``).
@@ -34,7 +36,7 @@ from savegame.format.layout import TensorPlan
 from savegame.pinned import HostBuffer, Pinner, cuda_pinner
 
 SMALL = 1 << 20  # below this, a memmove beats a (multi-threaded) torch copy
-GATHER = 16 << 20  # small device tensors gathered into one device buffer of at most this size per transfer
+SCRATCH = 16 << 20  # page-locked bytes per GPU into which gathered small tensors are copied out at once
 CHUNK = 16 << 20  # the largest device temporary a non-contiguous device tensor's copy may make
 
 
@@ -51,6 +53,7 @@ class Staging:
     def __init__(self, pinner: Pinner | None = None) -> None:
         self._buffers: dict[int, torch.Tensor] = {}
         self._host: dict[int, HostBuffer] = {}  # the page-locked ones, by file index
+        self._scratch: dict[torch.device, HostBuffer] = {}  # per GPU holding small tensors (see _copy_device)
         self._pinner = pinner
 
     def buffer(self, index: int, nbytes: int, pinned: bool) -> torch.Tensor:
@@ -65,6 +68,12 @@ class Staging:
             self._buffers[index] = buf
         return buf
 
+    def scratch(self, device: torch.device) -> torch.Tensor:
+        host = self._scratch.get(device)
+        if host is None:
+            host = self._scratch[device] = HostBuffer(SCRATCH, self._pinner or cuda_pinner())
+        return host.tensor
+
     def _drop(self, index: int) -> None:
         self._buffers.pop(index, None)
         host = self._host.pop(index, None)
@@ -75,6 +84,9 @@ class Staging:
         """Hand every buffer back (page-locked memory is unregistered now); later saves allocate anew."""
         for index in list(self._buffers):
             self._drop(index)
+        for host in self._scratch.values():
+            host.release()
+        self._scratch.clear()
 
     @property
     def nbytes(self) -> int:
@@ -83,7 +95,7 @@ class Staging:
     @property
     def pinned_bytes(self) -> int:
         """Bytes of page-locked host memory the buffers hold now."""
-        return sum(h.pinned_bytes for h in self._host.values())
+        return sum(h.pinned_bytes for h in (*self._host.values(), *self._scratch.values()))
 
 
 Snapshot = list[torch.Tensor] | None
@@ -112,14 +124,15 @@ def copy_out(plan: TensorPlan, staging: Staging | None) -> Snapshot:
             else:
                 _copy(plan, e, buf)
     if on_device:
-        _copy_from_devices(plan, buffers, on_device)
+        _copy_from_devices(plan, buffers, on_device, staging)
     return buffers
 
 
 def _copy_from_devices(plan: TensorPlan, buffers: list[torch.Tensor],
-                       on_device: dict[torch.device, list[tuple[int, int]]]) -> None:
+                       on_device: dict[torch.device, list[tuple[int, int]]], staging: Staging) -> None:
     """Per device, a side stream ordered after that device's current stream; all synchronised at the end."""
     streams: list[torch.cuda.Stream] = []
+    moves: list[list[tuple[int, int, int]]] = []
     try:
         for device, items in on_device.items():
             with torch.cuda.device(device):
@@ -127,65 +140,84 @@ def _copy_from_devices(plan: TensorPlan, buffers: list[torch.Tensor],
                 stream.wait_stream(torch.cuda.current_stream(device))
                 streams.append(stream)
                 with torch.cuda.stream(stream):
-                    _copy_runs(plan, buffers, items)
+                    moves.append(_copy_device(plan, buffers, items, staging, stream))
     finally:  # never return (or retry into these buffers) while a copy may still be writing them
         for stream in streams:
             stream.synchronize()
+    for pending in moves:
+        place(pending)
 
 
-def _copy_runs(plan: TensorPlan, buffers: list[torch.Tensor], items: list[tuple[int, int]]) -> None:
-    src = plan.sources
+def _copy_device(plan: TensorPlan, buffers: list[torch.Tensor], items: list[tuple[int, int]], staging: Staging,
+                 stream: torch.cuda.Stream) -> list[tuple[int, int, int]]:
+    """Queue one device's copies on ``stream``; return the host moves due once it is synchronised.
 
-    def gatherable(e: int) -> bool:
-        t = src[e]
-        return 0 < plan.sizes[e] <= SMALL and t.is_contiguous() and not (t.is_conj() or t.is_neg())
-
-    for run in runs(items, gatherable, plan.start, plan.sizes, GATHER):
-        k = run[0][0]
-        if len(run) == 1:
-            _copy(plan, run[0][1], buffers[k])
-        else:
-            _gather(plan, [e for _, e in run], buffers[k])
-
-
-def runs(items: Sequence[tuple[int, int]], gatherable: Callable[[int], bool], starts: Sequence[int],
-         sizes: Sequence[int], limit: int) -> list[list[tuple[int, int]]]:
-    """Split (file, entry) pairs (one device, file order) into copies: a run of several is gathered.
-
-    A run holds gatherable entries of one file that lie back to back in it (so
-    their bytes form one range of the staging buffer), at most ``limit`` bytes;
-    everything else is a run of one. Empty entries hold no bytes and are left out.
+    Large and strided tensors are copied one by one, straight into the buffers.
+    Small ones are gathered (one kernel) into a device buffer, copied out with one
+    transfer into a page-locked scratch area, and moved to their places after the
+    stream is synchronised: one transfer, not one per tensor. Should the scratch
+    fill up, the stream is synchronised and the scratch reused.
     """
-    out: list[list[tuple[int, int]]] = []
-    current: list[tuple[int, int]] = []
-    end = filled = 0
+    src, sizes = plan.sources, plan.sizes
+    small = []
     for k, e in items:
+        t = src[e]
         if not sizes[e]:
             continue
-        if not gatherable(e):
-            if current:
-                out.append(current)
-                current, filled = [], 0
-            out.append([(k, e)])
-            continue
-        if current and (current[-1][0] != k or starts[e] != end or filled + sizes[e] > limit):
-            out.append(current)
-            current, filled = [], 0
-        current.append((k, e))
-        end, filled = starts[e] + sizes[e], filled + sizes[e]
-    if current:
-        out.append(current)
+        if sizes[e] <= SMALL and t.is_contiguous() and not (t.is_conj() or t.is_neg()):
+            small.append((k, e))
+        else:
+            _copy(plan, e, buffers[k])
+    moves: list[tuple[int, int, int]] = []
+    if not small:
+        return moves
+    scratch, used = staging.scratch(stream.device), 0
+    for batch in batches(small, sizes, SCRATCH):
+        total = sum(sizes[e] for _, e in batch)
+        if used + total > SCRATCH:
+            stream.synchronize()
+            place(moves)
+            moves, used = [], 0
+        gather(plan, batch, buffers, scratch, used, moves)
+        used += total
+    return moves
+
+
+def batches(items: Sequence[tuple[int, int]], sizes: Sequence[int], limit: int) -> list[list[tuple[int, int]]]:
+    """(file, entry) pairs in order, cut into batches of at most ``limit`` bytes (each entry is at most that)."""
+    out: list[list[tuple[int, int]]] = []
+    filled = limit + 1
+    for item in items:
+        size = sizes[item[1]]
+        if filled + size > limit:
+            out.append([])
+            filled = 0
+        out[-1].append(item)
+        filled += size
     return out
 
 
-def _gather(plan: TensorPlan, run: list[int], buf: torch.Tensor) -> None:
-    """Small device tensors: one kernel gathers them into a device buffer, one transfer copies it out."""
-    flat = [plan.sources[e].reshape(-1).view(torch.uint8) for e in run]
-    lo = plan.start[run[0]]
-    total = plan.start[run[-1]] + plan.sizes[run[-1]] - lo
+def gather(plan: TensorPlan, batch: list[tuple[int, int]], buffers: list[torch.Tensor], scratch: torch.Tensor,
+           at: int, moves: list[tuple[int, int, int]]) -> None:
+    """One kernel gathers the batch's tensors into a device buffer, one transfer copies it to ``scratch[at:]``.
+
+    Appends (to, from, nbytes) for each entry: where its bytes go in the buffers, once the copy has landed.
+    """
+    flat = [plan.sources[e].reshape(-1).view(torch.uint8) for _, e in batch]
+    total = sum(f.numel() for f in flat)
     gathered = torch.empty(total, dtype=torch.uint8, device=flat[0].device)
     torch.cat(flat, out=gathered)
-    buf[lo:lo + total].copy_(gathered, non_blocking=gathered.is_cuda)
+    scratch[at:at + total].copy_(gathered, non_blocking=gathered.is_cuda)
+    base = scratch.data_ptr() + at
+    for (k, e), f in zip(batch, flat, strict=True):
+        moves.append((buffers[k].data_ptr() + plan.start[e], base, f.numel()))
+        base += f.numel()
+
+
+def place(moves: list[tuple[int, int, int]]) -> None:
+    memmove = ctypes.memmove
+    for to, frm, nbytes in moves:
+        memmove(to, frm, nbytes)
 
 
 def _copy(plan: TensorPlan, e: int, buf: torch.Tensor) -> None:

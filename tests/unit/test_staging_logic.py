@@ -18,7 +18,7 @@ import torch
 import savegame
 from savegame.format import layout
 from savegame.pinned import HostBuffer, pages
-from savegame.staging import Staging, _gather, copy_in_slices, runs
+from savegame.staging import SCRATCH, Staging, batches, copy_in_slices, gather, place
 from savegame.storage.faulty import FaultyStorage
 from savegame.storage.local import LocalStorage
 
@@ -42,22 +42,12 @@ class FakePinner:
         del self.live[address]
 
 
-def test_runs_gather_only_adjacent_gatherable_entries_of_one_file_within_the_limit():
-    #          e: 0   1   2   3   4   5   6   7
-    starts = [0, 8, 16, 0, 8, 100, 200, 216]
-    sizes = [8, 8, 8, 8, 0, 8, 16, 16]
-    items = [(0, 0), (0, 1), (0, 2), (1, 3), (1, 4), (1, 5), (1, 6), (1, 7)]
-    out = runs(items, lambda e: e != 2, starts, sizes, limit=24)
-    assert out == [
-        [(0, 0), (0, 1)],  # back to back
-        [(0, 2)],  # not gatherable: alone
-        [(1, 3)],  # another file starts a new run; the empty entry 4 is left out; 5 is not adjacent to 3
-        [(1, 5)],
-        [(1, 6)],  # 6 + 7 = 32 bytes > limit
-        [(1, 7)],
-    ]
-    assert runs(items[:2], lambda e: True, starts, sizes, limit=16) == [[(0, 0), (0, 1)]]
-    assert runs([], lambda e: True, starts, sizes, limit=16) == []
+def test_batches_cut_small_entries_into_pieces_under_the_limit_in_order():
+    sizes = [8, 8, 8, 16, 4, 24]
+    items = [(0, 0), (1, 1), (0, 2), (0, 3), (1, 4), (1, 5)]
+    assert batches(items, sizes, limit=24) == [[(0, 0), (1, 1), (0, 2)], [(0, 3), (1, 4)], [(1, 5)]]
+    assert batches(items, sizes, limit=1000) == [items]
+    assert batches([], sizes, limit=24) == []
 
 
 @pytest.mark.parametrize("make", [
@@ -90,15 +80,24 @@ def test_copy_in_slices_never_copies_more_than_the_limit_at_once():
     assert torch.equal(dst.as_subclass(torch.Tensor), src)
 
 
-def test_gather_puts_the_bytes_of_several_tensors_back_to_back():
-    tensors = [torch.randn(3), torch.arange(5, dtype=torch.int16), torch.tensor(True), torch.randn(2, 2).double()]
-    plan = layout.plan(tensors, 1 << 30)
-    order = plan.files[0]
-    buf = torch.zeros(plan.nbytes, dtype=torch.uint8)
-    _gather(plan, order, buf)
-    for e in order:
-        got = buf[plan.start[e]:plan.start[e] + plan.sizes[e]].view(plan.dtypes[e]).view(plan.shapes[e])
+def test_gather_copies_scattered_small_tensors_once_then_places_each_in_its_file():
+    # on the CPU the same code runs synchronously; on a GPU the moves wait for the stream
+    tensors = [torch.randn(3), torch.randn(300_000), torch.arange(5, dtype=torch.int16), torch.tensor(True),
+               torch.randn(2, 2).double(), torch.randn(1000)]
+    plan = layout.plan(tensors, 1_200_100)  # two files
+    assert len(plan.files) == 2
+    small = [(k, e) for k, entries in enumerate(plan.files) for e in entries if plan.sizes[e] < 100_000]
+    buffers = [torch.zeros(size, dtype=torch.uint8) for size in plan.file_sizes()]
+    scratch = torch.zeros(1 << 16, dtype=torch.uint8)
+    moves: list[tuple[int, int, int]] = []
+    gather(plan, small, buffers, scratch, 7, moves)
+    assert [m[2] for m in moves] == [plan.sizes[e] for _, e in small]
+    place(moves)
+    for k, e in small:
+        got = buffers[k][plan.start[e]:plan.start[e] + plan.sizes[e]].view(plan.dtypes[e]).view(plan.shapes[e])
         assert torch.equal(got, plan.sources[e]), e
+    big = [e for e in range(len(tensors)) if plan.sizes[e] >= 100_000]
+    assert all(not buffers[plan.shard[e]][plan.start[e]:plan.start[e] + plan.sizes[e]].any() for e in big)
 
 
 def test_pinned_bytes_follow_the_state_reuse_buffers_by_identity_and_go_on_release():
@@ -115,6 +114,8 @@ def test_pinned_bytes_follow_the_state_reuse_buffers_by_identity_and_go_on_relea
     staging.buffer(1, 123, pinned=True)
     assert staging.pinned_bytes == pages(1_000_001) + pages(123)
     assert pages(1_000_001) + pages(123) - (1_000_001 + 123) < 2 * pages(1)  # at most a page per file over
+    staging.scratch(torch.device("cpu"))  # the per-GPU scratch counts too, and goes with the rest
+    assert staging.pinned_bytes == pages(1_000_001) + pages(123) + SCRATCH
     staging.release()
     assert staging.pinned_bytes == 0 and pinner.live == {} and staging.nbytes == 0
 
