@@ -28,7 +28,7 @@ write before it returns (``async_save=False``).
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -67,6 +67,11 @@ class Staging:
                 buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
             self._buffers[index] = buf
         return buf
+
+    def trim(self, count: int) -> None:
+        """Release the buffers of tensor files beyond the first ``count`` (the state now has fewer)."""
+        for index in [i for i in self._buffers if i >= count]:
+            self._drop(index)
 
     def scratch(self, device: torch.device) -> torch.Tensor:
         host = self._scratch.get(device)
@@ -109,6 +114,7 @@ def copy_out(plan: TensorPlan, staging: Staging | None) -> Snapshot:
     on_cuda = any(s.is_cuda for s in plan.sources)
     pinned = on_cuda and torch.cuda.is_available()
     buffers = [staging.buffer(k, size, pinned) for k, size in enumerate(plan.file_sizes())]
+    staging.trim(len(buffers))
     addresses = [b.data_ptr() for b in buffers]
     sources, sizes, starts, memmove = plan.sources, plan.sizes, plan.start, ctypes.memmove
     on_device: dict[torch.device, list[tuple[int, int]]] = {}  # device -> (file, entry) in file order

@@ -283,9 +283,9 @@ def test_a_damaged_checkpoint_bound_for_the_gpu_is_refused(tmp_path):
     raw[len(raw) // 2] ^= 0xFF  # inside the 16 MiB weight, streamed through the page-locked slots
     data.write_bytes(bytes(raw))
     fresh = torch.nn.Linear(2048, 2048).cuda()
-    with savegame.Checkpointer(tmp_path, {"model": fresh}) as ckpt:
-        with pytest.raises(CorruptCheckpointError, match="checksum"):
-            ckpt.restore(1)
+    with savegame.Checkpointer(tmp_path, {"model": fresh}) as ckpt, \
+            pytest.raises(CorruptCheckpointError, match="checksum"):
+        ckpt.restore(1)
 
 
 def test_a_cpu_checkpoint_restores_into_a_gpu_model_and_back(tmp_path):

@@ -64,7 +64,7 @@ def _trained(tmp_path):
     with savegame.Checkpointer(tmp_path, {"model": model, "opt": opt}) as ckpt:
         ckpt.save(1)
     storage = LocalStorage(str(tmp_path))
-    name = [d.name for d in tmp_path.iterdir() if d.name.startswith("step-")][0]
+    name = next(d.name for d in tmp_path.iterdir() if d.name.startswith("step-"))
     return model, opt, storage, name, reader.read_manifest(storage, name)
 
 

@@ -113,6 +113,9 @@ def test_pinned_bytes_follow_the_state_reuse_buffers_by_identity_and_go_on_relea
         first = grown
     staging.buffer(1, 123, pinned=True)
     assert staging.pinned_bytes == pages(1_000_001) + pages(123)
+    staging.buffer(2, 5000, pinned=True)
+    staging.trim(2)  # a state saved in fewer files: the third buffer goes
+    assert staging.pinned_bytes == pages(1_000_001) + pages(123) and len(pinner.live) == 2
     assert pages(1_000_001) + pages(123) - (1_000_001 + 123) < 2 * pages(1)  # at most a page per file over
     staging.scratch(torch.device("cpu"))  # the per-GPU scratch counts too, and goes with the rest
     assert staging.pinned_bytes == pages(1_000_001) + pages(123) + SCRATCH
