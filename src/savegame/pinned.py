@@ -43,7 +43,11 @@ class CudaPinner:
     """``cudaHostRegister`` / ``cudaHostUnregister`` through torch's CUDA runtime bindings."""
 
     def register(self, address: int, nbytes: int) -> bool:
-        err = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, _PORTABLE))  # type: ignore[no-untyped-call]
+        try:
+            err = int(torch.cuda.cudart().cudaHostRegister(address, nbytes, _PORTABLE))  # type: ignore[no-untyped-call]
+        except (AssertionError, AttributeError, RuntimeError) as exc:  # a build without these runtime bindings
+            log.warning("cannot page-lock staging memory (%s); device-to-host copies into it will not overlap", exc)
+            return False
         if err:  # e.g. a small RLIMIT_MEMLOCK: the copies stay correct, only synchronous
             log.warning("could not page-lock %d bytes of staging memory (cudaError %d); "
                         "device-to-host copies into it will not overlap", nbytes, err)

@@ -184,3 +184,14 @@ def test_a_staged_save_does_not_keep_the_live_tensors_until_the_write_ends(tmp_p
         ckpt.wait()
     assert freed, "the background job still held the tensor state_dict() created"
     assert torch.equal(savegame.load(tmp_path)["state"]["ema"]["shadow"], torch.full((1000,), 7.0))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA's runtime is not usable")
+def test_without_a_usable_cuda_runtime_staging_memory_stays_unpinned_and_says_so(caplog):
+    from savegame.pinned import cuda_pinner
+
+    with caplog.at_level("WARNING", logger="savegame.pinned"):
+        buffer = HostBuffer(10_000, cuda_pinner())
+    assert buffer.pinned_bytes == 0 and "cannot page-lock" in caplog.text
+    buffer.tensor.fill_(1)
+    buffer.release()  # nothing registered: nothing to unregister
