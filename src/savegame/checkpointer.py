@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from savegame import capture, guards, listing, reader
+from savegame import capture, guards, listing, reader, todevice
 from savegame import fresh as fresh_start
 from savegame.errors import (
     ConfigurationError,
@@ -231,13 +231,15 @@ class Checkpointer:
             log.debug("waited %.3f s for the previous save", waited)
 
     def close(self) -> None:
-        """Wait for the in-flight save, restore signal handlers and release the run lock."""
+        """Wait for the in-flight save, free the staging buffers, restore signal handlers, release the lock."""
         if self._closed:
             return
         self._closed = True
         try:
             self._writer.wait()
         finally:
+            if self._staging is not None:
+                self._staging.release()  # page-locked memory goes back now, not at exit
             self._finalizer()
 
     def __enter__(self) -> Checkpointer:
@@ -280,7 +282,9 @@ class Checkpointer:
                     self._run.info(name)  # a manifest the run directory cannot use is damaged here too
                 doc = reader.read_manifest(storage, name)
                 direct = capture.targets(objects, doc, strict=strict, assign=assign, only=only)
-                tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)
+                follow = None if map_location is None else todevice.module_tensors(objects, doc)
+                tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct,
+                                        follow=follow)
             except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))

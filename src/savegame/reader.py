@@ -11,12 +11,12 @@ Reading the entries' bytes into tensors is :mod:`savegame.readinto`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from savegame import readinto
+from savegame import readinto, todevice
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
@@ -110,28 +110,49 @@ def device_of(map_location: torch.device | str | None) -> torch.device | None:
 @pausing
 def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool = True,
               map_location: torch.device | str | None = None, mmap: bool = False,
-              targets: Mapping[int, torch.Tensor] | None = None) -> Any:
+              targets: Mapping[int, torch.Tensor] | None = None, follow: set[int] | None = None) -> Any:
     """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
 
-    ``targets`` maps tensor numbers of the tree to tensors the caller owns (CPU,
-    contiguous, same dtype and shape): their bytes are read straight into them
-    and the tree holds those very tensors. Every other tensor owns its storage
-    (tensors that shared storage when saved share it again), so a tensor handed
-    to ``load_state_dict`` never keeps a file buffer alive; with ``mmap=True``
-    tensors are lazy views of the files instead. NumPy arrays stay on the CPU
-    whatever ``map_location`` says. If a check fails part-way, targets may hold
-    some of the checkpoint's bytes already.
+    ``targets`` maps tensor numbers of the tree to tensors the caller owns (CPU
+    or CUDA, contiguous, same dtype and shape): their bytes are read straight
+    into them and the tree holds those very tensors. Every other tensor owns its
+    storage (tensors that shared storage when saved share it again), so a tensor
+    handed to ``load_state_dict`` never keeps a file buffer alive; with
+    ``mmap=True`` tensors are lazy views of the files instead. ``map_location``
+    moves the tensors in ``follow`` (None: all) and those saved off the CPU (see
+    :func:`savegame.todevice.entry_places`); GPU-bound bytes are streamed to the
+    GPU without a CPU copy. NumPy arrays stay on the CPU whatever
+    ``map_location`` says. If a check fails part-way, targets may hold some of
+    the checkpoint's bytes already.
     """
-    device = device_of(map_location)
-    if device is not None and device.type != "cpu":
-        targets = None
-    entries = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=_by_entry(doc, targets or {}))
+    device = todevice.resolve(device_of(map_location))
+    chosen = _by_entry(doc, targets or {})
+    count = len(doc[n.M_ENTRIES][n.E_FILE])
+    places = todevice.entry_places(doc[n.M_TENSORS], count, device, follow, chosen)
     table = doc[n.M_TENSORS]
-    cpu = layout.tensors_from_entries(table, entries)
-    if device is None or device.type == "cpu":
-        return codec.decode(doc.get(n.M_TREE), cpu)
-    moved = layout.tensors_from_entries(table, [t.to(device) for t in entries])
-    return codec.decode(doc.get(n.M_TREE), moved, arrays=cpu)
+    if places is None:  # everything on the CPU
+        read = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=chosen)
+        return codec.decode(doc.get(n.M_TREE), layout.tensors_from_entries(table, read))
+    fresh = {} if mmap else todevice.allocate(doc[n.M_ENTRIES], readinto.dtypes_of(doc[n.M_ENTRIES][n.E_DTYPE]),
+                                              places, chosen)
+    read = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets={**chosen, **fresh})
+    placed = [t if place is None or t.device == place else t.to(place) for t, place in zip(read, places, strict=True)]
+    arrays = _OnCpu(layout.tensors_from_entries(table, read))
+    return codec.decode(doc.get(n.M_TREE), layout.tensors_from_entries(table, placed), arrays=arrays)
+
+
+class _OnCpu(Sequence[torch.Tensor]):
+    """The tree's tensors as read, brought to the CPU when asked for: NumPy arrays are rebuilt from them."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def __getitem__(self, index: Any) -> Any:
+        tensor = self.tensors[index]
+        return tensor if tensor.is_cpu else tensor.cpu()
 
 
 def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -145,7 +166,8 @@ def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> di
     owners: dict[int, int] = {}
     for j, target in targets.items():
         e = table[n.T_ENTRY][j]
-        fits = (e not in spans and target.is_cpu and target.dtype == dtypes[e] and target.is_contiguous()
+        fits = (e not in spans and (target.is_cpu or target.is_cuda) and target.dtype == dtypes[e]
+                and target.is_contiguous()
                 and list(target.shape) == entries[n.E_SHAPE][e])
         if not fits or chosen.get(e, target) is not target:
             chosen.pop(e, None)

@@ -2,7 +2,8 @@
 
 The data section of each tensor file is memory-mapped; every entry is checked
 against its checksum and copied either into a target tensor the caller already
-owns (a model's parameters) or into a fresh tensor with its own storage. Large
+owns (a model's parameters) or into a fresh tensor with its own storage; an
+entry bound for a GPU is streamed there by :mod:`savegame.todevice`. Large
 entries are checked and copied in a few threads (both release the GIL), in
 pieces small enough to stay in cache between the two passes. With ``lazy``
 (``load(mmap=True)``) tensors are views of the mapping instead.
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from savegame import todevice
 from savegame.errors import CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout
 from savegame.format import names as n
@@ -118,18 +120,22 @@ class _Job:
                  targets: Mapping[int, torch.Tensor], spans: set[int]) -> None:
         self.entries, self.dtypes, self.algo, self.targets, self.spans = entries, dtypes, algo, targets, spans
         self.out: list[torch.Tensor] = [torch.empty(0)] * len(dtypes)
+        self.on_device = {e for e, t in targets.items() if t.is_cuda}  # streamed by savegame.todevice
 
     def run(self, entries: list[int], data: _DataSection, where: str) -> None:
         starts, ends, shapes, sums = (self.entries[c] for c in (n.E_START, n.E_END, n.E_SHAPE, n.E_SUM))
         check = self.algo.function if self.algo is not None else None
         dtypes, targets, out, view, address = self.dtypes, self.targets, self.out, data.view, data.address
-        memmove, empty, big, lazy = ctypes.memmove, torch.empty, [], []
+        memmove, empty, big, lazy, device, on_device = ctypes.memmove, torch.empty, [], [], [], self.on_device
         for e in entries:
             start, size, dtype, shape = starts[e], ends[e] - starts[e], dtypes[e], shapes[e]
             if layout.numel(shape) * dtype.itemsize != size:
                 raise CorruptCheckpointError(f"{where}: entry {e} holds {size} bytes, not {dtype} {shape}")
             if data.lazy and e not in self.spans:  # storage spans are copied: their views need their own storage
                 lazy.append(e)
+                continue
+            if on_device and e in on_device:
+                device.append(e)
                 continue
             if size > SMALL:
                 big.append(e)
@@ -142,6 +148,10 @@ class _Job:
             out[e] = dst
             if size:
                 memmove(dst.data_ptr(), address + start, size)
+        if device:
+            todevice.fill(device, targets, self.entries, self.algo, data.address, where)
+            for e in device:
+                out[e] = targets[e]
         for e in lazy:
             self._map_lazy(e, data, where)
         if big:

@@ -80,8 +80,15 @@ def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD
 
 
 def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
-    """Capture every tensor's bytes (see :mod:`savegame.staging`); then the caller may mutate its state."""
-    return copy_out(prepared.plan, staging)
+    """Capture every tensor's bytes (see :mod:`savegame.staging`); then the caller may mutate its state.
+
+    A staged write never reads the live tensors again, so they are dropped here: tensors
+    a ``state_dict()`` made fresh (EMA copies, casts) are freed now, not when the write ends.
+    """
+    snap = copy_out(prepared.plan, staging)
+    if snap is not None:
+        prepared.plan.sources = []
+    return snap
 
 
 def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Snapshot,
@@ -101,7 +108,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             buffer = snap[k] if snap is not None else None
             return _write_file(storage, f"{tmp}/{names[k]}", plan, k, buffer, sums)
 
-        sums: list[checksum.Value] = [0] * len(plan.sources)
+        sums: list[checksum.Value] = [0] * len(plan.sizes)  # not sources: dropped once staged
         if len(names) > 1:
             with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
                 file_sums = list(pool.map(write, range(len(names))))

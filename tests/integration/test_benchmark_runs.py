@@ -40,3 +40,14 @@ def test_training_loop_benchmark_small_run(tmp_path):
     assert result["copy_floor_s"] > 0 and result["savegame_blocked_s"] > 0
     assert result["step_s_without"] > 0 and result["step_s_with"] > 0 and result["saves"] >= 2
     assert "slowdown" in out.stdout
+
+
+def test_gpu_check_script_runs_its_logic_on_the_cpu(tmp_path):
+    out_file = tmp_path / "gpu_check.json"
+    out = run_script("gpu_check.py", "--small", "--device", "cpu", "--no-tests", "--reps", "1", "--dir", str(tmp_path),
+                     "--out", str(out_file))
+    result = json.loads(out_file.read_text())
+    assert result["skipped"] == [] and result["restored_into_the_parameters"] is True
+    assert result["save_blocked_s"] > 0 and result["restore_s"] > 0 and result["read_floor_s"] > 0
+    assert result["adam_step_on_cpu"] is True and result["saves"] >= 2
+    assert "target <= 1.5x" in out.stdout and "target <= 3%" in out.stdout
