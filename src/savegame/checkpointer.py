@@ -241,7 +241,12 @@ class Checkpointer:
         for arg, value in (("strict", strict), ("assign", assign)):
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
-        reader.device_of(map_location)  # a bad or absent device is refused before anything is read
+        device = reader.device_of(map_location)  # a bad or absent device is refused before anything is read
+        if device is not None and device.type == "meta":
+            raise ConfigurationError(
+                "restore(map_location='meta'): meta tensors hold no data, so nothing could be restored; "
+                "use savegame.load(path, map_location='meta') to look at shapes, or restore a meta-device "
+                "model with map_location=None and assign=True")
         self._wait()
         candidates = selection.candidates(which, self._run, self._tracker)
         if not candidates:
@@ -250,23 +255,21 @@ class Checkpointer:
             raise CheckpointNotFoundError(f"no checkpoint {which!r} in {self.path}")
         errors = []
         for storage, name in candidates:
-            try:
+            try:  # everything is decoded and checked before the first byte reaches a live object
                 doc = reader.read_manifest(storage, name)
+                meta = reader.decode_meta(doc)
                 direct = capture.targets(self._objects, doc, strict=strict, assign=assign)
                 tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)
             except CorruptCheckpointError as exc:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))
                 continue
-            return self._apply(storage, name, doc, tree, strict=strict, assign=assign)
+            return self._apply(storage, name, meta, tree, strict=strict, assign=assign)
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
 
-    def _apply(self, storage: Storage, name: str, doc: Mapping[str, Any], tree: Any, *, strict: bool,
+    def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
                assign: bool) -> RestoreInfo:
-        if not isinstance(tree, dict):
-            raise CorruptCheckpointError(f"{name}: the state tree is not a mapping")
         reports = capture.apply(self._objects, tree, strict=strict, assign=assign)
-        meta = reader.decode_meta(doc)
         own = self._run.info(name) if storage is self._storage else None
         self._tracker.resumed(own, tree.get(n.TREE_RUN))
         log.info("restored checkpoint %s (step %d)", name, meta["step"])

@@ -11,12 +11,12 @@ Reading the entries' bytes into tensors is :mod:`savegame.readinto`.
 from __future__ import annotations
 
 import operator
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from savegame import readinto
+from savegame import readinto, rng
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
@@ -38,14 +38,51 @@ def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
 
 
 def decode_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """Step, epoch, metrics, extra and time of a manifest, decoded."""
+    """Step, epoch, metrics, extra and time of a manifest, decoded; CorruptCheckpointError if malformed."""
+    metrics = codec.decode(doc.get(n.M_METRICS, {}), ())
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) and type(v) in (float, int)
+                                                for k, v in metrics.items()):
+        raise CorruptCheckpointError("the checkpoint's metrics are not a mapping of names to numbers")
     return {
         "step": doc[n.M_STEP],
         "epoch": doc.get(n.M_EPOCH),
-        "metrics": codec.decode(doc.get(n.M_METRICS, {}), ()),
+        "metrics": metrics,
         "extra": codec.decode(doc.get(n.M_EXTRA), ()),
         "time": doc.get(n.M_TIME),
     }
+
+
+def decode_tree(doc: Mapping[str, Any], tensors: Sequence[Any], arrays: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's tree around ``tensors`` (per tensor number: tensors, or :class:`layout.Spec`
+    stand-ins), checked: its parts have the shapes restore needs. CorruptCheckpointError otherwise."""
+    tree = codec.decode(doc.get(n.M_TREE), tensors, arrays=arrays)
+    if not isinstance(tree, dict) or not isinstance(tree.get(n.TREE_STATE), dict):
+        raise CorruptCheckpointError("the state tree is not a mapping with a 'state' mapping")
+    if not all(isinstance(k, str) for k in tree[n.TREE_STATE]):
+        raise CorruptCheckpointError("the state tree names a state by something other than a str")
+    rng.check(tree.get(n.TREE_RNG))
+    if not isinstance(tree.get(n.TREE_RUN), dict | None):
+        raise CorruptCheckpointError("the run state is not a mapping")
+    types = tree.get(n.TREE_TYPES)
+    if types is not None and not (isinstance(types, dict) and all(type(v) is str for v in types.values())):
+        raise CorruptCheckpointError("the recorded types are not a mapping of names to class names")
+    return tree
+
+
+def tensor_specs(doc: Mapping[str, Any]) -> list[layout.Spec]:
+    """A :class:`layout.Spec` (dtype and shape) per tensor of the tree, from the manifest alone."""
+    known: dict[str, Any] = {}
+    out = []
+    for name, shape in tensor_meta(doc):
+        dtype = known.get(name) or known.setdefault(name, codec.dtype_from_name(name))
+        out.append(layout.Spec(dtype, shape))
+    return out
+
+
+def check(doc: Mapping[str, Any]) -> None:
+    """Everything about a checkpoint that its manifest alone decides (its data is not read)."""
+    decode_meta(doc)
+    decode_tree(doc, tensor_specs(doc))
 
 
 def data_bytes(doc: Mapping[str, Any]) -> int:
@@ -71,6 +108,10 @@ def tensor_meta(doc: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
 
 def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str]:
     """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
+    try:
+        check(doc)
+    except CorruptCheckpointError as exc:
+        return [f"{storage.root}/{name}: {exc}"]
     problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), readinto.file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
         where = f"{storage.root}/{name}/{file}"
@@ -110,28 +151,35 @@ def device_of(map_location: torch.device | str | None) -> torch.device | None:
 @pausing
 def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool = True,
               map_location: torch.device | str | None = None, mmap: bool = False,
-              targets: Mapping[int, torch.Tensor] | None = None) -> Any:
-    """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
+              targets: Mapping[int, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Decode and check the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
 
     ``targets`` maps tensor numbers of the tree to tensors the caller owns (CPU,
     contiguous, same dtype and shape): their bytes are read straight into them
-    and the tree holds those very tensors. Every other tensor owns its storage
+    and the tree holds those very tensors. The tree is decoded and checked
+    (:func:`decode_tree`) before any byte is read, so a malformed tree leaves the
+    targets untouched; a checksum that fails part-way through the data may leave
+    some of the checkpoint's bytes in them. Every other tensor owns its storage
     (tensors that shared storage when saved share it again), so a tensor handed
     to ``load_state_dict`` never keeps a file buffer alive; with ``mmap=True``
     tensors are lazy views of the files instead. NumPy arrays stay on the CPU
-    whatever ``map_location`` says. If a check fails part-way, targets may hold
-    some of the checkpoint's bytes already.
+    whatever ``map_location`` says.
     """
     device = device_of(map_location)
-    if device is not None and device.type != "cpu":
-        targets = None
-    entries = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=_by_entry(doc, targets or {}))
     table = doc[n.M_TENSORS]
-    cpu = layout.tensors_from_entries(table, entries)
-    if device is None or device.type == "cpu":
-        return codec.decode(doc.get(n.M_TREE), cpu)
-    moved = layout.tensors_from_entries(table, [t.to(device) for t in entries])
-    return codec.decode(doc.get(n.M_TREE), moved, arrays=cpu)
+    if mmap or (device is not None and device.type != "cpu"):
+        entries = readinto.read_entries(storage, name, doc, verify=verify,
+                                        into=None if mmap else readinto.allocate(doc, {}))
+        cpu = layout.tensors_from_entries(table, entries)
+        moved = cpu if device is None or device.type == "cpu" else \
+            layout.tensors_from_entries(table, [t.to(device) for t in entries])
+        tree = decode_tree(doc, moved, arrays=cpu)
+    else:
+        into = readinto.allocate(doc, _by_entry(doc, targets or {}))
+        tree = decode_tree(doc, layout.tensors_from_entries(table, into))  # before any byte reaches a target
+        readinto.read_entries(storage, name, doc, verify=verify, into=into)
+    rng.check_values(tree.get(n.TREE_RNG))
+    return tree
 
 
 def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> dict[int, torch.Tensor]:
@@ -158,16 +206,21 @@ def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> di
 
 
 def verify_checkpoint(storage: Storage, name: str) -> list[str]:
-    """Every problem found in checkpoint ``name`` (empty when intact); reads in bounded chunks."""
+    """Every problem found in checkpoint ``name`` (empty when intact); reads in bounded chunks.
+
+    Checks what restoring it would check before reading (:func:`check`), then every byte.
+    """
     try:
         doc = read_manifest(storage, name)
+        check(doc)
         algo, entries = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), doc[n.M_ENTRIES]
+        by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
+        for e, k in enumerate(entries[n.E_FILE]):
+            by_file[k].append(e)
         for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-            mine = [e for e, f in enumerate(entries[n.E_FILE]) if f == k]
-            _verify_file(storage, name, file, expected, algo, entries, mine)
-        codec.decode(doc.get(n.M_TREE), [torch.empty(0)] * len(doc[n.M_TENSORS][n.T_ENTRY]))
+            _verify_file(storage, name, file, expected, algo, entries, by_file[k])
     except CorruptCheckpointError as exc:
-        return [str(exc)]
+        return [f"{storage.root}/{name}: {exc}" if not str(exc).startswith(storage.root) else str(exc)]
     return []
 
 

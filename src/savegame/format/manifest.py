@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
+import math
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -25,9 +25,11 @@ from typing import Any
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum
 from savegame.format import names as n
-from savegame.format.codec import dtype_from_name
+from savegame.format.codec import stored_dtype
 
-_FILE_RE = re.compile(r"tensors-\d{5}\.safetensors")
+MAX_BYTES = 2**63
+"""Every dimension, and the bytes a shape would span with its zero dimensions counted as 1, stay below this
+(torch's sizes are signed 64-bit)."""
 _CRC_MARK = b',"' + n.M_CHECKSUM.encode() + b'":'
 _ENTRY_COLUMNS = (n.E_FILE, n.E_DTYPE, n.E_SHAPE, n.E_START, n.E_END, n.E_SUM)
 
@@ -103,14 +105,31 @@ def _check(doc: dict[str, Any]) -> None:
                       (n.M_TENSORS, dict), (n.M_FILE_CHECKSUMS, list)):
         if type(doc.get(key)) is not kind:
             raise CorruptCheckpointError(f"manifest field {key!r} is missing or malformed")
+    _check_fields(doc)
     algo = checksum.Algorithm(doc.get(n.M_CHECKSUM_ALGO))  # type: ignore[arg-type]
     files = doc[n.M_FILES]
-    if not all(type(f) is str and _FILE_RE.fullmatch(f) for f in files):
+    if not all(type(f) is str and n.tensor_file_index(f) is not None for f in files) or len(set(files)) < len(files):
         raise CorruptCheckpointError("manifest names an unexpected data file")
     if len(doc[n.M_FILE_CHECKSUMS]) != len(files) or not all(map(algo.is_value, doc[n.M_FILE_CHECKSUMS])):
         raise CorruptCheckpointError(f"manifest field {n.M_FILE_CHECKSUMS!r} is malformed")
     _check_entries(doc[n.M_ENTRIES], len(files), algo)
-    _check_tensors(doc[n.M_TENSORS], len(doc[n.M_ENTRIES][n.E_FILE]))
+    _check_tensors(doc[n.M_TENSORS], doc[n.M_ENTRIES])
+
+
+def _check_fields(doc: dict[str, Any]) -> None:
+    """The scalar members: step, epoch, time, pinned and the writers' versions."""
+    step, epoch, when = doc[n.M_STEP], doc.get(n.M_EPOCH), doc.get(n.M_TIME)
+    if not 0 <= step < MAX_BYTES:
+        raise CorruptCheckpointError(f"manifest field {n.M_STEP!r} is out of range")
+    if epoch is not None and (type(epoch) is not int or not 0 <= epoch < MAX_BYTES):
+        raise CorruptCheckpointError(f"manifest field {n.M_EPOCH!r} is malformed")
+    if when is not None and (type(when) not in (int, float) or not math.isfinite(when) or abs(when) > 1e12):
+        raise CorruptCheckpointError(f"manifest field {n.M_TIME!r} is malformed")
+    if type(doc.get(n.M_PINNED, False)) is not bool:
+        raise CorruptCheckpointError(f"manifest field {n.M_PINNED!r} is malformed")
+    for key in (n.M_SAVEGAME_VERSION, n.M_TORCH_VERSION):
+        if type(doc.get(key, "")) is not str:
+            raise CorruptCheckpointError(f"manifest field {key!r} is malformed")
 
 
 def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algorithm) -> None:
@@ -126,24 +145,50 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
         raise CorruptCheckpointError("malformed checksum in manifest")  # (v2 sums are sliced from one string)
     if not all(type(d) is str for d in dtypes):  # type: ignore[union-attr]
         raise CorruptCheckpointError("malformed dtype in manifest")
-    for name in set(dtypes):  # type: ignore[arg-type]
-        dtype_from_name(name)
+    itemsize = {name: stored_dtype(name).itemsize for name in set(dtypes)}  # type: ignore[arg-type]
     if not all(type(s) is list for s in shapes) or not _ints(list(itertools.chain.from_iterable(shapes))):  # type: ignore[union-attr,arg-type]
         raise CorruptCheckpointError("malformed tensor shape in manifest")
+    for e, (name, shape, start, end) in enumerate(zip(dtypes, shapes, starts, ends)):  # type: ignore[arg-type]
+        count = math.prod(shape)
+        if count * itemsize[name] != end - start or not _fits(shape, itemsize[name]):
+            raise CorruptCheckpointError(f"entry {e} holds {end - start} bytes, not {name} {_dims(shape)}")
 
 
-def _check_tensors(tensors: dict[str, Any], entry_count: int) -> None:
+def _fits(shape: list[int], itemsize: int) -> bool:
+    """Whether torch can make a tensor of this shape (zero dimensions do not excuse huge others)."""
+    return math.prod(d or 1 for d in shape) * itemsize < MAX_BYTES
+
+
+def _dims(shape: list[int]) -> str:
+    return str(shape) if len(shape) <= 8 and max(shape, default=0) < 2**64 else f"(a shape of {len(shape)} dimensions)"
+
+
+def _check_tensors(tensors: dict[str, Any], entries: dict[str, Any]) -> None:
     entry, device, views = tensors.get(n.T_ENTRY), tensors.get(n.T_DEVICE), tensors.get(n.T_VIEWS)
     if type(entry) is not list or type(device) is not list or type(views) is not list or len(entry) != len(device):
         raise CorruptCheckpointError("malformed tensor table in manifest")
-    if entry and not (_ints(entry) and max(entry) < entry_count):
+    if entry and not (_ints(entry) and max(entry) < len(entries[n.E_FILE])):
         raise CorruptCheckpointError("a tensor record points at a missing entry")
     if not all(type(d) is str for d in device):
         raise CorruptCheckpointError("malformed tensor table in manifest")
     for view in views:
         ok = type(view) is dict and type(view.get("tensor")) is int and 0 <= view["tensor"] < len(entry)
-        if not ok or type(view.get("shape")) is not list or type(view.get("stride")) is not list:
+        if not ok or not _view_fits(view, entries, entry[view["tensor"]]):
             raise CorruptCheckpointError("malformed view record in manifest")
+
+
+def _view_fits(view: dict[str, Any], entries: dict[str, Any], e: int) -> bool:
+    """A strided view (dtype, shape, stride, byte offset) inside its entry, a uint8 span of bytes."""
+    shape, stride, offset = view.get("shape"), view.get("stride"), view.get("offset")
+    if type(shape) is not list or type(stride) is not list or len(shape) != len(stride) or type(offset) is not int:
+        return False
+    if not _ints([*shape, *stride, offset]) or max([*shape, *stride], default=0) >= MAX_BYTES:
+        return False
+    itemsize = stored_dtype(view.get("dtype")).itemsize
+    if entries[n.E_DTYPE][e] != "uint8" or len(entries[n.E_SHAPE][e]) != 1 or not _fits(shape, itemsize):
+        return False
+    extent = sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1 if all(shape) else 0
+    return offset % itemsize == 0 and offset + extent * itemsize <= entries[n.E_SHAPE][e][0]
 
 
 def _ints(values: list[Any]) -> bool:
