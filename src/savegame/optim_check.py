@@ -98,8 +98,9 @@ def _malformed(kind: str, state: Any) -> str | None:
     groups, per_param = state.get("param_groups"), state.get("state")
     if not isinstance(per_param, Mapping) or not isinstance(groups, list):
         return "lacks its 'state' mapping or its 'param_groups' list"
-    if not all(isinstance(g, Mapping) and isinstance(g.get("params"), list) for g in groups):
-        return "has a parameter group without a 'params' list"
+    if not all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+               and all(type(i) is int for i in g["params"]) for g in groups):
+        return "has a parameter group without a 'params' list of parameter numbers"
     if not all(isinstance(v, Mapping) for v in per_param.values()):
         return "has a per-parameter state that is not a mapping"
     return None

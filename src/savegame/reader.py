@@ -61,12 +61,32 @@ def decode_tree(doc: Mapping[str, Any], tensors: Sequence[Any], arrays: Sequence
     if not all(isinstance(k, str) for k in tree[n.TREE_STATE]):
         raise CorruptCheckpointError("the state tree names a state by something other than a str")
     rng.check(tree.get(n.TREE_RNG))
-    if not isinstance(tree.get(n.TREE_RUN), dict | None):
-        raise CorruptCheckpointError("the run state is not a mapping")
+    _check_run(tree.get(n.TREE_RUN))
     types = tree.get(n.TREE_TYPES)
     if types is not None and not (isinstance(types, dict) and all(type(v) is str for v in types.values())):
         raise CorruptCheckpointError("the recorded types are not a mapping of names to class names")
     return tree
+
+
+def _check_run(run: Any) -> None:
+    """The run state: ``{"best": {metric: {"mode", "entries": [[value, step], ...]}}, "early_stopping": ...}``."""
+    if run is None:
+        return
+    best = run.get("best") if isinstance(run, dict) else None
+    if not isinstance(run, dict) or not isinstance(best, dict | None) \
+            or not isinstance(run.get("early_stopping"), dict | None):
+        raise CorruptCheckpointError("the run state is not a mapping with 'best' and 'early_stopping' mappings")
+    for metric, held in (best or {}).items():
+        entries = held.get("entries") if isinstance(held, dict) else None
+        if not (isinstance(metric, str) and isinstance(held, dict) and held.get("mode") in ("min", "max")
+                and isinstance(entries, list) and all(_best_entry(e) for e in entries)):
+            raise CorruptCheckpointError(f"the best-checkpoint state of metric {codec.brief(metric)} is malformed")
+
+
+def _best_entry(entry: Any) -> bool:
+    """[value, step]: a finite or infinite float (or an int) and a step."""
+    return (isinstance(entry, list) and len(entry) == 2 and type(entry[1]) is int and 0 <= entry[1] < 2**63
+            and (type(entry[0]) is float or (type(entry[0]) is int and abs(entry[0]) < 2**63)))
 
 
 def tensor_specs(doc: Mapping[str, Any]) -> list[layout.Spec]:

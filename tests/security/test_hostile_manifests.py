@@ -68,6 +68,8 @@ DAMAGED = {
     "run state = 7": tree(n.TREE_RUN, 7),
     "metrics = {loss: 'x'}": lambda doc: doc.__setitem__(n.M_METRICS, {"loss": "x"}),
     "tensor file named tensors-1.safetensors": lambda doc: doc.__setitem__(n.M_FILES, ["tensors-1.safetensors"]),
+    "entry starts = 5": lambda doc: doc[n.M_ENTRIES].__setitem__(n.E_START, 5),
+    "run.best = [1]": tree(n.TREE_RUN, "best", [1]),
 }
 # Well-formed checkpoints whose states do not fit the objects given.
 MISFITS = {
@@ -75,6 +77,7 @@ MISFITS = {
     "state.model = [1, 2]": tree(n.TREE_STATE, "model", [1, 2]),
     "state.optimizer = 'abc'": tree(n.TREE_STATE, "optimizer", "abc"),
     "state.optimizer.param_groups = 3": tree(n.TREE_STATE, "optimizer", "param_groups", 3),
+    "optimizer parameter ids are lists": tree(n.TREE_STATE, "optimizer", "param_groups", 0, "params", [[0], [1]]),
 }
 
 
@@ -137,3 +140,13 @@ def test_a_tensor_file_past_five_digits_is_read(base, tmp_path):
     rewrite_manifest(run / h.NEW, lambda doc: doc.__setitem__(n.M_FILES, ["tensors-100000.safetensors"]))
     assert savegame.load(run / h.NEW)["step"] == 2
     assert verify_checkpoint(LocalStorage(str(run)), h.NEW) == []
+
+
+def test_ints_past_the_digit_limit_are_shown_by_every_command(base, tmp_path):
+    big = {"$int": "f" * 5000}
+    run = hostile_run(base, tmp_path, extra({"n": big, "k": {"$dict": [[big, [big]]]}}))
+    assert savegame.load(run / h.NEW)["extra"]["n"] == 16**5000 - 1
+    results = h.all_readers(run, tmp_path / "out")
+    assert all(results[c].exit_code == 0 for c in ("inspect " + str(run / h.NEW), "inspect --json", "verify " + str(run)))
+    assert "too large to show" in results["inspect " + str(run / h.NEW)].output
+    assert '"$int": "' + "f" * 5000 in results["inspect --json"].output  # as the format writes it

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from savegame.cli._output import dtype_name, nbytes, short, tensor_text
+from savegame.cli._output import dtype_name, key_text, nbytes, short, tensor_text
 
 Tensorish = torch.Tensor | np.ndarray
 _CHUNK = 1 << 22  # elements compared at a time: bounds the float64 copies diff makes
@@ -25,7 +25,7 @@ def is_tensor(value: Any) -> bool:
 
 
 def child(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    return f"{path}.{key_text(key)}" if path else key_text(key)
 
 
 def walk_tensors(value: Any, path: str = "") -> Iterator[tuple[str, Tensorish]]:

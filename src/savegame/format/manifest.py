@@ -88,14 +88,15 @@ def compact(body: dict[str, Any]) -> dict[str, Any]:
 def _expand(doc: dict[str, Any]) -> None:
     """Undo :func:`compact` in place (validation follows)."""
     entries, tensors = doc.get(n.M_ENTRIES), doc.get(n.M_TENSORS)
-    if type(entries) is not dict or type(tensors) is not dict:
+    if type(entries) is not dict or type(tensors) is not dict or type(entries.get(n.E_START)) is not list \
+            or type(tensors.get(n.T_ENTRY)) is not list:
         raise CorruptCheckpointError("manifest tables are missing or malformed")
-    count, sums = len(entries.get(n.E_START) or ()), entries.get(n.E_SUM)
+    count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
     if type(sums) is not str or len(sums) != 16 * count:
         raise CorruptCheckpointError("malformed checksum column in manifest")
     entries[n.E_SUM] = [sums[i:i + 16] for i in range(0, len(sums), 16)]
     for table, column, size in ((entries, n.E_FILE, count), (entries, n.E_DTYPE, count),
-                                (tensors, n.T_DEVICE, len(tensors.get(n.T_ENTRY) or ()))):
+                                (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))):
         if type(table.get(column)) is not list:
             table[column] = [table.get(column)] * size
 
