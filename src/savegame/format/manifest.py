@@ -149,10 +149,12 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
     itemsize = {name: stored_dtype(name).itemsize for name in set(dtypes)}  # type: ignore[arg-type]
     if not all(type(s) is list for s in shapes) or not _ints(list(itertools.chain.from_iterable(shapes))):  # type: ignore[union-attr,arg-type]
         raise CorruptCheckpointError("malformed tensor shape in manifest")
-    for e, (name, shape, start, end) in enumerate(zip(dtypes, shapes, starts, ends)):  # type: ignore[arg-type]
-        count = math.prod(shape)
-        if count * itemsize[name] != end - start or not _fits(shape, itemsize[name]):
-            raise CorruptCheckpointError(f"entry {e} holds {end - start} bytes, not {name} {_dims(shape)}")
+    if ends and max(ends) >= MAX_BYTES:
+        raise CorruptCheckpointError("an entry ends past 2**63 bytes")
+    counts = list(map(math.prod, shapes))  # type: ignore[arg-type]
+    for e, (name, count, start, end) in enumerate(zip(dtypes, counts, starts, ends)):  # type: ignore[arg-type]
+        if count * itemsize[name] != end - start or not (count or _fits(shapes[e], itemsize[name])):  # type: ignore[index]
+            raise CorruptCheckpointError(f"entry {e} holds {end - start} bytes, not {name} {_dims(shapes[e])}")  # type: ignore[index]
 
 
 def _fits(shape: list[int], itemsize: int) -> bool:
