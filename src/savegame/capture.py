@@ -117,7 +117,7 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
     meta = reader.tensor_meta(doc)
     if strict:
         assert isinstance(tree, Mapping)
-        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), reader.tensor_specs(doc))
+        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), doc)
     if not any(isinstance(obj, torch.nn.Module) for obj in objects.values()):
         return {}
     out: dict[int, torch.Tensor] = {}
@@ -137,11 +137,13 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
 
 
 def _precheck_optimizers(objects: Mapping[str, Stateful], saved: Mapping[str, Any], types: Any,
-                         specs: Sequence[Any]) -> None:
+                         doc: Mapping[str, Any]) -> None:
     """Refuse a wrong optimizer or scheduler (class, moment shapes) before any byte is read into a model."""
     types = types if isinstance(types, Mapping) else {}
+    specs: Sequence[Any] = ()
     for name, obj in objects.items():
         if name in saved and optim_check.checked_kind(obj) is not None:
+            specs = specs or reader.tensor_specs(doc)
             shaped = codec.decode(saved[name], specs)  # stand-ins with dtype and shape: no data is read
             optim_check.check(name, obj, shaped, types.get(name), strict=True)
 

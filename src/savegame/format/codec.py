@@ -220,9 +220,9 @@ def tensor_refs(encoded: Mapping[str, Any], count: int) -> dict[str, int]:
     return out
 
 
-def decode(obj: Any, tensors: Sequence[torch.Tensor], depth: int = 0, *,
-           arrays: Sequence[torch.Tensor] | None = None) -> Any:
-    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}``.
+def decode(obj: Any, tensors: Sequence[Any], depth: int = 0, *, arrays: Sequence[Any] | None = None) -> Any:
+    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}`` (tensors, or stand-ins with a
+    ``dtype`` and a ``numpy()`` method, such as :class:`savegame.format.layout.Spec`).
 
     ``{"$nd": i}`` becomes ``arrays[i].numpy()`` (``arrays`` defaults to ``tensors``;
     pass CPU tensors there when ``tensors`` were mapped to another device).

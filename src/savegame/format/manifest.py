@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import operator
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -151,10 +152,17 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
         raise CorruptCheckpointError("malformed tensor shape in manifest")
     if ends and max(ends) >= MAX_BYTES:
         raise CorruptCheckpointError("an entry ends past 2**63 bytes")
+    # Each entry's byte size is its element count times its element size; map() keeps this at
+    # C speed (tens of nanoseconds an entry), since it runs on every load of every checkpoint.
     counts = list(map(math.prod, shapes))  # type: ignore[arg-type]
-    for e, (name, count, start, end) in enumerate(zip(dtypes, counts, starts, ends)):  # type: ignore[arg-type]
-        if count * itemsize[name] != end - start or not (count or _fits(shapes[e], itemsize[name])):  # type: ignore[index]
-            raise CorruptCheckpointError(f"entry {e} holds {end - start} bytes, not {name} {_dims(shapes[e])}")  # type: ignore[index]
+    sizes = list(map(operator.sub, ends, starts))  # type: ignore[arg-type]
+    if list(map(operator.mul, counts, map(itemsize.__getitem__, dtypes))) != sizes:  # type: ignore[arg-type]
+        e = next(e for e, (c, d, z) in enumerate(zip(counts, dtypes, sizes)) if c * itemsize[d] != z)  # type: ignore[arg-type]
+        raise CorruptCheckpointError(f"entry {e} holds {sizes[e]} bytes, not {dtypes[e]} {_dims(shapes[e])}")  # type: ignore[index]
+    if 0 in counts:  # zero dimensions do not excuse huge others
+        for e in (e for e, c in enumerate(counts) if not c):
+            if not _fits(shapes[e], itemsize[dtypes[e]]):  # type: ignore[index]
+                raise CorruptCheckpointError(f"entry {e} has an impossible shape {_dims(shapes[e])}")  # type: ignore[index]
 
 
 def _fits(shape: list[int], itemsize: int) -> bool:
