@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -258,6 +259,7 @@ class Checkpointer:
             try:  # everything is decoded and checked before the first byte reaches a live object
                 doc = reader.read_manifest(storage, name)
                 meta = reader.decode_meta(doc)
+                self._check_early_stopping(doc)
                 direct = capture.targets(self._objects, doc, strict=strict, assign=assign)
                 tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct)
             except CorruptCheckpointError as exc:
@@ -275,6 +277,15 @@ class Checkpointer:
         log.info("restored checkpoint %s (step %d)", name, meta["step"])
         return RestoreInfo(meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                            os.path.join(storage.root, name), reports)
+
+    def _check_early_stopping(self, doc: Mapping[str, Any]) -> None:
+        """Refuse (IncompatibleStateError) an early-stopping state this run's EarlyStopping would refuse,
+        by trying it on a copy, before anything loads."""
+        stopping, tree = self._tracker.early_stopping, doc.get(n.M_TREE)
+        run = codec.decode(tree.get(n.TREE_RUN), ()) if isinstance(tree, dict) else None  # it holds no tensors
+        saved = run.get("early_stopping") if isinstance(run, dict) else None
+        if stopping is not None and isinstance(saved, Mapping):
+            copy.deepcopy(stopping).load_state_dict(saved)
 
     # -- helpers ----------------------------------------------------------------------------
     def _fields(self, step: int, epoch: int | None, metrics: Mapping[str, float]) -> str:

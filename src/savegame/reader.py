@@ -76,6 +76,11 @@ def _check_run(run: Any) -> None:
     if not isinstance(run, dict) or not isinstance(best, dict | None) \
             or not isinstance(run.get("early_stopping"), dict | None):
         raise CorruptCheckpointError("the run state is not a mapping with 'best' and 'early_stopping' mappings")
+    stopping = run.get("early_stopping") or {}
+    numbers = [stopping.get(k) for k in ("best", "smoothed", "best_step", "last_step", "bad_epochs")]
+    if not all(v is None or type(v) is float or (type(v) is int and abs(v) < 2**63) for v in numbers) \
+            or not isinstance(stopping.get("config", {}), dict):
+        raise CorruptCheckpointError("the early-stopping state is malformed")
     for metric, held in (best or {}).items():
         entries = held.get("entries") if isinstance(held, dict) else None
         if not (isinstance(metric, str) and isinstance(held, dict) and held.get("mode") in ("min", "max")

@@ -6,7 +6,6 @@ reader and every CLI command either succeeds or raises one savegame error.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -103,11 +102,6 @@ def run_cli(args: list[str]) -> Any:
         errors = [line for line in text.splitlines() if line.startswith("savegame: error:")]
         assert len(errors) == 1, (args, text)
     return result
-
-
-def quiet() -> None:
-    """Warnings about skipped checkpoints are expected here; keep them out of the test output."""
-    logging.getLogger("savegame").setLevel(logging.ERROR)
 
 
 def all_readers(run: Path, out: Path) -> dict[str, Any]:

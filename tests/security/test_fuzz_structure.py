@@ -94,7 +94,6 @@ def mutate(doc: dict[str, Any], moves: list[tuple[int, tuple[str, Any]]]) -> Non
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    h.quiet()
     path = tmp_path_factory.mktemp("fuzz") / "run"
     h.make_run(path)
     return path

@@ -70,6 +70,7 @@ DAMAGED = {
     "tensor file named tensors-1.safetensors": lambda doc: doc.__setitem__(n.M_FILES, ["tensors-1.safetensors"]),
     "entry starts = 5": lambda doc: doc[n.M_ENTRIES].__setitem__(n.E_START, 5),
     "run.best = [1]": tree(n.TREE_RUN, "best", [1]),
+    "early-stopping best of 10**30": tree(n.TREE_RUN, "early_stopping", {"best": 10**30, "config": {}}),
 }
 # Well-formed checkpoints whose states do not fit the objects given.
 MISFITS = {
@@ -83,7 +84,6 @@ MISFITS = {
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    h.quiet()
     path = tmp_path_factory.mktemp("hostile") / "run"
     return path, h.make_run(path)
 
@@ -150,3 +150,17 @@ def test_ints_past_the_digit_limit_are_shown_by_every_command(base, tmp_path):
     assert all(results[c].exit_code == 0 for c in ("inspect " + str(run / h.NEW), "inspect --json", "verify " + str(run)))
     assert "too large to show" in results["inspect " + str(run / h.NEW)].output
     assert '"$int": "' + "f" * 5000 in results["inspect --json"].output  # as the format writes it
+
+
+def test_an_early_stopping_state_that_does_not_fit_is_refused_before_anything_loads(tmp_path):
+    objs = h.objects()
+    stopping = savegame.EarlyStopping("loss", mode="min", patience=3)
+    with savegame.Checkpointer(tmp_path, objs, early_stopping=stopping, async_save=False) as ckpt:
+        ckpt.save(1, metrics={"loss": 1.0})
+    fresh = h.objects()
+    with torch.no_grad():
+        fresh["model"].weight.zero_()
+    with savegame.Checkpointer(tmp_path, fresh, early_stopping=savegame.EarlyStopping("loss", mode="max", patience=3)) as ckpt:
+        with pytest.raises(IncompatibleStateError, match="mode"):
+            ckpt.restore()
+    assert not fresh["model"].weight.any()  # nothing was loaded
