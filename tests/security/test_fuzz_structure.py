@@ -99,7 +99,7 @@ def base(tmp_path_factory):
     return path
 
 
-@settings(max_examples=45, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])
 @given(moves=st.lists(st.tuples(st.integers(min_value=0), action), min_size=1, max_size=3))
 def test_mutated_manifests_give_savegame_errors_only(base, tmp_path_factory, moves):

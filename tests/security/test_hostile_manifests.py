@@ -160,7 +160,8 @@ def test_an_early_stopping_state_that_does_not_fit_is_refused_before_anything_lo
     fresh = h.objects()
     with torch.no_grad():
         fresh["model"].weight.zero_()
-    with savegame.Checkpointer(tmp_path, fresh, early_stopping=savegame.EarlyStopping("loss", mode="max", patience=3)) as ckpt:
-        with pytest.raises(IncompatibleStateError, match="mode"):
-            ckpt.restore()
+    other = savegame.EarlyStopping("loss", mode="max", patience=3)
+    with savegame.Checkpointer(tmp_path, fresh, early_stopping=other) as ckpt, \
+            pytest.raises(IncompatibleStateError, match="mode"):
+        ckpt.restore()
     assert not fresh["model"].weight.any()  # nothing was loaded
