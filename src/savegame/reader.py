@@ -244,9 +244,32 @@ def verify_checkpoint(storage: Storage, name: str) -> list[str]:
             by_file[k].append(e)
         for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
             _verify_file(storage, name, file, expected, algo, entries, by_file[k])
+        _verify_torch_rng(storage, name, doc)
     except CorruptCheckpointError as exc:
         return [f"{storage.root}/{name}: {exc}" if not str(exc).startswith(storage.root) else str(exc)]
     return []
+
+
+def _verify_torch_rng(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
+    """The torch RNG state's bytes, which restoring checks on a scratch generator (as :func:`read_tree` does)."""
+    tree = doc.get(n.M_TREE)
+    state = tree.get(n.TREE_RNG) if isinstance(tree, dict) else None
+    ref = state.get("torch") if isinstance(state, dict) else None
+    table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
+    j = ref.get("$t") if isinstance(ref, dict) else None
+    if type(j) is not int or any(v["tensor"] == j for v in table[n.T_VIEWS]):
+        return  # no torch state, or one stored as a view: read_tree checks it
+    e = table[n.T_ENTRY][j]
+    file = doc[n.M_FILES][entries[n.E_FILE][e]]
+    try:
+        with storage.open_read(f"{name}/{file}") as f:
+            start, _ = read_header(f, storage.size(f"{name}/{file}"), file, parse=False)
+            f.seek(start + entries[n.E_START][e])
+            raw = f.read(entries[n.E_END][e] - entries[n.E_START][e])
+    except StorageError as exc:
+        raise CorruptCheckpointError(f"{file}: cannot be read ({exc})") from exc
+    dtype = codec.dtype_from_name(entries[n.E_DTYPE][e])
+    rng.check_values({"torch": torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)} if raw else {})
 
 
 def _verify_file(storage: Storage, name: str, file: str, expected: checksum.Value, algo: checksum.Algorithm,

@@ -165,3 +165,24 @@ def test_an_early_stopping_state_that_does_not_fit_is_refused_before_anything_lo
             pytest.raises(IncompatibleStateError, match="mode"):
         ckpt.restore()
     assert not fresh["model"].weight.any()  # nothing was loaded
+
+
+def test_a_torch_rng_state_the_generator_rejects_is_damaged(base, tmp_path, monkeypatch):
+    """Its bytes pass their checksum, but torch refuses the state (all zeros is no MT19937 state):
+    verify reports it, load refuses it, and restore falls back past it."""
+    run = shutil.copytree(base[0], tmp_path / "run")
+    real = savegame.rng.capture
+
+    def zeroed():
+        out = real()
+        out["torch"] = torch.zeros_like(out["torch"])
+        return out
+
+    monkeypatch.setattr(savegame.rng, "capture", zeroed)
+    with savegame.Checkpointer(run, h.objects(), async_save=False) as ckpt:
+        ckpt.save(3)
+    monkeypatch.undo()
+    assert verify_checkpoint(LocalStorage(str(run)), "step-0000000003")
+    with pytest.raises(CorruptCheckpointError, match="RNG"):
+        savegame.load(run / "step-0000000003")
+    assert h.restore(run, h.objects()).step == 2
