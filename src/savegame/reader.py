@@ -83,7 +83,8 @@ def _check_run(run: Any) -> None:
         raise CorruptCheckpointError("the early-stopping state is malformed")
     for metric, held in (best or {}).items():
         entries = held.get("entries") if isinstance(held, dict) else None
-        if not (isinstance(metric, str) and isinstance(held, dict) and held.get("mode") in ("min", "max")
+        mode = held.get("mode") if isinstance(held, dict) else None
+        if not (isinstance(metric, str) and type(mode) is str and mode in ("min", "max")
                 and isinstance(entries, list) and all(_best_entry(e) for e in entries)):
             raise CorruptCheckpointError(f"the best-checkpoint state of metric {codec.brief(metric)} is malformed")
 

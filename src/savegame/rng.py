@@ -62,12 +62,12 @@ def _check_python(value: Any) -> str | None:
 
 
 def _check_numpy(value: Any) -> str | None:
-    if not (isinstance(value, tuple) and len(value) == 5 and value[0] == "MT19937"):
+    if not (isinstance(value, tuple) and len(value) == 5 and type(value[0]) is str and value[0] == "MT19937"):
         return "expected ('MT19937', keys, pos, has_gauss, cached_gaussian)"
     _, keys, pos, has_gauss, gauss = value
     if _dtype_shape(keys) not in ((torch.uint32, (_MT_WORDS,)), (np.dtype(np.uint32), (_MT_WORDS,))):
         return f"keys must be {_MT_WORDS} uint32 words"
-    if type(pos) is not int or not 0 <= pos <= _MT_WORDS or has_gauss not in (0, 1) or type(has_gauss) is not int:
+    if type(pos) is not int or not 0 <= pos <= _MT_WORDS or type(has_gauss) is not int or has_gauss not in (0, 1):
         return "bad position or has_gauss"
     if type(gauss) is not float:
         return "cached_gaussian must be a float"

@@ -63,6 +63,7 @@ DAMAGED = {
     "rng.cuda = 5": tree(n.TREE_RNG, "cuda", 5),
     "Python RNG of 625 huge ints": tree(n.TREE_RNG, "python", "$tuple", 1, "$tuple", [10**30] * 625),
     "malformed NumPy RNG tuple": tree(n.TREE_RNG, "numpy", "$tuple", ["MT19937", 1, 2]),
+    "NumPy RNG has_gauss a tensor": tree(n.TREE_RNG, "numpy", "$tuple", 3, {"$t": 0}),
     "torch RNG of 3 bytes": tree(n.TREE_RNG, "torch", {"$size": [3]}),
     "types = {optimizer: 5}": tree(n.TREE_TYPES, "optimizer", 5),
     "run state = 7": tree(n.TREE_RUN, 7),
