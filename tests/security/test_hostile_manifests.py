@@ -81,6 +81,11 @@ MISFITS = {
     "state.optimizer.param_groups = 3": tree(n.TREE_STATE, "optimizer", "param_groups", 3),
     "optimizer parameter ids are lists": tree(n.TREE_STATE, "optimizer", "param_groups", 0, "params", [[0], [1]]),
 }
+# Well-formed: restore and load succeed.
+FINE = {
+    "an array is the model's weight": lambda doc: doc[n.M_TREE][n.TREE_STATE]["arrays"].__setitem__(
+        "a", {"$nd": doc[n.M_TREE][n.TREE_STATE]["model"]["weight"]["$t"]}),
+}
 
 
 @pytest.fixture(scope="module")
@@ -187,3 +192,10 @@ def test_a_torch_rng_state_the_generator_rejects_is_damaged(base, tmp_path, monk
     with pytest.raises(CorruptCheckpointError, match="RNG"):
         savegame.load(run / "step-0000000003")
     assert h.restore(run, h.objects()).step == 2
+
+
+@pytest.mark.parametrize("case", sorted(FINE))
+def test_well_formed_oddities_restore(base, tmp_path, case):
+    run = hostile_run(base, tmp_path, FINE[case])
+    assert h.restore(run, h.objects()).step == 2
+    h.all_readers(run, tmp_path / "out")

@@ -262,7 +262,8 @@ def _decode_tagged(tag: str, body: Any, tensors: Sequence[torch.Tensor], arrays:
             return tensors[index]
         if arrays[index].dtype not in NUMPY_DTYPES:
             raise CorruptCheckpointError(f"NumPy array {index} has dtype {arrays[index].dtype}, which NumPy lacks")
-        return arrays[index].numpy()
+        item = arrays[index]  # a model's own parameter when the array shared its bytes: detached, not copied
+        return item.detach().numpy() if isinstance(item, torch.Tensor) else item.numpy()
     if tag == "$tuple":
         return tuple(_decode(v, tensors, arrays, depth) for v in _expect(body, list, tag))
     if tag == "$dict":
