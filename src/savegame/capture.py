@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from savegame import optim_check, reader, rng
-from savegame.errors import ConfigurationError, CorruptCheckpointError, IncompatibleStateError
+from savegame.errors import ConfigurationError, IncompatibleStateError
 from savegame.format import codec
 from savegame.format import names as n
 from savegame.gcpause import pausing
@@ -121,7 +121,10 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
     out: dict[int, torch.Tensor] = {}
     for name, obj in objects.items():
         encoded = saved.get(name)
-        if not isinstance(obj, torch.nn.Module) or not isinstance(encoded, Mapping):
+        if not isinstance(obj, torch.nn.Module) or name not in saved:
+            continue
+        if not isinstance(encoded, Mapping) or any(key.startswith("$") for key in encoded):
+            _refuse_module_state(name, encoded, strict)  # a list, a str, a $dict with keys not str ...
             continue
         refs = codec.tensor_refs(encoded, len(meta))
         shapes = {key: (meta[refs[key]][1] if key in refs else None) for key in encoded if not key.startswith("$")}
@@ -130,7 +133,7 @@ def targets(objects: Mapping[str, Stateful], doc: Mapping[str, Any], *, strict: 
             out.update((refs[key], tensor) for key, tensor in own.items() if key in refs)
     if strict:
         assert isinstance(tree, Mapping)
-        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), meta)
+        _precheck_optimizers(objects, saved, tree.get(n.TREE_TYPES), doc)
     return out
 
 
@@ -146,29 +149,29 @@ def _only(saved: Mapping[str, Any], only: Sequence[str] | None) -> Mapping[str, 
 
 
 def _precheck_optimizers(objects: Mapping[str, Stateful], saved: Mapping[str, Any], types: Any,
-                         meta: list[tuple[str, list[int]]]) -> None:
+                         doc: Mapping[str, Any]) -> None:
     """Refuse a wrong optimizer or scheduler (class, moment shapes) before any byte is read into a model."""
     types = types if isinstance(types, Mapping) else {}
+    specs: Sequence[Any] = ()
     for name, obj in objects.items():
         if name in saved and optim_check.checked_kind(obj) is not None:
-            shaped = codec.decode(saved[name], _Shapes(meta))  # shapes only: no data is read
+            specs = specs or reader.tensor_specs(doc)
+            shaped = codec.decode(saved[name], specs)  # stand-ins with dtype and shape: no data is read
             optim_check.check(name, obj, shaped, types.get(name), strict=True)
 
 
-class _Shapes(Sequence[Any]):
-    """Tensor number -> its recorded shape, standing for the tensor (no data is read)."""
+def _refuse_module_state(name: str, value: Any, strict: bool) -> None:
+    problem = module_state_problem(value)
+    if strict and problem:
+        raise IncompatibleStateError(f"state {name!r} is a model, but the checkpoint's {problem}; "
+                                     "pass strict=False to leave it as it is")
 
-    def __init__(self, meta: list[tuple[str, list[int]]]) -> None:
-        self.meta = meta
 
-    def __len__(self) -> int:
-        return len(self.meta)
-
-    def __getitem__(self, index: Any) -> Any:
-        shape = self.meta[index][1]
-        if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise CorruptCheckpointError(f"bad shape {shape!r} of tensor {index} in checkpoint")
-        return optim_check.Shape(shape)
+def module_state_problem(value: Any) -> str | None:
+    """Why ``value`` cannot be a model's state dict (a mapping of str keys), or None."""
+    if isinstance(value, Mapping) and all(isinstance(k, str) for k in value):
+        return None
+    return f"state for it is a {type(value).__name__}, not a mapping of str keys"
 
 
 def _check_names(objects: Mapping[str, Stateful], saved: Mapping[str, Any], strict: bool) -> None:
@@ -192,7 +195,7 @@ def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: b
     _check_names(objects, saved, strict)
     types = tree.get(n.TREE_TYPES)
     types = types if isinstance(types, Mapping) else {}
-    checked = {name: optim_check.check(name, obj, saved[name], types.get(name), strict=strict)
+    checked = {name: _check_one(name, obj, saved[name], types.get(name), strict=strict)
                for name, obj in objects.items() if name in saved}  # every refusal before anything loads
     reports = {}
     for name, obj in objects.items():
@@ -207,6 +210,15 @@ def apply(objects: Mapping[str, Stateful], tree: Mapping[str, Any], *, strict: b
     if restore_rng and n.TREE_RNG in tree:
         rng.restore(tree[n.TREE_RNG])
     return reports
+
+
+def _check_one(name: str, obj: Stateful, value: Any, saved_type: Any, *, strict: bool) -> tuple[Any, KeyReport]:
+    if isinstance(obj, torch.nn.Module):
+        problem = module_state_problem(value)
+        if problem:
+            _refuse_module_state(name, value, strict)
+            return optim_check.SKIP, KeyReport(incompatible=[f"the checkpoint's {problem}"])
+    return optim_check.check(name, obj, value, saved_type, strict=strict)
 
 
 def _apply_one(name: str, obj: Stateful, value: Any, *, strict: bool, assign: bool, report: KeyReport) -> KeyReport:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -265,7 +266,12 @@ class Checkpointer:
         for arg, value in (("strict", strict), ("assign", assign)):
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
-        reader.device_of(map_location)  # a bad or absent device is refused before anything is read
+        device = reader.device_of(map_location)  # a bad or absent device is refused before anything is read
+        if device is not None and device.type == "meta":
+            raise ConfigurationError(
+                "restore(map_location='meta'): meta tensors hold no data, so nothing could be restored; "
+                "use savegame.load(path, map_location='meta') to look at shapes, or restore a meta-device "
+                "model with map_location=None and assign=True")
         objects = guards.only_objects(self._objects, only)
         self._wait()
         candidates = listing.candidates(which, self._run, self._tracker)
@@ -277,10 +283,12 @@ class Checkpointer:
             raise listing.not_found(which, self.path)
         errors = []
         for storage, name in candidates:
-            try:
+            try:  # everything is decoded and checked before the first byte reaches a live object
                 if storage is self._storage:
                     self._run.info(name)  # a manifest the run directory cannot use is damaged here too
                 doc = reader.read_manifest(storage, name)
+                meta = reader.decode_meta(doc)
+                self._check_early_stopping(doc)
                 direct = capture.targets(objects, doc, strict=strict, assign=assign, only=only)
                 follow = None if map_location is None else todevice.module_tensors(objects, doc)
                 tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct,
@@ -289,16 +297,13 @@ class Checkpointer:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))
                 continue
-            return self._apply(storage, name, doc, tree, strict=strict, assign=assign, only=only)
+            return self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
 
-    def _apply(self, storage: Storage, name: str, doc: Mapping[str, Any], tree: Any, *, strict: bool,
+    def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
                assign: bool, only: Sequence[str] | None = None) -> RestoreInfo:
-        if not isinstance(tree, dict):
-            raise CorruptCheckpointError(f"{name}: the state tree is not a mapping")
         objects = guards.only_objects(self._objects, only)
         reports = capture.apply(objects, tree, strict=strict, assign=assign, only=only, restore_rng=only is None)
-        meta = reader.decode_meta(doc)
         own = self._run.info(name) if storage is self._storage else None
         if only is None:
             self._tracker.resumed(own, tree.get(n.TREE_RUN))
@@ -308,6 +313,15 @@ class Checkpointer:
                  meta["step"], f", states {list(only)} only" if only is not None else "")
         return RestoreInfo(meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                            os.path.join(storage.root, name), reports)
+
+    def _check_early_stopping(self, doc: Mapping[str, Any]) -> None:
+        """Refuse (IncompatibleStateError) an early-stopping state this run's EarlyStopping would refuse,
+        by trying it on a copy, before anything loads."""
+        stopping, tree = self._tracker.early_stopping, doc.get(n.M_TREE)
+        run = codec.decode(tree.get(n.TREE_RUN), ()) if isinstance(tree, dict) else None  # it holds no tensors
+        saved = run.get("early_stopping") if isinstance(run, dict) else None
+        if stopping is not None and isinstance(saved, Mapping):
+            copy.deepcopy(stopping).load_state_dict(saved)
 
     # -- helpers ----------------------------------------------------------------------------
     def _fields(self, step: int, epoch: int | None, metrics: Mapping[str, float]) -> str:

@@ -116,7 +116,11 @@ def _match(own: Mapping[str, Any], incoming: Mapping[str, Any],
     for canon, value in incoming.items():
         target = own.get(canon_to_own.get(canon, ""))
         shape = shape_of(value)
-        if shape is not None and isinstance(target, torch.Tensor) and shape != list(target.shape):
+        if not isinstance(target, torch.Tensor):
+            continue
+        if shape is None:  # the checkpoint has a str, a number ... where the model has a tensor
+            report.mismatched.append(f"{canon} (checkpoint holds no tensor, model {tuple(target.shape)})")
+        elif shape != list(target.shape):
             report.mismatched.append(f"{canon} (checkpoint {tuple(shape)}, model {tuple(target.shape)})")
     return report, canon_to_own, ties
 

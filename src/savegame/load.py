@@ -56,10 +56,12 @@ def load(path: str | os.PathLike[str], *, which: int | str | None = None,
     verify = not mmap if verify is None else verify
     storage, name = _locate(Path(listing.checkpoint_path(path, which)))
     doc = reader.read_manifest(storage, name)
-    tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, mmap=mmap)
-    if not isinstance(tree, dict):
-        raise CorruptCheckpointError(f"{path}: the state tree is not a mapping")
-    meta = reader.decode_meta(doc)
+    where = os.path.join(storage.root, name)
+    try:
+        meta = reader.decode_meta(doc)
+        tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, mmap=mmap)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(exc.args[0] if where in str(exc) else f"{where}: {exc}") from exc
     out = {**meta, "savegame_version": doc.get(n.M_SAVEGAME_VERSION), "torch_version": doc.get(n.M_TORCH_VERSION),
            **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN, n.TREE_TYPES)}}
     frozen: FrozenDict = _freeze(out)

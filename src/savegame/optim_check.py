@@ -28,23 +28,17 @@ from typing import Any
 import torch
 
 from savegame.errors import IncompatibleStateError
+from savegame.format.layout import Spec
 from savegame.keys import KeyReport
 
 SKIP = object()
 """Returned in place of a state that must not be loaded at all."""
 
 
-class Shape(tuple[int, ...]):
-    """Stands for a tensor of this shape when a checkpoint is checked before its data is read."""
-
-    def numpy(self) -> Shape:  # where the tree holds a NumPy array ({"$nd": i})
-        return self
-
-
 def _shape_of(value: object) -> tuple[int, ...] | None:
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor | Spec):
         return tuple(value.shape)
-    return value if isinstance(value, Shape) else None
+    return None
 
 
 def type_name(obj: object) -> str:
@@ -75,9 +69,13 @@ def check(name: str, obj: object, state: Any, saved_type: object, *, strict: boo
     if kind is None:
         return state, report
     given = type_name(obj)
-    if isinstance(saved_type, str) and saved_type.rsplit(".", 1)[-1] != given.rsplit(".", 1)[-1]:
+    malformed = _malformed(kind, state)
+    if malformed:
+        report.incompatible.append(f"the checkpoint's {kind} state {malformed}")
+    elif isinstance(saved_type, str) and saved_type.rsplit(".", 1)[-1] != given.rsplit(".", 1)[-1]:
         report.incompatible.append(f"the checkpoint holds a {saved_type} {kind} state, "
                                    f"but a {given} was given")
+    if report.incompatible:
         if strict:
             raise IncompatibleStateError(
                 f"state {name!r}: {report.incompatible[0]}; loading it would change how training goes on. "
@@ -89,6 +87,23 @@ def check(name: str, obj: object, state: Any, saved_type: object, *, strict: boo
         if strict and report:
             raise IncompatibleStateError(report.describe(name) + "; pass strict=False to start those fresh")
     return state, report
+
+
+def _malformed(kind: str, state: Any) -> str | None:
+    """What makes ``state`` unloadable into any torch optimizer (or scheduler) at all, or None."""
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        return "is not a mapping with str keys"
+    if kind == "scheduler":
+        return None
+    groups, per_param = state.get("param_groups"), state.get("state")
+    if not isinstance(per_param, Mapping) or not isinstance(groups, list):
+        return "lacks its 'state' mapping or its 'param_groups' list"
+    if not all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+               and all(type(i) is int for i in g["params"]) for g in groups):
+        return "has a parameter group without a 'params' list of parameter numbers"
+    if not all(isinstance(v, Mapping) for v in per_param.values()):
+        return "has a per-parameter state that is not a mapping"
+    return None
 
 
 def _drop_mismatched(opt: torch.optim.Optimizer, state: Any, report: KeyReport) -> Any:

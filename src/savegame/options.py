@@ -72,23 +72,36 @@ def check_bool(value: object, arg: str) -> bool:
     return value
 
 
+MAX_INT = 2**63 - 1
+"""The largest step, epoch or count: what a signed 64-bit integer holds (as torch and most tools read it)."""
+
+
 def as_int(value: object, arg: str, *, minimum: int = 0) -> int:
-    """An integer argument: any int-like number (Python, NumPy, a 0-dim integer tensor), not a bool."""
+    """An integer argument: any int-like number (Python, NumPy, a 0-dim integer tensor), not a bool,
+    from ``minimum`` to :data:`MAX_INT`."""
     if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() \
             and not value.is_complex() and value.dtype is not torch.bool:
         value = int(value.item())
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not minimum <= int(value) <= MAX_INT:
         kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
-        raise ConfigurationError(f"{arg} must be {kind}, got {value!r}")
+        raise ConfigurationError(f"{arg} must be {kind} and at most 2**63 - 1, got {_brief(value)}")
     return int(value)
+
+
+def _brief(value: object) -> str:
+    """``repr(value)`` for a message; an int past Python's 4,300-digit str limit has none."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and abs(int(value)).bit_length() > 64:
+        return f"an int of {abs(int(value)).bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def run_path(run_dir: object) -> str:
     if not isinstance(run_dir, (str, os.PathLike)):
         raise ConfigurationError(f"run_dir must be a path (str or os.PathLike), got {type(run_dir).__name__}")
     path = os.fspath(run_dir)
-    if not isinstance(path, str) or not path:
-        raise ConfigurationError(f"run_dir must be a non-empty text path, got {run_dir!r}")
+    if not isinstance(path, str) or not path or "\0" in path:
+        raise ConfigurationError(f"run_dir must be a non-empty text path without NUL characters, got {run_dir!r}")
     return path
 
 
@@ -119,6 +132,10 @@ def _check_name_format(name_format: object) -> None:
         fields = [name for _, name, _, _ in string.Formatter().parse(name_format) if name is not None]
     except ValueError as exc:
         raise ConfigurationError(f"name_format {name_format!r} is not a valid template: {exc}") from exc
+    for _, name, spec, conversion in string.Formatter().parse(name_format):
+        if conversion not in (None, "r", "s", "a"):
+            raise ConfigurationError(f"name_format {name_format!r}: unknown conversion '!{conversion}' "
+                                     "(use !r, !s or !a, or none)")
     for name in fields:
         if not name or name.isdigit():
             raise ConfigurationError(f"name_format {name_format!r}: every field needs a name (step, epoch or a "
@@ -129,6 +146,20 @@ def _check_name_format(name_format: object) -> None:
                 f"{{{name}}} cannot name a metric; report the metric under a name without them too "
                 "(e.g. 'val_loss' beside 'val.loss') and use that"
             )
+    if "{" not in "".join(spec or "" for _, _, spec, _ in string.Formatter().parse(name_format)):
+        _try_name_format(name_format, fields)
+
+
+def _try_name_format(name_format: str, fields: list[str]) -> None:
+    """Fill the template as a save would (step and epoch ints, metrics floats), so a bad format spec
+    is refused now rather than at the first save."""
+    sample: dict[str, Any] = {name: 0 if name in ("step", "epoch") else 0.0 for name in fields}
+    try:
+        name_format.format(**sample)
+    except (ValueError, TypeError) as exc:
+        raise ConfigurationError(
+            f"name_format {name_format!r} cannot be filled (step and epoch are ints, metrics floats): {exc}"
+        ) from exc
 
 
 def _check_storage(storage: Any) -> None:
@@ -154,6 +185,10 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
         if isinstance(value, np.generic):
             value = value.item()
         if not isinstance(key, str) or not key or isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise ConfigurationError(f"metric {key!r} must be a number keyed by a non-empty str, got {value!r}")
-        out[key] = float(value)
+            raise ConfigurationError(f"metric {key!r} must be a number keyed by a non-empty str, got {_brief(value)}")
+        try:
+            out[key] = float(value)
+        except (OverflowError, ValueError, TypeError) as exc:
+            raise ConfigurationError(f"metric {key!r} = {_brief(value)} is not representable as a float: {exc}") \
+                from exc
     return out

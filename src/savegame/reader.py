@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from savegame import readinto, todevice
+from savegame import readinto, rng, todevice
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
@@ -38,14 +38,77 @@ def read_manifest(storage: Storage, name: str) -> dict[str, Any]:
 
 
 def decode_meta(doc: Mapping[str, Any]) -> dict[str, Any]:
-    """Step, epoch, metrics, extra and time of a manifest, decoded."""
+    """Step, epoch, metrics, extra and time of a manifest, decoded; CorruptCheckpointError if malformed."""
+    metrics = codec.decode(doc.get(n.M_METRICS, {}), ())
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) and type(v) in (float, int)
+                                                for k, v in metrics.items()):
+        raise CorruptCheckpointError("the checkpoint's metrics are not a mapping of names to numbers")
     return {
         "step": doc[n.M_STEP],
         "epoch": doc.get(n.M_EPOCH),
-        "metrics": codec.decode(doc.get(n.M_METRICS, {}), ()),
+        "metrics": metrics,
         "extra": codec.decode(doc.get(n.M_EXTRA), ()),
         "time": doc.get(n.M_TIME),
     }
+
+
+def decode_tree(doc: Mapping[str, Any], tensors: Sequence[Any], arrays: Sequence[Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's tree around ``tensors`` (per tensor number: tensors, or :class:`layout.Spec`
+    stand-ins), checked: its parts have the shapes restore needs. CorruptCheckpointError otherwise."""
+    tree = codec.decode(doc.get(n.M_TREE), tensors, arrays=arrays)
+    if not isinstance(tree, dict) or not isinstance(tree.get(n.TREE_STATE), dict):
+        raise CorruptCheckpointError("the state tree is not a mapping with a 'state' mapping")
+    if not all(isinstance(k, str) for k in tree[n.TREE_STATE]):
+        raise CorruptCheckpointError("the state tree names a state by something other than a str")
+    rng.check(tree.get(n.TREE_RNG))
+    _check_run(tree.get(n.TREE_RUN))
+    types = tree.get(n.TREE_TYPES)
+    if types is not None and not (isinstance(types, dict) and all(type(v) is str for v in types.values())):
+        raise CorruptCheckpointError("the recorded types are not a mapping of names to class names")
+    return tree
+
+
+def _check_run(run: Any) -> None:
+    """The run state: ``{"best": {metric: {"mode", "entries": [[value, step], ...]}}, "early_stopping": ...}``."""
+    if run is None:
+        return
+    best = run.get("best") if isinstance(run, dict) else None
+    if not isinstance(run, dict) or not isinstance(best, dict | None) \
+            or not isinstance(run.get("early_stopping"), dict | None):
+        raise CorruptCheckpointError("the run state is not a mapping with 'best' and 'early_stopping' mappings")
+    stopping = run.get("early_stopping") or {}
+    numbers = [stopping.get(k) for k in ("best", "smoothed", "best_step", "last_step", "bad_epochs")]
+    if not all(v is None or type(v) is float or (type(v) is int and abs(v) < 2**63) for v in numbers) \
+            or not isinstance(stopping.get("config", {}), dict):
+        raise CorruptCheckpointError("the early-stopping state is malformed")
+    for metric, held in (best or {}).items():
+        entries = held.get("entries") if isinstance(held, dict) else None
+        mode = held.get("mode") if isinstance(held, dict) else None
+        if not (isinstance(metric, str) and type(mode) is str and mode in ("min", "max")
+                and isinstance(entries, list) and all(_best_entry(e) for e in entries)):
+            raise CorruptCheckpointError(f"the best-checkpoint state of metric {codec.brief(metric)} is malformed")
+
+
+def _best_entry(entry: Any) -> bool:
+    """[value, step]: a finite or infinite float (or an int) and a step."""
+    return (isinstance(entry, list) and len(entry) == 2 and type(entry[1]) is int and 0 <= entry[1] < 2**63
+            and (type(entry[0]) is float or (type(entry[0]) is int and abs(entry[0]) < 2**63)))
+
+
+def tensor_specs(doc: Mapping[str, Any]) -> list[layout.Spec]:
+    """A :class:`layout.Spec` (dtype and shape) per tensor of the tree, from the manifest alone."""
+    known: dict[str, Any] = {}
+    out = []
+    for name, shape in tensor_meta(doc):
+        dtype = known.get(name) or known.setdefault(name, codec.dtype_from_name(name))
+        out.append(layout.Spec(dtype, shape))
+    return out
+
+
+def check(doc: Mapping[str, Any]) -> None:
+    """Everything about a checkpoint that its manifest alone decides (its data is not read)."""
+    decode_meta(doc)
+    decode_tree(doc, tensor_specs(doc))
 
 
 def data_bytes(doc: Mapping[str, Any]) -> int:
@@ -71,6 +134,10 @@ def tensor_meta(doc: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
 
 def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str]:
     """Problems visible without reading the data: missing or truncated tensor files, bad headers."""
+    try:
+        check(doc)
+    except CorruptCheckpointError as exc:
+        return [f"{storage.root}/{name}: {exc}"]
     problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), readinto.file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
         where = f"{storage.root}/{name}/{file}"
@@ -110,35 +177,53 @@ def device_of(map_location: torch.device | str | None) -> torch.device | None:
 @pausing
 def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool = True,
               map_location: torch.device | str | None = None, mmap: bool = False,
-              targets: Mapping[int, torch.Tensor] | None = None, follow: set[int] | None = None) -> Any:
-    """Decode the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
+              targets: Mapping[int, torch.Tensor] | None = None, follow: set[int] | None = None) -> dict[str, Any]:
+    """Decode and check the full state tree of checkpoint ``name`` (its manifest already parsed as ``doc``).
 
     ``targets`` maps tensor numbers of the tree to tensors the caller owns (CPU
     or CUDA, contiguous, same dtype and shape): their bytes are read straight
-    into them and the tree holds those very tensors. Every other tensor owns its
-    storage (tensors that shared storage when saved share it again), so a tensor
-    handed to ``load_state_dict`` never keeps a file buffer alive; with
+    into them and the tree holds those very tensors. The tree is decoded and
+    checked (:func:`decode_tree`) before any byte is read, so a malformed tree
+    leaves the targets untouched; a checksum that fails part-way through the
+    data may leave some of the checkpoint's bytes in them. Every other tensor
+    owns its storage (tensors that shared storage when saved share it again), so
+    a tensor handed to ``load_state_dict`` never keeps a file buffer alive; with
     ``mmap=True`` tensors are lazy views of the files instead. ``map_location``
     moves the tensors in ``follow`` (None: all) and those saved off the CPU (see
     :func:`savegame.todevice.entry_places`); GPU-bound bytes are streamed to the
     GPU without a CPU copy. NumPy arrays stay on the CPU whatever
-    ``map_location`` says. If a check fails part-way, targets may hold some of
-    the checkpoint's bytes already.
+    ``map_location`` says.
     """
     device = todevice.resolve(device_of(map_location))
+    table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
     chosen = _by_entry(doc, targets or {})
-    count = len(doc[n.M_ENTRIES][n.E_FILE])
-    places = todevice.entry_places(doc[n.M_TENSORS], count, device, follow, chosen)
+    places = todevice.entry_places(table, len(entries[n.E_FILE]), device, follow, chosen)
+    if mmap:
+        tree = _decode_placed(doc, readinto.read_entries(storage, name, doc, verify=verify, into=None), places)
+    elif places is None:  # everything on the CPU: the tree is decoded around the destinations, then filled
+        into = readinto.allocate(doc, chosen)
+        tree = decode_tree(doc, layout.tensors_from_entries(table, into))  # before any byte reaches a target
+        readinto.read_entries(storage, name, doc, verify=verify, into=into)
+    else:  # some tensors live on a GPU: checked on stand-ins first, decoded once their bytes are there
+        decode_tree(doc, tensor_specs(doc))
+        own = {**chosen, **todevice.allocate(entries, readinto.dtypes_of(entries[n.E_DTYPE]), places, chosen)}
+        into = readinto.allocate(doc, own)
+        on_device = {e for e, t in own.items() if t.is_cuda}
+        read = readinto.read_entries(storage, name, doc, verify=verify, into=into, on_device=on_device)
+        tree = _decode_placed(doc, read, places)
+    rng.check_values(tree.get(n.TREE_RNG))
+    return tree
+
+
+def _decode_placed(doc: Mapping[str, Any], read: list[torch.Tensor],
+                   places: list[torch.device | None] | None) -> dict[str, Any]:
+    """The tree of tensors ``read`` (per entry), each moved to its place; NumPy arrays from CPU copies."""
     table = doc[n.M_TENSORS]
-    if places is None:  # everything on the CPU
-        read = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets=chosen)
-        return codec.decode(doc.get(n.M_TREE), layout.tensors_from_entries(table, read))
-    fresh = {} if mmap else todevice.allocate(doc[n.M_ENTRIES], readinto.dtypes_of(doc[n.M_ENTRIES][n.E_DTYPE]),
-                                              places, chosen)
-    read = readinto.read_entries(storage, name, doc, verify=verify, lazy=mmap, targets={**chosen, **fresh})
+    if places is None:
+        return decode_tree(doc, layout.tensors_from_entries(table, read))
     placed = [t if place is None or t.device == place else t.to(place) for t, place in zip(read, places, strict=True)]
     arrays = _OnCpu(layout.tensors_from_entries(table, read))
-    return codec.decode(doc.get(n.M_TREE), layout.tensors_from_entries(table, placed), arrays=arrays)
+    return decode_tree(doc, layout.tensors_from_entries(table, placed), arrays=arrays)
 
 
 class _OnCpu(Sequence[torch.Tensor]):
@@ -180,17 +265,45 @@ def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> di
 
 
 def verify_checkpoint(storage: Storage, name: str) -> list[str]:
-    """Every problem found in checkpoint ``name`` (empty when intact); reads in bounded chunks."""
+    """Every problem found in checkpoint ``name`` (empty when intact); reads in bounded chunks.
+
+    Checks what restoring it would check before reading (:func:`check`), then every byte.
+    """
     try:
         doc = read_manifest(storage, name)
+        check(doc)
         algo, entries = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), doc[n.M_ENTRIES]
+        by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
+        for e, k in enumerate(entries[n.E_FILE]):
+            by_file[k].append(e)
         for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-            mine = [e for e, f in enumerate(entries[n.E_FILE]) if f == k]
-            _verify_file(storage, name, file, expected, algo, entries, mine)
-        codec.decode(doc.get(n.M_TREE), [torch.empty(0)] * len(doc[n.M_TENSORS][n.T_ENTRY]))
+            _verify_file(storage, name, file, expected, algo, entries, by_file[k])
+        _verify_torch_rng(storage, name, doc)
     except CorruptCheckpointError as exc:
-        return [str(exc)]
+        return [f"{storage.root}/{name}: {exc}" if not str(exc).startswith(storage.root) else str(exc)]
     return []
+
+
+def _verify_torch_rng(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
+    """The torch RNG state's bytes, which restoring checks on a scratch generator (as :func:`read_tree` does)."""
+    tree = doc.get(n.M_TREE)
+    state = tree.get(n.TREE_RNG) if isinstance(tree, dict) else None
+    ref = state.get("torch") if isinstance(state, dict) else None
+    table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
+    j = ref.get("$t") if isinstance(ref, dict) else None
+    if type(j) is not int or any(v["tensor"] == j for v in table[n.T_VIEWS]):
+        return  # no torch state, or one stored as a view: read_tree checks it
+    e = table[n.T_ENTRY][j]
+    file = doc[n.M_FILES][entries[n.E_FILE][e]]
+    try:
+        with storage.open_read(f"{name}/{file}") as f:
+            start, _ = read_header(f, storage.size(f"{name}/{file}"), file, parse=False)
+            f.seek(start + entries[n.E_START][e])
+            raw = f.read(entries[n.E_END][e] - entries[n.E_START][e])
+    except StorageError as exc:
+        raise CorruptCheckpointError(f"{file}: cannot be read ({exc})") from exc
+    dtype = codec.dtype_from_name(entries[n.E_DTYPE][e])
+    rng.check_values({"torch": torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)} if raw else {})
 
 
 def _verify_file(storage: Storage, name: str, file: str, expected: checksum.Value, algo: checksum.Algorithm,

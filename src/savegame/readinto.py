@@ -23,7 +23,7 @@ import torch
 
 from savegame import todevice
 from savegame.errors import CorruptCheckpointError, StorageError
-from savegame.format import checksum, codec, layout
+from savegame.format import checksum, codec
 from savegame.format import names as n
 from savegame.format.tensorfile import read_header
 from savegame.staging import SMALL
@@ -46,15 +46,36 @@ def file_ends(doc: Mapping[str, Any]) -> list[int]:
     return ends
 
 
-def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool, lazy: bool,
-                  targets: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
+def allocate(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> list[torch.Tensor]:
+    """Per entry, the tensor its bytes will be read into: the caller's own (``targets``, by entry) or a new one.
+
+    Nothing is read yet, so the tree can be decoded and checked around these tensors before any byte
+    reaches a target.
+    """
+    entries, empty = doc[n.M_ENTRIES], torch.empty
+    pairs = zip(dtypes_of(entries[n.E_DTYPE]), entries[n.E_SHAPE], strict=True)
+    if not targets:  # (empty(*shape) parses faster than empty(shape): this runs once per entry)
+        return [empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype) for dtype, shape in pairs]
+    out = []
+    for e, (dtype, shape) in enumerate(pairs):
+        dst = targets.get(e)
+        out.append(dst if dst is not None else empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype))
+    return out
+
+
+def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool,
+                 into: list[torch.Tensor] | None, on_device: set[int] | None = None) -> list[torch.Tensor]:
+    """Check and copy every entry into ``into`` (from :func:`allocate`), and return it; with ``into=None``
+    (``mmap=True``) entries become views of the mapped files instead, storage spans copies. Entries in
+    ``on_device`` (their tensor in ``into`` is on a GPU) are streamed there by :func:`savegame.todevice.fill`."""
     entries = doc[n.M_ENTRIES]
     algo = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
     by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
     for e, k in enumerate(entries[n.E_FILE]):
         by_file[k].append(e)
     spans = {doc[n.M_TENSORS][n.T_ENTRY][v["tensor"]] for v in doc[n.M_TENSORS][n.T_VIEWS]}
-    job = _Job(entries, dtypes_of(entries[n.E_DTYPE]), algo if verify else None, targets, spans)
+    lazy = into is None
+    job = _Job(entries, dtypes_of(entries[n.E_DTYPE]), algo if verify else None, into, spans, on_device or set())
     ends = file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
         where = f"{storage.root}/{name}/{file}"
@@ -114,27 +135,31 @@ class _DataSection:
 
 
 class _Job:
-    """Checks and copies the entries of a checkpoint into their tensors (``out``, per entry)."""
+    """Checks and copies the entries of a checkpoint into their tensors (``out``, per entry).
+
+    The manifest was validated (:func:`savegame.format.manifest.loads`): every entry's byte range
+    matches its dtype and shape.
+    """
 
     def __init__(self, entries: Mapping[str, Any], dtypes: list[torch.dtype], algo: checksum.Algorithm | None,
-                 targets: Mapping[int, torch.Tensor], spans: set[int]) -> None:
-        self.entries, self.dtypes, self.algo, self.targets, self.spans = entries, dtypes, algo, targets, spans
-        self.out: list[torch.Tensor] = [torch.empty(0)] * len(dtypes)
-        self.on_device = {e for e, t in targets.items() if t.is_cuda}  # streamed by savegame.todevice
+                 into: list[torch.Tensor] | None, spans: set[int], on_device: set[int]) -> None:
+        self.entries, self.dtypes, self.algo, self.spans = entries, dtypes, algo, spans
+        self.out: list[torch.Tensor] = into if into is not None else [torch.empty(0)] * len(dtypes)
+        self.on_device = on_device  # entries whose tensor is on a GPU: streamed there by savegame.todevice
 
     def run(self, entries: list[int], data: _DataSection, where: str) -> None:
         starts, ends, shapes, sums = (self.entries[c] for c in (n.E_START, n.E_END, n.E_SHAPE, n.E_SUM))
         check = self.algo.function if self.algo is not None else None
-        dtypes, targets, out, view, address = self.dtypes, self.targets, self.out, data.view, data.address
-        memmove, empty, big, lazy, device, on_device = ctypes.memmove, torch.empty, [], [], [], self.on_device
+        dtypes, out, view, address = self.dtypes, self.out, data.view, data.address
+        memmove, big, device, on_device = ctypes.memmove, [], [], self.on_device
         for e in entries:
-            start, size, dtype, shape = starts[e], ends[e] - starts[e], dtypes[e], shapes[e]
-            if layout.numel(shape) * dtype.itemsize != size:
-                raise CorruptCheckpointError(f"{where}: entry {e} holds {size} bytes, not {dtype} {shape}")
-            if data.lazy and e not in self.spans:  # storage spans are copied: their views need their own storage
-                lazy.append(e)
-                continue
-            if on_device and e in on_device:
+            start, size = starts[e], ends[e] - starts[e]
+            if data.lazy:
+                if e not in self.spans:  # storage spans are copied: their views need their own storage
+                    self._map_lazy(e, data, where)
+                    continue
+                out[e] = torch.empty(shapes[e], dtype=dtypes[e])
+            elif on_device and e in on_device:
                 device.append(e)
                 continue
             if size > SMALL:
@@ -142,23 +167,11 @@ class _Job:
                 continue
             if check is not None and check(view[start:start + size]) != sums[e]:
                 raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
-            dst = targets.get(e)
-            if dst is None:
-                dst = empty(*shape, dtype=dtype) if shape else empty((), dtype=dtype)
-            out[e] = dst
             if size:
-                memmove(dst.data_ptr(), address + start, size)
+                memmove(out[e].data_ptr(), address + start, size)
         if device:
-            todevice.fill(device, targets, self.entries, self.algo, data.address, where)
-            for e in device:
-                out[e] = targets[e]
-        for e in lazy:
-            self._map_lazy(e, data, where)
+            todevice.fill(device, out, self.entries, self.algo, data.address, where)
         if big:
-            for e in big:
-                dst = targets.get(e)
-                out[e] = dst if dst is not None else empty(*shapes[e], dtype=dtypes[e]) if shapes[e] \
-                    else empty((), dtype=dtypes[e])
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1, len(big))) as pool:
                 for e, ok in zip(big, pool.map(lambda e: self._copy_big(e, data), big), strict=True):
                     if not ok:

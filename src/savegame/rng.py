@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from savegame.errors import IncompatibleStateError
+from savegame.errors import CorruptCheckpointError, IncompatibleStateError
 
 log = logging.getLogger("savegame.rng")
+_TORCH_STATE_BYTES = torch.get_rng_state().numel()
+_MT_WORDS = 624  # NumPy's legacy MT19937 state: 624 uint32 words, then a position in 0..624
 
 
 def capture() -> dict[str, Any]:
@@ -31,6 +33,80 @@ def capture() -> dict[str, Any]:
         "torch": torch.get_rng_state(),
         "cuda": cuda,
     }
+
+
+def check(state: Any) -> None:
+    """Refuse (CorruptCheckpointError) an RNG state :func:`restore` could not set, before reading its data.
+
+    Tensors may be stand-ins with a ``dtype`` and ``shape`` only: their bytes are checked by
+    :func:`check_values` once read. The Python state, plain JSON, is tried on a scratch generator.
+    """
+    if state is None:
+        return
+    if not isinstance(state, dict):
+        raise CorruptCheckpointError("the RNG state is not a mapping")
+    for key, test in (("python", _check_python), ("numpy", _check_numpy), ("torch", _check_torch),
+                      ("cuda", _check_cuda)):
+        if key in state:
+            problem = test(state[key])
+            if problem:
+                raise CorruptCheckpointError(f"the {key} RNG state is malformed: {problem}")
+
+
+def _check_python(value: Any) -> str | None:
+    try:
+        random.Random().setstate(_python_state(value))
+    except (TypeError, ValueError, OverflowError) as exc:
+        return str(exc)
+    return None
+
+
+def _check_numpy(value: Any) -> str | None:
+    if not (isinstance(value, tuple) and len(value) == 5 and type(value[0]) is str and value[0] == "MT19937"):
+        return "expected ('MT19937', keys, pos, has_gauss, cached_gaussian)"
+    _, keys, pos, has_gauss, gauss = value
+    if _dtype_shape(keys) not in ((torch.uint32, (_MT_WORDS,)), (np.dtype(np.uint32), (_MT_WORDS,))):
+        return f"keys must be {_MT_WORDS} uint32 words"
+    if type(pos) is not int or not 0 <= pos <= _MT_WORDS or type(has_gauss) is not int or has_gauss not in (0, 1):
+        return "bad position or has_gauss"
+    if type(gauss) is not float:
+        return "cached_gaussian must be a float"
+    return None
+
+
+def _check_torch(value: Any) -> str | None:
+    if _dtype_shape(value) != (torch.uint8, (_TORCH_STATE_BYTES,)):
+        return f"expected a uint8 tensor of {_TORCH_STATE_BYTES} bytes"
+    return None
+
+
+def _check_cuda(value: Any) -> str | None:
+    if not isinstance(value, list):
+        return "expected a list of tensors"
+    if not all(_dtype_shape(v)[0] is torch.uint8 and len(_dtype_shape(v)[1]) == 1 for v in value):
+        return "expected 1-D uint8 tensors"
+    return None
+
+
+def _dtype_shape(value: Any) -> tuple[Any, tuple[int, ...]]:
+    """(dtype, shape) of a tensor, an array, or a stand-in for one; (None, ()) for anything else."""
+    dtype, shape = getattr(value, "dtype", None), getattr(value, "shape", None)
+    if isinstance(value, (str, bytes, int, float)) or dtype is None or not isinstance(shape, tuple | torch.Size):
+        return None, ()
+    return dtype, tuple(shape)
+
+
+def check_values(state: Any) -> None:
+    """Refuse (CorruptCheckpointError) a torch RNG state, checked by :func:`check` and now read, whose
+    bytes torch rejects (tried on a scratch generator: the global one is untouched). NumPy accepts
+    any 624 uint32 words, which :func:`check` already made sure of."""
+    value = state.get("torch") if isinstance(state, dict) else None
+    if not isinstance(value, torch.Tensor) or value.is_meta:  # meta: no bytes to check
+        return
+    try:
+        torch.Generator().set_state(_cpu_bytes(value))
+    except RuntimeError as exc:
+        raise CorruptCheckpointError(f"the torch RNG state is invalid: {exc}") from exc
 
 
 def restore(state: Any) -> None:

@@ -148,7 +148,7 @@ class _Slots:
                 host.release()
 
 
-def fill(entries: Sequence[int], targets: Mapping[int, torch.Tensor], columns: Mapping[str, Any],
+def fill(entries: Sequence[int], targets: Mapping[int, torch.Tensor] | Sequence[torch.Tensor], columns: Mapping[str, Any],
          algo: checksum.Algorithm | None, address: int, where: str, slot: int = SLOT,
          pinner: Pinner | None = None) -> None:
     """Copy each entry's bytes (at ``address`` + its start) into its GPU tensor, checking them on the way.

@@ -137,3 +137,12 @@ def test_the_deepest_value_encode_accepts_decodes(kind):
 def test_a_value_that_contains_itself_is_refused_with_its_path(make_cycle):
     with pytest.raises(UnsupportedValueError, match=r"cannot store the value at '(self|\[1\]|outer)"):
         codec.encode(make_cycle(), lambda t, p: 0)
+
+
+@pytest.mark.parametrize("node", [
+    {"$float": []}, {"$size": [2**70]}, {"$device": "cuda:99999999999999999999999"}, {"$complex": [10**400, 0]},
+    {"$np": ["<i1", 10**30]}, {"$np": ["(2,3)f8,", 1]}, {"$int": "xyz"}, {"$int": 5}, {"$dict": [[[10**5000], 1]]},
+], ids=lambda node: next(iter(node)))
+def test_hostile_tagged_values_are_corrupt_checkpoint_errors(node):
+    with pytest.raises(CorruptCheckpointError):
+        codec.decode(node, ())

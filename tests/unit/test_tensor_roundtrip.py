@@ -31,10 +31,10 @@ def random_tensor(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
 
 def save_and_read(tmp_path, tree, *, staged: bool, shard_bytes: int = 1 << 30, mmap: bool = False):
     storage = LocalStorage(tmp_path)
-    prepared = prepare(tree, {n.M_STEP: 1, n.M_METRICS: {}}, shard_bytes)
+    prepared = prepare({n.TREE_STATE: {"value": tree}}, {n.M_STEP: 1, n.M_METRICS: {}}, shard_bytes)
     write_checkpoint(storage, "step-0000000001", prepared, snapshot(prepared, Staging() if staged else None))
     doc = read_manifest(storage, "step-0000000001")
-    return read_tree(storage, "step-0000000001", doc, mmap=mmap)
+    return read_tree(storage, "step-0000000001", doc, mmap=mmap)[n.TREE_STATE]["value"]
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:

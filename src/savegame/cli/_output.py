@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from savegame.cli._app import broken_pipe
+from savegame.format.codec import BIG_INT_BITS, encode
 
 
 def console(*, stderr: bool = False) -> Console:
@@ -70,7 +71,21 @@ def human_age(when: float | None, now: float | None = None) -> str:
 def number(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, int):
+        return int_text(value)
     return str(value)
+
+
+def key_text(key: Any) -> str:
+    """A mapping key as text (an int past the int/str digit limit too)."""
+    return int_text(key) if isinstance(key, int) and not isinstance(key, bool) else str(key)
+
+
+def int_text(value: int) -> str:
+    """An int as text; one past Python's 4,300-digit int/str limit by its size and first hex digits."""
+    if value.bit_length() <= BIG_INT_BITS:
+        return str(value)
+    return f"<int of {value.bit_length()} bits: {'-' if value < 0 else ''}0x{format(abs(value), 'x')[:12]}...>"
 
 
 def metrics_text(metrics: Mapping[str, Any]) -> str:
@@ -83,7 +98,13 @@ def short(value: Any, limit: int = 60) -> str:
         return tensor_text(value)
     if isinstance(value, (list, tuple)) and len(value) > 8:
         return f"{type(value).__name__} of {len(value)} items"
-    text = repr(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = int_text(value)
+    else:
+        try:
+            text = repr(value)
+        except ValueError:  # it holds an int past the int/str digit limit, which has no repr
+            text = f"{type(value).__name__} holding an int too large to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -103,12 +124,14 @@ def nbytes(t: torch.Tensor | np.ndarray) -> int:
 
 def jsonable(value: Any) -> Any:
     """Plain JSON for any value a checkpoint holds (tensors become {dtype, shape})."""
-    if value is None or isinstance(value, (bool, str, int)):
+    if value is None or isinstance(value, (bool, str)):
         return value
+    if isinstance(value, int):  # past the int/str digit limit: as the format writes it
+        return value if value.bit_length() <= BIG_INT_BITS else encode(int(value), _no_tensors)
     if isinstance(value, float):
         return value if math.isfinite(value) else str(value)
     if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
+        return {key_text(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     if isinstance(value, (set, frozenset)):
@@ -124,3 +147,7 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, torch.dtype):
         return str(value).removeprefix("torch.")
     return str(value)
+
+
+def _no_tensors(tensor: torch.Tensor, path: str) -> int:
+    raise AssertionError("an int holds no tensor")

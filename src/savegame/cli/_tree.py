@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from savegame.cli._output import dtype_name, nbytes, short, tensor_text
+from savegame.cli._output import dtype_name, key_text, nbytes, short, tensor_text
 
 Tensorish = torch.Tensor | np.ndarray
 _CHUNK = 1 << 22  # elements compared at a time: bounds the float64 copies diff makes
@@ -25,7 +25,7 @@ def is_tensor(value: Any) -> bool:
 
 
 def child(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
+    return f"{path}.{key_text(key)}" if path else key_text(key)
 
 
 def walk_tensors(value: Any, path: str = "") -> Iterator[tuple[str, Tensorish]]:
@@ -127,9 +127,21 @@ def compare_tensors(key: str, a: Tensorish, b: Tensorish) -> TensorChange | None
     if ta.dtype == tb.dtype and ta.shape == tb.shape and _bits(ta).equal(_bits(tb)):
         return None
     change = TensorChange(key, tensor_text(a), tensor_text(b))
-    if ta.shape == tb.shape:
+    if ta.shape == tb.shape and _numeric(ta) and _numeric(tb):
         change.max_abs, change.max_rel = max_differences(ta, tb)
     return change
+
+
+def _numeric(t: torch.Tensor) -> bool:
+    """Whether ``t`` converts to float64 or complex128 (bits and sub-byte dtypes do not: no differences shown)."""
+    return t.dtype in _NUMERIC
+
+
+_NUMERIC = frozenset({
+    torch.bool, torch.uint8, torch.uint16, torch.uint32, torch.uint64, torch.int8, torch.int16, torch.int32,
+    torch.int64, torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex32, torch.complex64,
+    torch.complex128, torch.float8_e4m3fn, torch.float8_e4m3fnuz, torch.float8_e5m2, torch.float8_e5m2fnuz,
+    torch.float8_e8m0fnu})
 
 
 def max_differences(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:

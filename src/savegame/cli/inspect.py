@@ -22,6 +22,7 @@ from savegame.cli._output import (
     human_age,
     human_bytes,
     jsonable,
+    key_text,
     metrics_text,
     nbytes,
     new_table,
@@ -85,7 +86,7 @@ def _is_data_position(value: Any) -> bool:
 
 
 def _scalars(value: Mapping[str, Any]) -> dict[str, Any]:
-    return {str(k): v for k, v in value.items() if v is None or isinstance(v, (bool, int, float, str))}
+    return {key_text(k): v for k, v in value.items() if v is None or isinstance(v, (bool, int, float, str))}
 
 
 def _size(path: str) -> int:
@@ -177,7 +178,7 @@ def _add_branch(node: Tree, key: str, value: Any) -> None:
     elif isinstance(value, Mapping) and value:
         branch = node.add(key)
         for k, v in value.items():
-            _add_branch(branch, str(k), v)
+            _add_branch(branch, key_text(k), v)
     elif isinstance(value, (list, tuple)) and structural(value):
         branch = node.add(f"{key} ({type(value).__name__} of {len(value)})")
         for i, v in enumerate(value):

@@ -27,11 +27,20 @@ MAX_DEPTH = 200
 MAX_ENCODE_DEPTH = MAX_DEPTH - 20
 """Deepest nesting encode() accepts; the margin covers the levels the checkpoint's tree adds above a state."""
 
+BIG_INT_BITS = 8192
+"""Ints of more bits than this are written as ``{"$int": "<hex>"}``: JSON as text would pass Python's
+limit on int/str conversion (4,300 digits), and hex text has no such limit."""
+
 _FLOAT_SPECIAL = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 _TAGS = frozenset(
     {"$t", "$nd", "$tuple", "$dict", "$float", "$bytes", "$set", "$frozenset",
-     "$dtype", "$device", "$size", "$np", "$complex"}
+     "$dtype", "$device", "$size", "$np", "$complex", "$int"}
 )
+_QUANTIZED = frozenset({torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4})
+NUMPY_DTYPES = frozenset({torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                          torch.uint32, torch.uint64, torch.float16, torch.float32, torch.float64, torch.complex64,
+                          torch.complex128})
+"""The torch dtypes of NumPy arrays ({"$nd": i}): those ``torch.from_numpy`` makes, and ``.numpy()`` undoes."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -42,7 +51,15 @@ def dtype_name(dtype: torch.dtype) -> str:
 def dtype_from_name(name: object) -> torch.dtype:
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype):
-        raise CorruptCheckpointError(f"unknown torch dtype {name!r} in checkpoint")
+        raise CorruptCheckpointError(f"unknown torch dtype {brief(name)} in checkpoint")
+    return dtype
+
+
+def stored_dtype(name: object) -> torch.dtype:
+    """The dtype of stored tensor data: any torch dtype but the quantized ones, which savegame never writes."""
+    dtype = dtype_from_name(name)
+    if dtype in _QUANTIZED:
+        raise CorruptCheckpointError(f"tensor data of quantized dtype {name!r} in checkpoint (never written)")
     return dtype
 
 
@@ -64,8 +81,10 @@ def encode(value: Any, sink: TensorSink, path: str = "", depth: int = 0) -> Any:
         return _encode_dict(value, sink, path, depth + 1)
     if cls is torch.Tensor or cls is torch.nn.Parameter:
         return {"$t": sink(value, path)}
-    if cls is str or cls is int or cls is bool or value is None:
+    if cls is str or cls is bool or value is None:
         return value
+    if cls is int:
+        return value if value.bit_length() <= BIG_INT_BITS else _encode_big_int(value)
     if cls is float:
         return value if math.isfinite(value) else _encode_float(value)
     if cls is list:
@@ -89,7 +108,7 @@ def _encode_other(value: Any, sink: TensorSink, path: str, depth: int) -> Any:
     if isinstance(value, (bool, str)):
         return str(value) if isinstance(value, str) else value
     if isinstance(value, int):
-        return int(value)
+        return encode(int(value), sink, path, depth)
     if isinstance(value, float):
         return _encode_float(float(value))
     if isinstance(value, torch.Tensor):
@@ -130,6 +149,19 @@ def _encode_scalar_object(value: Any, sink: TensorSink, path: str, depth: int) -
     )
 
 
+def brief(value: Any) -> str:
+    """``repr(value)`` cut to 60 characters, for messages (an int past the str limit has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _encode_big_int(value: int) -> Any:
+    return {"$int": ("-" if value < 0 else "") + format(abs(value), "x")}
+
+
 def _encode_float(value: float) -> Any:
     if math.isfinite(value):  # finite floats are plain JSON
         return value
@@ -142,15 +174,19 @@ def _encode_dict(value: dict[Any, Any], sink: TensorSink, path: str, depth: int)
         return {k: encode(v, sink, f"{path}.{k}" if path else k, depth) for k, v in value.items()}
     pairs = []
     for k, v in value.items():
-        sub = f"{path}[{k!r}]"
+        sub = f"{path}[{brief(k)}]"
         pairs.append([encode(k, sink, sub, depth), encode(v, sink, sub, depth)])
     return {"$dict": pairs}
 
 
 def _encode_numpy_scalar(value: np.generic, path: str) -> Any:
     item = value.item()
-    if not isinstance(item, (bool, int, float, complex)):
-        raise UnsupportedValueError(f"cannot store NumPy scalar of dtype {value.dtype} at {path!r}")
+    kind, size = value.dtype.kind, value.dtype.itemsize
+    if not isinstance(item, (bool, int, float, complex)) or kind not in "biufc" \
+            or (kind == "f" and size > 8) or (kind == "c" and size > 16):  # long double: .item() would round it
+        raise UnsupportedValueError(
+            f"cannot store NumPy scalar of dtype {value.dtype} at {path!r} exactly; convert it in state_dict() "
+            "(e.g. to float64 or to a str)")
     return {"$np": [value.dtype.str, encode(item, _no_tensors, path)]}
 
 
@@ -164,7 +200,13 @@ def _array_as_tensor(array: np.ndarray, path: str) -> torch.Tensor:
             f"cannot store NumPy array of dtype {array.dtype} at {path!r}: only numeric and bool arrays are supported"
         )
     native = array.astype(array.dtype.newbyteorder("="), copy=False)
-    return torch.from_numpy(np.ascontiguousarray(native))
+    try:
+        return torch.from_numpy(np.ascontiguousarray(native))
+    except TypeError as exc:  # float128, complex256 (long double): torch has no such dtype
+        raise UnsupportedValueError(
+            f"cannot store NumPy array of dtype {array.dtype} at {path!r}: torch has no such dtype; "
+            "convert it in state_dict() (e.g. .astype(np.float64))"
+        ) from exc
 
 
 def tensor_refs(encoded: Mapping[str, Any], count: int) -> dict[str, int]:
@@ -178,9 +220,9 @@ def tensor_refs(encoded: Mapping[str, Any], count: int) -> dict[str, int]:
     return out
 
 
-def decode(obj: Any, tensors: Sequence[torch.Tensor], depth: int = 0, *,
-           arrays: Sequence[torch.Tensor] | None = None) -> Any:
-    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}``.
+def decode(obj: Any, tensors: Sequence[Any], depth: int = 0, *, arrays: Sequence[Any] | None = None) -> Any:
+    """Invert :func:`encode`; ``tensors[i]`` replaces ``{"$t": i}`` (tensors, or stand-ins with a
+    ``dtype`` and a ``numpy()`` method, such as :class:`savegame.format.layout.Spec`).
 
     ``{"$nd": i}`` becomes ``arrays[i].numpy()`` (``arrays`` defaults to ``tensors``;
     pass CPU tensors there when ``tensors`` were mapped to another device).
@@ -215,8 +257,13 @@ def _decode_tagged(tag: str, body: Any, tensors: Sequence[torch.Tensor], arrays:
     if tag in ("$t", "$nd"):
         index = _expect(body, int, tag)
         if isinstance(body, bool) or not 0 <= index < len(tensors):
-            raise CorruptCheckpointError(f"tensor reference {body!r} out of range (have {len(tensors)})")
-        return tensors[index] if tag == "$t" else arrays[index].numpy()
+            raise CorruptCheckpointError(f"tensor reference {brief(body)} out of range (have {len(tensors)})")
+        if tag == "$t":
+            return tensors[index]
+        if arrays[index].dtype not in NUMPY_DTYPES:
+            raise CorruptCheckpointError(f"NumPy array {index} has dtype {arrays[index].dtype}, which NumPy lacks")
+        item = arrays[index]  # a model's own parameter when the array shared its bytes: detached, not copied
+        return item.detach().numpy() if isinstance(item, torch.Tensor) else item.numpy()
     if tag == "$tuple":
         return tuple(_decode(v, tensors, arrays, depth) for v in _expect(body, list, tag))
     if tag == "$dict":
@@ -240,14 +287,14 @@ def _decode_pairs(pairs: list[Any], tensors: Sequence[torch.Tensor], arrays: Seq
         try:
             out[key] = _decode(pair[1], tensors, arrays, depth)
         except TypeError as exc:
-            raise CorruptCheckpointError(f"unhashable dict key {key!r}") from exc
+            raise CorruptCheckpointError(f"unhashable dict key {brief(key)}") from exc
     return out
 
 
 def _decode_scalar(tag: str, body: Any) -> Any:
     if tag == "$float":
-        if body not in _FLOAT_SPECIAL:
-            raise CorruptCheckpointError(f"bad $float value {body!r}")
+        if type(body) is not str or body not in _FLOAT_SPECIAL:
+            raise CorruptCheckpointError(f"bad $float value {brief(body)}")
         return _FLOAT_SPECIAL[body]
     if tag == "$bytes":
         try:
@@ -259,16 +306,18 @@ def _decode_scalar(tag: str, body: Any) -> Any:
         if len(parts) != 2:
             raise CorruptCheckpointError("bad $complex value")
         return complex(_float(parts[0]), _float(parts[1]))
+    if tag == "$int":
+        return _decode_big_int(body)
     if tag == "$dtype":
         return dtype_from_name(body)
     if tag == "$device":
         try:
             return torch.device(_expect(body, str, tag))
-        except RuntimeError as exc:
-            raise CorruptCheckpointError(f"bad device {body!r}") from exc
+        except (RuntimeError, ValueError, OverflowError) as exc:
+            raise CorruptCheckpointError(f"bad device {brief(body)}") from exc
     if tag == "$size":
         dims = _expect(body, list, tag)
-        if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in dims):
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**63 for d in dims):
             raise CorruptCheckpointError("bad $size value")
         return torch.Size(dims)
     return _decode_numpy_scalar(_expect(body, list, tag))
@@ -279,7 +328,7 @@ def _decode_numpy_scalar(body: list[Any]) -> Any:
         raise CorruptCheckpointError("bad $np value")
     try:
         dtype = np.dtype(body[0])
-    except TypeError as exc:
+    except (TypeError, ValueError, SyntaxError) as exc:
         raise CorruptCheckpointError(f"bad NumPy dtype {body[0]!r}") from exc
     if dtype.kind not in "biufc":
         raise CorruptCheckpointError(f"NumPy dtype {body[0]!r} not allowed")
@@ -289,14 +338,28 @@ def _decode_numpy_scalar(body: list[Any]) -> Any:
     try:
         return dtype.type(value)
     except (OverflowError, ValueError, TypeError) as exc:
-        raise CorruptCheckpointError(f"bad $np value {value!r} for {dtype}") from exc
+        raise CorruptCheckpointError(f"bad $np value {brief(value)} for {dtype}") from exc
+
+
+def _decode_big_int(body: Any) -> int:
+    text = _expect(body, str, "$int")
+    digits = text.removeprefix("-")
+    if not (digits.isascii() and digits.isalnum() and digits == digits.lower()):
+        raise CorruptCheckpointError(f"bad $int value {text[:40]!r}")
+    try:
+        return int(text, 16)
+    except ValueError as exc:
+        raise CorruptCheckpointError(f"bad $int value {text[:40]!r}") from exc
 
 
 def _float(value: Any) -> float:
     decoded = decode(value, ())
     if isinstance(decoded, bool) or not isinstance(decoded, (int, float)):
         raise CorruptCheckpointError("expected a number")
-    return float(decoded)
+    try:
+        return float(decoded)
+    except OverflowError as exc:
+        raise CorruptCheckpointError(f"number too large for a float: {brief(decoded)}") from exc
 
 
 def _expect(body: Any, kind: type, tag: str) -> Any:

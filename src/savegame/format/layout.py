@@ -59,6 +59,22 @@ class TensorPlan:
         return {n.T_ENTRY: self.tensor_entry, n.T_DEVICE: self.tensor_device, n.T_VIEWS: self.views}
 
 
+class Spec:
+    """Stands for a tensor (or NumPy array) of this dtype and shape when a checkpoint is checked before
+    its data is read."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, dtype: torch.dtype, shape: Sequence[int]) -> None:
+        self.dtype, self.shape = dtype, tuple(shape)
+
+    def numpy(self) -> Spec:  # where the tree holds a NumPy array ({"$nd": i})
+        return self
+
+    def __repr__(self) -> str:
+        return f"Spec({self.dtype}, {list(self.shape)})"
+
+
 def check_supported(tensor: torch.Tensor, path: str) -> None:
     """Raise UnsupportedValueError for tensor kinds that cannot be stored exactly."""
     problem = None
@@ -183,22 +199,12 @@ def tensors_from_entries(table: Mapping[str, Any], entries: Sequence[torch.Tenso
 
 
 def _view(base: torch.Tensor, record: Mapping[str, Any]) -> torch.Tensor:
-    dtype = dtype_from_name(record.get("dtype"))
-    shape, stride = _dims(record.get("shape"), "shape"), _dims(record.get("stride"), "stride")
-    offset, itemsize = record.get("offset"), dtype.itemsize
-    if type(offset) is not int or offset < 0 or offset % itemsize or len(stride) != len(shape):
-        raise CorruptCheckpointError("bad strided view record in checkpoint")
-    extent = sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1 if all(shape) else 0
-    if base.storage_offset() or offset + extent * itemsize > base.numel() * base.element_size():
-        raise CorruptCheckpointError("strided view reaches past its storage in checkpoint")
+    """The view a record describes; :func:`savegame.format.manifest.loads` checked that it fits its span."""
+    dtype = dtype_from_name(record["dtype"])
+    if base.storage_offset():
+        raise CorruptCheckpointError("a strided view's storage does not start at its span in checkpoint")
     out = torch.empty(0, dtype=dtype, device=base.device)
-    return out.set_(base.untyped_storage(), offset // itemsize, shape, stride)
-
-
-def _dims(value: Any, what: str) -> list[int]:
-    if not isinstance(value, list) or not all(type(v) is int and v >= 0 for v in value):
-        raise CorruptCheckpointError(f"bad tensor {what} {value!r} in checkpoint")
-    return value
+    return out.set_(base.untyped_storage(), record["offset"] // dtype.itemsize, record["shape"], record["stride"])
 
 
 def numel(shape: Sequence[int]) -> int:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
+import math
+import operator
 import zlib
 from collections.abc import Mapping
 from typing import Any
@@ -25,9 +26,11 @@ from typing import Any
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum
 from savegame.format import names as n
-from savegame.format.codec import dtype_from_name
+from savegame.format.codec import stored_dtype
 
-_FILE_RE = re.compile(r"tensors-\d{5}\.safetensors")
+MAX_BYTES = 2**63
+"""Every dimension, and the bytes a shape would span with its zero dimensions counted as 1, stay below this
+(torch's sizes are signed 64-bit)."""
 _CRC_MARK = b',"' + n.M_CHECKSUM.encode() + b'":'
 _ENTRY_COLUMNS = (n.E_FILE, n.E_DTYPE, n.E_SHAPE, n.E_START, n.E_END, n.E_SUM)
 
@@ -86,14 +89,15 @@ def compact(body: dict[str, Any]) -> dict[str, Any]:
 def _expand(doc: dict[str, Any]) -> None:
     """Undo :func:`compact` in place (validation follows)."""
     entries, tensors = doc.get(n.M_ENTRIES), doc.get(n.M_TENSORS)
-    if type(entries) is not dict or type(tensors) is not dict:
+    if type(entries) is not dict or type(tensors) is not dict or type(entries.get(n.E_START)) is not list \
+            or type(tensors.get(n.T_ENTRY)) is not list:
         raise CorruptCheckpointError("manifest tables are missing or malformed")
-    count, sums = len(entries.get(n.E_START) or ()), entries.get(n.E_SUM)
+    count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
     if type(sums) is not str or len(sums) != 16 * count:
         raise CorruptCheckpointError("malformed checksum column in manifest")
     entries[n.E_SUM] = [sums[i:i + 16] for i in range(0, len(sums), 16)]
     for table, column, size in ((entries, n.E_FILE, count), (entries, n.E_DTYPE, count),
-                                (tensors, n.T_DEVICE, len(tensors.get(n.T_ENTRY) or ()))):
+                                (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))):
         if type(table.get(column)) is not list:
             table[column] = [table.get(column)] * size
 
@@ -103,14 +107,31 @@ def _check(doc: dict[str, Any]) -> None:
                       (n.M_TENSORS, dict), (n.M_FILE_CHECKSUMS, list)):
         if type(doc.get(key)) is not kind:
             raise CorruptCheckpointError(f"manifest field {key!r} is missing or malformed")
+    _check_fields(doc)
     algo = checksum.Algorithm(doc.get(n.M_CHECKSUM_ALGO))  # type: ignore[arg-type]
     files = doc[n.M_FILES]
-    if not all(type(f) is str and _FILE_RE.fullmatch(f) for f in files):
+    if not all(type(f) is str and n.tensor_file_index(f) is not None for f in files) or len(set(files)) < len(files):
         raise CorruptCheckpointError("manifest names an unexpected data file")
     if len(doc[n.M_FILE_CHECKSUMS]) != len(files) or not all(map(algo.is_value, doc[n.M_FILE_CHECKSUMS])):
         raise CorruptCheckpointError(f"manifest field {n.M_FILE_CHECKSUMS!r} is malformed")
     _check_entries(doc[n.M_ENTRIES], len(files), algo)
-    _check_tensors(doc[n.M_TENSORS], len(doc[n.M_ENTRIES][n.E_FILE]))
+    _check_tensors(doc[n.M_TENSORS], doc[n.M_ENTRIES])
+
+
+def _check_fields(doc: dict[str, Any]) -> None:
+    """The scalar members: step, epoch, time, pinned and the writers' versions."""
+    step, epoch, when = doc[n.M_STEP], doc.get(n.M_EPOCH), doc.get(n.M_TIME)
+    if not 0 <= step < MAX_BYTES:
+        raise CorruptCheckpointError(f"manifest field {n.M_STEP!r} is out of range")
+    if epoch is not None and (type(epoch) is not int or not 0 <= epoch < MAX_BYTES):
+        raise CorruptCheckpointError(f"manifest field {n.M_EPOCH!r} is malformed")
+    if when is not None and (type(when) not in (int, float) or not math.isfinite(when) or abs(when) > 1e12):
+        raise CorruptCheckpointError(f"manifest field {n.M_TIME!r} is malformed")
+    if type(doc.get(n.M_PINNED, False)) is not bool:
+        raise CorruptCheckpointError(f"manifest field {n.M_PINNED!r} is malformed")
+    for key in (n.M_SAVEGAME_VERSION, n.M_TORCH_VERSION):
+        if type(doc.get(key, "")) is not str:
+            raise CorruptCheckpointError(f"manifest field {key!r} is malformed")
 
 
 def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algorithm) -> None:
@@ -126,24 +147,59 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
         raise CorruptCheckpointError("malformed checksum in manifest")  # (v2 sums are sliced from one string)
     if not all(type(d) is str for d in dtypes):  # type: ignore[union-attr]
         raise CorruptCheckpointError("malformed dtype in manifest")
-    for name in set(dtypes):  # type: ignore[arg-type]
-        dtype_from_name(name)
+    itemsize = {name: stored_dtype(name).itemsize for name in set(dtypes)}  # type: ignore[arg-type]
     if not all(type(s) is list for s in shapes) or not _ints(list(itertools.chain.from_iterable(shapes))):  # type: ignore[union-attr,arg-type]
         raise CorruptCheckpointError("malformed tensor shape in manifest")
+    if ends and max(ends) >= MAX_BYTES:
+        raise CorruptCheckpointError("an entry ends past 2**63 bytes")
+    # Each entry's byte size is its element count times its element size; map() keeps this at
+    # C speed (tens of nanoseconds an entry), since it runs on every load of every checkpoint.
+    counts = list(map(math.prod, shapes))  # type: ignore[arg-type]
+    sizes = list(map(operator.sub, ends, starts))  # type: ignore[arg-type]
+    if list(map(operator.mul, counts, map(itemsize.__getitem__, dtypes))) != sizes:  # type: ignore[arg-type]
+        e = next(e for e, (c, d, z) in enumerate(zip(counts, dtypes, sizes)) if c * itemsize[d] != z)  # type: ignore[arg-type]
+        raise CorruptCheckpointError(f"entry {e} holds {sizes[e]} bytes, not {dtypes[e]} {_dims(shapes[e])}")  # type: ignore[index]
+    if 0 in counts:  # zero dimensions do not excuse huge others
+        for e in (e for e, c in enumerate(counts) if not c):
+            if not _fits(shapes[e], itemsize[dtypes[e]]):  # type: ignore[index]
+                raise CorruptCheckpointError(f"entry {e} has an impossible shape {_dims(shapes[e])}")  # type: ignore[index]
 
 
-def _check_tensors(tensors: dict[str, Any], entry_count: int) -> None:
+def _fits(shape: list[int], itemsize: int) -> bool:
+    """Whether torch can make a tensor of this shape (zero dimensions do not excuse huge others)."""
+    return math.prod(d or 1 for d in shape) * itemsize < MAX_BYTES
+
+
+def _dims(shape: list[int]) -> str:
+    return str(shape) if len(shape) <= 8 and max(shape, default=0) < 2**64 else f"(a shape of {len(shape)} dimensions)"
+
+
+def _check_tensors(tensors: dict[str, Any], entries: dict[str, Any]) -> None:
     entry, device, views = tensors.get(n.T_ENTRY), tensors.get(n.T_DEVICE), tensors.get(n.T_VIEWS)
     if type(entry) is not list or type(device) is not list or type(views) is not list or len(entry) != len(device):
         raise CorruptCheckpointError("malformed tensor table in manifest")
-    if entry and not (_ints(entry) and max(entry) < entry_count):
+    if entry and not (_ints(entry) and max(entry) < len(entries[n.E_FILE])):
         raise CorruptCheckpointError("a tensor record points at a missing entry")
     if not all(type(d) is str for d in device):
         raise CorruptCheckpointError("malformed tensor table in manifest")
     for view in views:
         ok = type(view) is dict and type(view.get("tensor")) is int and 0 <= view["tensor"] < len(entry)
-        if not ok or type(view.get("shape")) is not list or type(view.get("stride")) is not list:
+        if not ok or not _view_fits(view, entries, entry[view["tensor"]]):
             raise CorruptCheckpointError("malformed view record in manifest")
+
+
+def _view_fits(view: dict[str, Any], entries: dict[str, Any], e: int) -> bool:
+    """A strided view (dtype, shape, stride, byte offset) inside its entry, a uint8 span of bytes."""
+    shape, stride, offset = view.get("shape"), view.get("stride"), view.get("offset")
+    if type(shape) is not list or type(stride) is not list or len(shape) != len(stride) or type(offset) is not int:
+        return False
+    if not _ints([*shape, *stride, offset]) or max([*shape, *stride], default=0) >= MAX_BYTES:
+        return False
+    itemsize = stored_dtype(view.get("dtype")).itemsize
+    if entries[n.E_DTYPE][e] != "uint8" or len(entries[n.E_SHAPE][e]) != 1 or not _fits(shape, itemsize):
+        return False
+    extent = sum((s - 1) * st for s, st in zip(shape, stride, strict=True)) + 1 if all(shape) else 0
+    return offset % itemsize == 0 and offset + extent * itemsize <= entries[n.E_SHAPE][e][0]
 
 
 def _ints(values: list[Any]) -> bool:

@@ -6,7 +6,7 @@ FORMAT_NAME = "savegame"
 FORMAT_VERSION = 2
 
 MANIFEST = "manifest.json"
-TENSOR_FILE = "tensors-{index:05d}.safetensors"
+TENSOR_FILE = "tensors-{index:05d}.safetensors"  # index 100000 and up: more digits, never fewer than five
 
 # Inside a run directory.
 CHECKPOINT_PREFIX = "step-"
@@ -49,3 +49,17 @@ M_CHECKSUM = "manifest_crc32"          # the manifest's own CRC-32, always its l
 # Columns of the manifest's entry and tensor tables (v2).
 E_FILE, E_DTYPE, E_SHAPE, E_START, E_END, E_SUM = "file", "dtype", "shape", "start", "end", "checksum"
 T_ENTRY, T_DEVICE, T_VIEWS = "entry", "device", "views"
+
+
+def tensor_file(index: int) -> str:
+    """The name of tensor file ``index`` of a checkpoint (``tensors-00000.safetensors``, ...)."""
+    return TENSOR_FILE.format(index=index)
+
+
+def tensor_file_index(name: str) -> int | None:
+    """The index of a tensor file name that :func:`tensor_file` writes, else None (no other spelling)."""
+    digits = name.removeprefix("tensors-").removesuffix(".safetensors")
+    if not (len(name) == len(digits) + 20 and digits.isascii() and digits.isdigit()):
+        return None
+    index = int(digits)
+    return index if tensor_file(index) == name else None
