@@ -62,6 +62,11 @@ def parse(raw: bytes) -> dict[str, Any] | None:
 def _metric(value: object) -> float | None:
     if isinstance(value, str):
         return _SPECIAL.get(value)
+    return number(value)
+
+
+def number(value: object) -> float | None:
+    """``value`` as a float when it is an int or float (not bool) that a float holds, else None."""
     if type(value) not in (int, float):
         return None
     try:

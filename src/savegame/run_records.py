@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NoReturn
 
-from savegame import reader
+from savegame import history, reader
 from savegame.errors import CorruptCheckpointError
 from savegame.format import codec
 from savegame.format import names as n
@@ -89,16 +89,6 @@ def _short(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _number(value: object) -> float | None:
-    """``value`` as a float when it is an int or float (not bool) that a float holds, else None."""
-    if type(value) not in (int, float):
-        return None
-    try:
-        return float(value)  # type: ignore[arg-type]
-    except OverflowError:  # an int of hundreds of digits
-        return None
-
-
 def _metrics(where: str, value: object) -> dict[str, float]:
     if value is None:
         return {}
@@ -106,7 +96,7 @@ def _metrics(where: str, value: object) -> dict[str, float]:
         _bad(where, n.M_METRICS, value)
     out = {}
     for key, v in value.items():
-        number = _number(v)
+        number = history.number(v)
         if number is None:
             _bad(where, f"{n.M_METRICS}.{key}", v)
         out[key] = number
@@ -114,7 +104,7 @@ def _metrics(where: str, value: object) -> dict[str, float]:
 
 
 def _time(where: str, value: object) -> float:
-    when = 0.0 if value is None else _number(value)
+    when = 0.0 if value is None else history.number(value)
     _require(where, n.M_TIME, value, when is not None and math.isfinite(when))
     return when if when is not None else 0.0
 
