@@ -71,7 +71,10 @@ def damage_field(run, name: str, field: str, text: str) -> None:
     body[field] = "@@RAW@@"
     dumped = json.dumps(body, separators=(",", ":")).replace('"@@RAW@@"', text).encode()
     path.write_bytes(dumped[:-1] + b',"' + n.M_CHECKSUM.encode() + b'":' + str(zlib.crc32(dumped[:-1])).encode() + b"}")
-    manifest.loads(path.read_bytes(), str(path))  # checksum-valid: only the run directory's checks can refuse it
+    try:  # checksum-valid: what refuses it is a check of its content, in the manifest reader or the run directory
+        manifest.loads(path.read_bytes(), str(path))
+    except savegame.errors.CorruptCheckpointError as exc:
+        assert "checksum" not in str(exc), exc
 
 
 @pytest.mark.parametrize(("field", "text"), BAD_FIELDS)
@@ -86,7 +89,7 @@ def test_a_bad_field_in_the_oldest_manifest_makes_it_damaged_not_an_error(tmp_pa
     ckpt.close()
     rows = json.loads(cli("ls", tmp_path, "--json").output)
     assert [(r["step"], r["damaged"]) for r in rows] == [(1, True), (3, False), (4, False)]
-    assert f"'{field}" in rows[0]["problems"][0]
+    assert field in rows[0]["problems"][0]
     with pytest.raises(savegame.errors.CorruptCheckpointError, match="damaged"):
         make(tmp_path)[1].restore(1)
 

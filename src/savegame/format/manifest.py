@@ -125,7 +125,8 @@ def _check_fields(doc: dict[str, Any]) -> None:
         raise CorruptCheckpointError(f"manifest field {n.M_STEP!r} is out of range")
     if epoch is not None and (type(epoch) is not int or not 0 <= epoch < MAX_BYTES):
         raise CorruptCheckpointError(f"manifest field {n.M_EPOCH!r} is malformed")
-    if when is not None and (type(when) not in (int, float) or not math.isfinite(when) or abs(when) > 1e12):
+    # the range first: math.isfinite raises OverflowError on an int of hundreds of digits
+    if when is not None and (type(when) not in (int, float) or abs(when) > 1e12 or not math.isfinite(when)):
         raise CorruptCheckpointError(f"manifest field {n.M_TIME!r} is malformed")
     if type(doc.get(n.M_PINNED, False)) is not bool:
         raise CorruptCheckpointError(f"manifest field {n.M_PINNED!r} is malformed")
