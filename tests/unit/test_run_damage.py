@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
-import types
 import time
+import types
 import zlib
 
 import pytest
