@@ -25,10 +25,12 @@ def split(text: object) -> tuple[str, str | int] | None:
     raw = os.fspath(text)
     if not isinstance(raw, str):
         return None
+    if "\0" in raw:
+        raise ConfigurationError(f"{raw!r}: a path cannot contain a NUL character")
     head, sep, tail = raw.rpartition("@")
     if not sep or not head or os.path.exists(raw):
         return None
-    if tail.isdigit():
+    if tail.isascii() and tail.isdigit() and len(tail) <= 19:  # a step: 0 to 2**63-1
         return head, int(tail)
     if tail in ("latest", "best") or (tail.startswith("best:") and len(tail) > len("best:")):
         return head, tail

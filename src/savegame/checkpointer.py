@@ -288,7 +288,8 @@ class Checkpointer:
                     self._run.info(name)  # a manifest the run directory cannot use is damaged here too
                 doc = reader.read_manifest(storage, name)
                 meta = reader.decode_meta(doc)
-                self._check_early_stopping(doc)
+                if only is None:  # with only=, early stopping stays this run's own and is not loaded
+                    self._check_early_stopping(doc)
                 direct = capture.targets(objects, doc, strict=strict, assign=assign, only=only)
                 follow = None if map_location is None else todevice.module_tensors(objects, doc)
                 tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, targets=direct,

@@ -43,6 +43,10 @@ def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointEntry]:
 
     A missing directory is a CheckpointNotFoundError, so a mistyped path is never an empty run.
     """
+    if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str) \
+            or "\0" in os.fspath(run_dir):
+        raise ConfigurationError(f"list_checkpoints(run_dir): a run directory's path (str or os.PathLike), "
+                                 f"got {run_dir!r}")
     run = address.open_run(os.fspath(run_dir))
     good = [info for info in run.infos() if _intact(run, info)]
     aliases = _aliases(good)

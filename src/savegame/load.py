@@ -73,10 +73,9 @@ def _locate(path: Path) -> tuple[LocalStorage, str]:
         path = path.parent
     if (path / n.MANIFEST).is_file():
         return LocalStorage(str(path.parent)), path.name
-    if path.is_dir():
-        names = RunDir(LocalStorage(str(path))).names()
-        if names:
-            return LocalStorage(str(path)), names[-1]
+    if path.is_dir() and RunDir(LocalStorage(str(path))).names():
+        newest = Path(listing.resolve(path, "latest"))  # commit order; a damaged newest one is skipped
+        return LocalStorage(str(newest.parent)), newest.name
     raise CheckpointNotFoundError(f"{os.fspath(path)!r} is not a savegame checkpoint or a run directory with one")
 
 

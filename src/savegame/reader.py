@@ -203,9 +203,12 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     elif places is None:  # everything on the CPU: the tree is decoded around the destinations, then filled
         into = readinto.allocate(doc, chosen)
         tree = decode_tree(doc, layout.tensors_from_entries(table, into))  # before any byte reaches a target
+        if chosen:
+            _verify_torch_rng(storage, name, doc)  # bytes torch would reject refuse it before the model changes
         readinto.read_entries(storage, name, doc, verify=verify, into=into)
     else:  # some tensors live on a GPU: checked on stand-ins first, decoded once their bytes are there
         decode_tree(doc, tensor_specs(doc))
+        _verify_torch_rng(storage, name, doc)
         own = {**chosen, **todevice.allocate(entries, readinto.dtypes_of(entries[n.E_DTYPE]), places, chosen)}
         into = readinto.allocate(doc, own)
         on_device = {e for e, t in own.items() if t.is_cuda}

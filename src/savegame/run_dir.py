@@ -24,7 +24,7 @@ __all__ = ["CheckpointInfo", "RunDir", "RunLock", "alias_file", "alias_of_file",
 
 log = logging.getLogger("savegame.run")
 
-_NAME_RE = re.compile(r"step-(\d{10,})(?:-[^/\\]*)?(?:\.(\d+))?")
+_NAME_RE = re.compile(r"step-(\d{10,})(?:-[^/\\]*)?(?:\.(\d+))?", re.ASCII)
 _SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 

@@ -186,6 +186,7 @@ def test_a_torch_rng_state_the_generator_rejects_is_damaged(base, tmp_path, monk
 
     monkeypatch.setattr(savegame.rng, "capture", zeroed)
     with savegame.Checkpointer(run, h.objects(), async_save=False) as ckpt:
+        ckpt.restore()
         ckpt.save(3)
     monkeypatch.undo()
     assert verify_checkpoint(LocalStorage(str(run)), "step-0000000003")

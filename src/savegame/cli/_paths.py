@@ -54,9 +54,9 @@ def locate(path: str) -> tuple[LocalStorage, str]:
     if (p / n.MANIFEST).is_file() or (p.is_dir() and parse_step(p.name) is not None):
         return LocalStorage(str(p.parent)), p.name
     if p.is_dir():
-        names = RunDir(LocalStorage(str(p))).names()
-        if names:
-            return LocalStorage(str(p)), names[-1]
+        if RunDir(LocalStorage(str(p))).names():
+            newest = Path(listing.resolve(str(p), "latest"))  # commit order; a damaged newest one is skipped
+            return LocalStorage(str(newest.parent)), newest.name
         raise CliError(f"{path}: no savegame checkpoint in this directory")
     if p.exists():
         raise CliError(f"{path}: not a savegame checkpoint directory or run directory")
