@@ -39,16 +39,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_training_loop import sync, training_loop  # the same loop the CPU rows time
 
 import savegame
 from savegame.pinned import HostBuffer, cuda_pinner
 
 MB = 1 << 20
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def host_buffer(nbytes: int, device: torch.device) -> tuple[torch.Tensor, object]:
@@ -198,35 +196,6 @@ def adam_restore_rows(device: torch.device, workdir: Path, width: int, depth: in
         out["adam_restore_peak_vs_new_state"] = out["adam_restore_peak_gpu_bytes"] / out["adam_new_bytes"]
     out["adam_step_on_cpu"] = all(s["step"].is_cpu for s in fresh_opt.state.values())
     return out
-
-
-def training_loop(device: torch.device, width: int, depth: int, steps: int, every: int, batch: int,
-                  run_dir: Path | None) -> tuple[float, int]:
-    """Mean seconds per step (stalls included) of an MLP + AdamW, saving every ``every`` steps if ``run_dir``."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.GELU())
-                                  for _ in range(depth)]).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ckpt = savegame.Checkpointer(run_dir, {"model": model, "optimizer": opt}, keep_last=1) if run_dir else None
-    x = torch.randn(batch, width, device=device)
-    saves, warm = 0, 5
-    t0 = time.perf_counter()
-    for step in range(steps + warm):
-        if step == warm:  # warm-up steps (allocator, first optimizer state) are not timed
-            sync(device)
-            t0 = time.perf_counter()
-        loss = model(x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if ckpt is not None and step >= warm and (step - warm) % every == every - 1:
-            ckpt.save(step)
-            saves += 1
-    sync(device)
-    elapsed = time.perf_counter() - t0
-    if ckpt is not None:
-        ckpt.close()
-    return elapsed / steps, saves
 
 
 def main() -> None:
