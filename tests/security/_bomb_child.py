@@ -19,7 +19,7 @@ import numpy  # noqa: F401  (imported before the limit: its import allocates)
 import torch  # noqa: F401
 
 import savegame.cli
-from savegame.migrate import import_checkpoint, safe_pickle_load, safe_torch_load
+from savegame.migrate import import_checkpoint, restricted_unpickle, safe_torch_load
 
 LIMIT_MB = 256
 
@@ -38,7 +38,7 @@ def run(kind: str, path: str) -> dict[str, object]:
             except SystemExit as exc:
                 return {"exit": exc.code, "stderr": err.getvalue()}
         return {"exit": None, "stderr": err.getvalue()}
-    load = {"pickle": safe_pickle_load, "torch": safe_torch_load, "import": import_checkpoint}[kind]
+    load = {"pickle": restricted_unpickle, "torch": safe_torch_load, "import": import_checkpoint}[kind]
     try:
         load(path)
     except Exception as exc:  # noqa: BLE001 - reported, not handled: a MemoryError means the bomb went off

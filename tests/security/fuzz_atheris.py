@@ -6,7 +6,7 @@ The first byte of each input picks the target, the rest is its input:
 
 0  manifest reader      savegame.format.manifest.loads
 1  tensor-file header   savegame.format.tensorfile.read_header
-2  restricted unpickler savegame.migrate.safe_pickle_load (a plain pickle file)
+2  restricted unpickler savegame.migrate.restricted_unpickle (a plain pickle file)
 3  safe foreign loader  savegame.migrate.safe_torch_load (the bytes as data.pkl of a torch.save zip)
 4  legacy torch file    savegame.migrate.safe_torch_load (the bytes as a whole pre-1.6 file)
 
@@ -34,7 +34,7 @@ with atheris.instrument_imports(include=["savegame"]):
     from savegame.errors import SavegameError
     from savegame.format import manifest
     from savegame.format.tensorfile import read_header
-    from savegame.migrate import safe_pickle_load, safe_torch_load
+    from savegame.migrate import restricted_unpickle, safe_torch_load
 
 TARGETS = ("manifest", "header", "pickle", "torch", "legacy")
 _WORK = Path(tempfile.mkdtemp(prefix="savegame-fuzz-"))
@@ -69,7 +69,7 @@ def one_input(data: bytes) -> None:
         elif target == "pickle":
             path = _WORK / "input.pkl"
             path.write_bytes(body)
-            safe_pickle_load(path)
+            restricted_unpickle(path)
         elif target == "torch":
             safe_torch_load(as_torch_zip(body, _WORK / "input.pt"))
         else:

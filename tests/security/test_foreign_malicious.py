@@ -2,7 +2,7 @@
 
 Every payload, if it ever ran, would create a sentinel file. Each is saved both
 as a torch.save zip (read with safe_torch_load / import_checkpoint) and as a raw
-pickle (read with safe_pickle_load), at several places in the structure; each
+pickle (read with restricted_unpickle), at several places in the structure; each
 load must raise UnsafeCheckpointError naming the global, and the sentinel must
 never appear, with or without trust=True.
 """
@@ -32,7 +32,7 @@ from savegame.errors import (
     SavegameError,
     UnsafeCheckpointError,
 )
-from savegame.migrate import import_checkpoint, safe_pickle_load, safe_torch_load
+from savegame.migrate import import_checkpoint, restricted_unpickle, safe_torch_load
 from tests.compat.make_foreign import assert_same
 from tests.helpers import make_state, train_steps
 
@@ -123,7 +123,7 @@ def test_raw_pickle_payload_refused(tmp_path: Path, sentinel: Path, payload: str
     build, name = PAYLOADS[payload]
     path = _write_pickle(PLACES[place](build(sentinel)), tmp_path / "random_states_0.pkl", protocol)
     with pytest.raises(UnsafeCheckpointError, match=name):
-        safe_pickle_load(path)
+        restricted_unpickle(path)
 
 
 @pytest.mark.parametrize("payload", ["subprocess.call", "eval", "builtins.exec"])
@@ -155,7 +155,7 @@ def test_storage_bytes_smuggling_a_payload(tmp_path: Path, sentinel: Path) -> No
     evil = Payload(torch.storage._load_from_bytes, (blob + inner,))
     path = _write_pickle({"torch_manual_seed": evil}, tmp_path / "random_states_0.pkl")
     with pytest.raises(UnsafeCheckpointError, match="subprocess.call"):
-        safe_pickle_load(path)
+        restricted_unpickle(path)
     with pytest.raises(UnsafeCheckpointError, match="_load_from_bytes"):
         safe_torch_load(_write_torch({"torch_manual_seed": evil}, tmp_path / "evil.pt"))
 
@@ -195,7 +195,7 @@ def test_numpy_gadgets_refused(tmp_path: Path, obj: Any, fmt: str) -> None:
         load: Callable[[Path], Any] = safe_torch_load
     else:
         path = _write_pickle({"rng": obj}, tmp_path / "x.pkl")
-        load = safe_pickle_load
+        load = restricted_unpickle
     with pytest.raises(UnsafeCheckpointError):
         load(path)
     assert np.dtype("u8").flags == 0 and not np.dtype("u8").hasobject  # the shared singleton is untouched
@@ -207,7 +207,7 @@ def test_numpy_values_load_as_plain_numpy(tmp_path: Path, fmt: str) -> None:
               "a": np.arange(6, dtype=np.float64).reshape(2, 3), "b": np.array([True, False]),
               "be": np.arange(3, dtype=">u4")}
     path = _write_torch(values, tmp_path / "x.pt") if fmt == "torch" else _write_pickle(values, tmp_path / "x.pkl")
-    loaded = (safe_torch_load if fmt == "torch" else safe_pickle_load)(path)
+    loaded = (safe_torch_load if fmt == "torch" else restricted_unpickle)(path)
     assert type(loaded["state"][1]) is np.ndarray and np.array_equal(loaded["state"][1], values["state"][1])
     for key in ("a", "b", "be"):
         assert type(loaded[key]) is np.ndarray and np.array_equal(loaded[key], values[key])
@@ -390,16 +390,16 @@ def test_damaged_and_wrong_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="directory"):
         safe_torch_load(tmp_path)
     with pytest.raises(CorruptCheckpointError, match="zip"):
-        safe_pickle_load(good)
+        restricted_unpickle(good)
     short = tmp_path / "short.pkl"
     short.write_bytes(raw.read_bytes()[:-3])
     with pytest.raises(CorruptCheckpointError):
-        safe_pickle_load(short)
+        restricted_unpickle(short)
     with pytest.raises(CheckpointNotFoundError):
-        safe_pickle_load(tmp_path / "missing.pkl")
+        restricted_unpickle(tmp_path / "missing.pkl")
     with pytest.raises(ConfigurationError):
-        safe_pickle_load(tmp_path)
-    assert safe_pickle_load(raw) == {"a": 1}
+        restricted_unpickle(tmp_path)
+    assert restricted_unpickle(raw) == {"a": 1}
     assert torch.equal(safe_torch_load(legacy)["w"], torch.ones(2))  # torch < 1.6 files: the same safe path
 
 
@@ -418,7 +418,7 @@ def test_deep_nesting_is_refused_not_a_crash(tmp_path: Path, fmt: str) -> None:
         path = tmp_path / "d.pkl"
         path.write_bytes(data)
     with pytest.raises(UnsafeCheckpointError, match="nested"):
-        (safe_torch_load if fmt == "torch" else safe_pickle_load)(path)
+        (safe_torch_load if fmt == "torch" else restricted_unpickle)(path)
 
 
 def test_garbage_never_escapes_as_foreign_exception(tmp_path: Path) -> None:
@@ -426,7 +426,7 @@ def test_garbage_never_escapes_as_foreign_exception(tmp_path: Path) -> None:
     good = _write_torch({"w": torch.ones(64), "s": np.random.get_state()}, tmp_path / "good.pt").read_bytes()
     raw = pickle.dumps({"s": np.random.get_state(), "t": torch.ones(3)}, protocol=2)
     for i in range(60):
-        for data, load, name in ((good, safe_torch_load, "g.pt"), (raw, safe_pickle_load, "g.pkl")):
+        for data, load, name in ((good, safe_torch_load, "g.pt"), (raw, restricted_unpickle, "g.pkl")):
             mutated = bytearray(data)
             for pos in rng.integers(0, len(mutated), size=4):
                 mutated[pos] = int(rng.integers(0, 256))
@@ -441,7 +441,7 @@ def test_garbage_never_escapes_as_foreign_exception(tmp_path: Path) -> None:
 # --- the one unpickler savegame has of its own ------------------------------------------------
 
 def test_torch_weights_only_loader_still_cannot_read_plain_pickles() -> None:
-    # Why safe_pickle_load has its own restricted unpickler: torch's weights-only unpickler
+    # Why restricted_unpickle has its own restricted unpickler: torch's weights-only unpickler
     # reads protocol 2 only, and plain pickles (pickle.dumps, Accelerate's random_states_0.pkl)
     # are protocol 4 or 5. If this starts passing, read plain pickles with torch's instead.
     from torch import _weights_only_unpickler

@@ -9,8 +9,8 @@ docs/migrate.md.
 from __future__ import annotations
 
 from savegame.migrate.importer import LAYOUTS, import_checkpoint, input_bytes
-from savegame.migrate.restricted_unpickler import safe_pickle_load
+from savegame.migrate.restricted_unpickler import restricted_unpickle
 from savegame.migrate.result import ForeignCheckpoint
 from savegame.migrate.safe_load import safe_torch_load
 
-__all__ = ["LAYOUTS", "ForeignCheckpoint", "import_checkpoint", "input_bytes", "safe_pickle_load", "safe_torch_load"]
+__all__ = ["LAYOUTS", "ForeignCheckpoint", "import_checkpoint", "input_bytes", "restricted_unpickle", "safe_torch_load"]

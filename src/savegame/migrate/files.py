@@ -23,7 +23,7 @@ class Loader(Protocol):
         """A torch.save file (safe_torch_load)."""
 
     def load_pickle(self, file: Path) -> Any:
-        """A plain pickle (safe_pickle_load)."""
+        """A plain pickle (restricted_unpickle)."""
 
     def load_safetensors(self, file: Path) -> dict[str, torch.Tensor]:
         """A safetensors file, onto the CPU."""

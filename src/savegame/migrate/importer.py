@@ -43,7 +43,7 @@ from savegame.migrate import (
 from savegame.migrate.budget import check_max_bytes
 from savegame.migrate.builder import Draft
 from savegame.migrate.files import list_dir
-from savegame.migrate.restricted_unpickler import safe_pickle_load
+from savegame.migrate.restricted_unpickler import restricted_unpickle
 from savegame.migrate.result import ForeignCheckpoint
 from savegame.migrate.safe_load import load_with_stand_ins, safe_torch_load
 from savegame.migrate.stand_ins import stand_in_name, stand_ins_in
@@ -217,7 +217,7 @@ class _Loader:
         return _modules_as_state_dicts(file, loaded) if self.trust else loaded
 
     def load_pickle(self, file: Path) -> Any:
-        loaded = safe_pickle_load(file, max_bytes=self.max_bytes)
+        loaded = restricted_unpickle(file, max_bytes=self.max_bytes)
         self._read(file)
         return loaded
 

@@ -60,7 +60,7 @@ class RestrictedUnpickler(pickle._Unpickler):
                                      "plain pickle; torch.save files are read with safe_torch_load")
 
 
-def safe_pickle_load(path: str | Path, *, max_bytes: int | None = None) -> Any:
+def restricted_unpickle(path: str | Path, *, max_bytes: int | None = None) -> Any:
     """Unpickle a plain pickle file with the restricted unpickler; no code from the file runs.
 
     Raises UnsafeCheckpointError naming the first global outside the allowlist, or
@@ -74,7 +74,7 @@ def safe_pickle_load(path: str | Path, *, max_bytes: int | None = None) -> Any:
     if not file.exists():
         raise CheckpointNotFoundError(f"{file} does not exist")
     if file.is_dir():
-        raise ConfigurationError(f"{file} is a directory; safe_pickle_load reads one pickle file")
+        raise ConfigurationError(f"{file} is a directory; restricted_unpickle reads one pickle file")
     try:
         data = file.read_bytes()
     except OSError as exc:

@@ -125,7 +125,7 @@ def check_torch_file(path: str | Path) -> Path:
                                      "missing); copy it again from its source")
     if head[:1] == b"\x80":
         raise CorruptCheckpointError(f"{file} is a plain pickle, not a torch.save file; read it with "
-                                     "safe_pickle_load")
+                                     "restricted_unpickle")
     raise CorruptCheckpointError(f"{file} is not a torch.save file (it starts like neither a zip archive nor a "
                                  "legacy torch.save pickle)")
 
