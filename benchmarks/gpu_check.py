@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_training_loop import sync, training_loop  # the same loop the CPU rows time
 
 import savegame
-from savegame.pinned import HostBuffer, cuda_pinner
+from savegame.engine.pinned import HostBuffer, cuda_pinner
 
 MB = 1 << 20
 

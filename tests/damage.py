@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from savegame import reader
+from savegame.engine import reader
 from savegame.format import manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import read_header

@@ -19,9 +19,9 @@ from savegame._version import __version__
 from savegame.checkpointer import Checkpointer, RestoreInfo
 from savegame.data import DataLoader, MultiLoader, ResumableSampler
 from savegame.errors import SavegameError
-from savegame.listing import CheckpointEntry, list_checkpoints
 from savegame.load import load
 from savegame.policies import EarlyStopping
+from savegame.run.listing import CheckpointEntry, list_checkpoints
 from savegame.stateful import Stateful
 
 __all__ = [

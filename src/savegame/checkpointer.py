@@ -13,26 +13,10 @@ from typing import Any
 
 import torch
 
-from savegame import capture, guards, listing, reader, todevice
-from savegame import fresh as fresh_start
-from savegame.errors import (
-    ConfigurationError,
-    CorruptCheckpointError,
-    SavegameError,
-)
-from savegame.finite import refuse_non_finite_metrics, refuse_non_finite_state
-from savegame.format import codec
-from savegame.format import names as n
-from savegame.keys import KeyReport
-from savegame.options import Options, as_int, check_bool, clean_metrics, run_path
-from savegame.policies import EarlyStopping
-from savegame.preemption import SaveSchedule
-from savegame.run_dir import CheckpointInfo, RunDir, RunLock
-from savegame.selection import Which
-from savegame.storage.base import Storage
-from savegame.storage.local import LocalStorage
-from savegame.tracking import Pending, RunTracker
-from savegame.writer import (
+from savegame.engine import capture, reader, todevice
+from savegame.engine.finite import refuse_non_finite_metrics, refuse_non_finite_state
+from savegame.engine.keys import KeyReport
+from savegame.engine.writer import (
     BackgroundWriter,
     Prepared,
     Staging,
@@ -40,6 +24,23 @@ from savegame.writer import (
     snapshot,
     write_checkpoint,
 )
+from savegame.errors import (
+    ConfigurationError,
+    CorruptCheckpointError,
+    SavegameError,
+)
+from savegame.format import codec
+from savegame.format import names as n
+from savegame.options import Options, as_int, check_bool, clean_metrics, run_path
+from savegame.policies import EarlyStopping
+from savegame.run import fresh as fresh_start
+from savegame.run import guards, listing
+from savegame.run.directory import CheckpointInfo, RunDir, RunLock
+from savegame.run.schedule import SaveSchedule
+from savegame.run.selection import Which
+from savegame.run.tracking import Pending, RunTracker
+from savegame.storage.base import Storage
+from savegame.storage.local import LocalStorage
 
 log = logging.getLogger("savegame")
 

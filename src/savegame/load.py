@@ -8,14 +8,15 @@ from typing import Any, NoReturn
 
 import torch
 
-from savegame import listing, reader
+from savegame.engine import reader
 from savegame.errors import (
     CheckpointNotFoundError,
     ConfigurationError,
     CorruptCheckpointError,
 )
 from savegame.format import names as n
-from savegame.run_dir import RunDir
+from savegame.run import listing
+from savegame.run.directory import RunDir
 from savegame.storage.local import LocalStorage
 
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from savegame.engine.writer import prepare, snapshot, write_checkpoint
 from savegame.format import names as n
 from savegame.storage import LocalStorage
-from savegame.writer import prepare, snapshot, write_checkpoint
 from tests.compat.golden import expected_state
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from savegame import rng as sg_rng
+from savegame.engine import rng as sg_rng
 from savegame.migrate import ForeignCheckpoint, import_checkpoint
 from tests.compat.expected import read_expected
 from tests.compat.make_foreign import (

@@ -42,7 +42,7 @@ def test_golden_checkpoint_loads_exactly(version):
 def test_golden_checkpoint_verifies_and_a_flipped_byte_is_caught(version, tmp_path):
     import shutil
 
-    from savegame import reader
+    from savegame.engine import reader
     from savegame.storage import LocalStorage
     from tests.damage import flip_data_byte
 

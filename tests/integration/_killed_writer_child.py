@@ -1,6 +1,6 @@
 """A writer SIGKILLed in the middle of writing its second checkpoint, leaving a hidden temporary directory.
 
-    python _killed_writer_child.py migrate RUN_DIR   # savegame migrate's writer (savegame.offline.write_tree)
+    python _killed_writer_child.py migrate RUN_DIR   # savegame migrate's writer (savegame.engine.offline.write_tree)
     python _killed_writer_child.py save RUN_DIR      # a Checkpointer's save
 
 The kill comes from the process itself, right after the first bytes of the checkpoint's
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 import savegame
-from savegame.offline import write_tree
+from savegame.engine.offline import write_tree
 from savegame.storage.local import LocalStorage
 
 

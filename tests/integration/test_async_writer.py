@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.reader import verify_checkpoint
 from savegame.errors import StorageError
-from savegame.reader import verify_checkpoint
-from savegame.run_dir import RunDir
+from savegame.run.directory import RunDir
 from savegame.storage import FaultyStorage, LocalStorage
 from tests.integration.procs import child_env
 
@@ -125,7 +125,7 @@ def test_the_background_writer_runs_at_the_lowest_cpu_priority(tmp_path):
 
     if not sys.platform.startswith("linux"):
         pytest.skip("per-thread priorities are set on Linux only")
-    from savegame import writer
+    from savegame.engine import writer
 
     def priority() -> int:
         return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())

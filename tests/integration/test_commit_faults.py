@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.reader import verify_checkpoint
 from savegame.errors import StorageError
-from savegame.reader import verify_checkpoint
-from savegame.run_dir import RunDir
+from savegame.run.directory import RunDir
 from savegame.storage import FaultyStorage, InjectedFault, LocalStorage
 
 

@@ -15,8 +15,8 @@ from click.testing import CliRunner
 
 import savegame
 from savegame.cli import main
-from savegame.offline import write_tree
-from savegame.run_dir import RunDir
+from savegame.engine.offline import write_tree
+from savegame.run.directory import RunDir
 from savegame.storage import LocalStorage
 from tests.integration.procs import child_env
 

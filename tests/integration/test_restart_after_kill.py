@@ -78,7 +78,7 @@ def test_a_forked_child_neither_keeps_the_lock_nor_releases_it(tmp_path):
         if pid == 0:  # the child: the parent's lock must still stand against it; then it lingers
             answer = b"acquired"
             try:
-                savegame.run_dir.RunLock(str(tmp_path)).acquire()
+                savegame.run.directory.RunLock(str(tmp_path)).acquire()
             except RunLockedError:
                 answer = b"refused"
             except Exception as exc:  # reported, so the parent never waits for an answer that will not come

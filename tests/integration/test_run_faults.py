@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.reader import verify_checkpoint
 from savegame.errors import StorageError
-from savegame.history import History
-from savegame.reader import verify_checkpoint
-from savegame.run_dir import RunDir
+from savegame.run.directory import RunDir
+from savegame.run.history import History
 from savegame.storage import FaultyStorage, InjectedFault, LocalStorage
 from tests.integration.procs import child_env
 

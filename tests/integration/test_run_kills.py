@@ -26,8 +26,8 @@ from click.testing import CliRunner
 import savegame
 from savegame import policies
 from savegame.cli import main as cli_main
-from savegame.reader import verify_checkpoint
-from savegame.run_dir import RunDir
+from savegame.engine.reader import verify_checkpoint
+from savegame.run.directory import RunDir
 from savegame.storage import LocalStorage
 from tests.integration.procs import child_env, run
 

@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from savegame.engine.reader import verify_checkpoint
 from savegame.format import names as n
-from savegame.reader import verify_checkpoint
 from savegame.storage.local import LocalStorage
 from tests.damage import rewrite_manifest
 from tests.security import _hostile as h

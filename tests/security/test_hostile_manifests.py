@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.reader import verify_checkpoint
 from savegame.errors import CorruptCheckpointError, IncompatibleStateError
 from savegame.format import names as n
-from savegame.reader import verify_checkpoint
 from savegame.storage.local import LocalStorage
 from tests.damage import entry_at, rewrite_manifest, set_entry
 from tests.security import _hostile as h
@@ -177,14 +177,14 @@ def test_a_torch_rng_state_the_generator_rejects_is_damaged(base, tmp_path, monk
     """Its bytes pass their checksum, but torch refuses the state (all zeros is no MT19937 state):
     verify reports it, load refuses it, and restore falls back past it."""
     run = shutil.copytree(base[0], tmp_path / "run")
-    real = savegame.rng.capture
+    real = savegame.engine.rng.capture
 
     def zeroed():
         out = real()
         out["torch"] = torch.zeros_like(out["torch"])
         return out
 
-    monkeypatch.setattr(savegame.rng, "capture", zeroed)
+    monkeypatch.setattr(savegame.engine.rng, "capture", zeroed)
     with savegame.Checkpointer(run, h.objects(), async_save=False) as ckpt:
         ckpt.restore()
         ckpt.save(3)

@@ -14,9 +14,9 @@ from click.testing import CliRunner
 
 import savegame
 from savegame.cli import main
+from savegame.engine.offline import write_tree
 from savegame.format.names import FORMAT_VERSION
-from savegame.offline import write_tree
-from savegame.run_dir import RunDir, RunLock
+from savegame.run.directory import RunDir, RunLock
 from savegame.storage.local import LocalStorage
 from tests.damage import flip_data_byte
 

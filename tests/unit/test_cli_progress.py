@@ -11,9 +11,9 @@ import torch
 from rich.console import Console
 
 import savegame
-from savegame import reader
 from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.cli.migrate import ByteSize
+from savegame.engine import reader
 
 
 class Clock:

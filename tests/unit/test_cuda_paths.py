@@ -14,10 +14,10 @@ import pytest
 import torch
 
 import savegame
-from savegame import rng
+from savegame.engine import rng
+from savegame.engine.pinned import pages
+from savegame.engine.staging import CHUNK, SCRATCH
 from savegame.errors import CorruptCheckpointError
-from savegame.pinned import pages
-from savegame.staging import CHUNK, SCRATCH
 
 pytestmark = pytest.mark.cuda
 
@@ -333,7 +333,7 @@ def test_rng_states_for_another_gpu_count_restore_what_fits(caplog):
     assert len(state["cuda"]) == count
     expected = [torch.rand(2, device=f"cuda:{i}").tolist() for i in range(count)]
     state["cuda"] = state["cuda"] + [state["cuda"][0]]  # saved on a machine with one GPU more
-    with caplog.at_level(logging.WARNING, logger="savegame.rng"):
+    with caplog.at_level(logging.WARNING, logger="savegame.engine.rng"):
         rng.restore(state)
     assert f"holds {count + 1} CUDA RNG states but {count} devices" in caplog.text
     assert [torch.rand(2, device=f"cuda:{i}").tolist() for i in range(count)] == expected

@@ -62,8 +62,8 @@ def test_the_collector_runs_in_the_training_thread_while_a_save_is_in_flight(tmp
 
 def test_pauses_asked_for_in_the_background_writer_leave_the_collector_on():
     """Whatever the writer thread calls (retention reading manifests ...) cannot switch the collector off."""
-    from savegame import gcpause
-    from savegame.writer import BackgroundWriter
+    from savegame.engine import gcpause
+    from savegame.engine.writer import BackgroundWriter
 
     def inside_a_pause() -> None:
         with gcpause.paused():

@@ -16,9 +16,9 @@ from safetensors.torch import save_file
 
 import savegame
 from savegame.cli import main
+from savegame.engine.offline import write_tree
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError, UnsafeCheckpointError
 from savegame.migrate import import_checkpoint
-from savegame.offline import write_tree
 from tests.compat.make_foreign import ES_KEY, build, lit_objects, tiny
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from savegame import EarlyStopping
-from savegame import rng as sg_rng
+from savegame.engine import rng as sg_rng
 from savegame.errors import (
     CheckpointNotFoundError,
     ConfigurationError,

@@ -47,7 +47,7 @@ def test_persistent_workers_are_tracked_across_epochs(tmp_path, caplog):
 
 
 def test_a_checkpoint_without_the_flag_warns(tmp_path, caplog):
-    wrapper = savegame.capture.PlainLoaderState(make_loader())
+    wrapper = savegame.engine.capture.PlainLoaderState(make_loader())
     with caplog.at_level(logging.WARNING, logger="savegame"):
         wrapper.load_state_dict({"kind": "torch.utils.data.DataLoader", "batch_size": 3})
     assert WARNING in caplog.text

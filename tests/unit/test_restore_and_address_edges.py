@@ -16,7 +16,7 @@ import torch
 import savegame
 from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
 from savegame.format import names as n
-from savegame.run_dir import parse_step
+from savegame.run.directory import parse_step
 from tests.damage import data_byte, entry_at
 
 

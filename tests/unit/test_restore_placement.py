@@ -1,4 +1,4 @@
-"""Where a restore puts each tensor (savegame.todevice), checked on the CPU with the meta device.
+"""Where a restore puts each tensor (savegame.engine.todevice), checked on the CPU with the meta device.
 
 ``map_location`` moves a model's tensors and anything saved on a GPU; a tensor
 saved on the CPU outside a model (an Adam ``step``, an RNG state) stays there,
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import savegame
-from savegame import reader, todevice
+from savegame.engine import reader, todevice
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum
 from savegame.format import names as n

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from savegame import rng
+from savegame.engine import rng
 from savegame.errors import IncompatibleStateError
 
 
@@ -43,7 +43,7 @@ def test_a_checkpoint_with_cuda_rng_states_restores_on_a_cpu_only_machine(tmp_pa
     # CPU state plus a stand-in CUDA state (16 bytes, as torch's CUDA generators have), written
     # through the ordinary writer, then restored by a Checkpointer on this machine.
     import savegame
-    from savegame.offline import write_tree
+    from savegame.engine.offline import write_tree
 
     if torch.cuda.is_available():
         pytest.skip("this test stands in for a CPU-only machine; test_cuda_rng_round_trips_* covers CUDA")
@@ -53,7 +53,7 @@ def test_a_checkpoint_with_cuda_rng_states_restores_on_a_cpu_only_machine(tmp_pa
     write_tree(tmp_path, {"state": {"model": model.state_dict()}, "rng": state, "run": {}}, step=3)
     expected = draws()
     draws()
-    with caplog.at_level(logging.INFO, logger="savegame.rng"):
+    with caplog.at_level(logging.INFO, logger="savegame.engine.rng"):
         with savegame.Checkpointer(tmp_path, {"model": model}) as ckpt:
             info = ckpt.restore()
     assert info is not None and info.step == 3

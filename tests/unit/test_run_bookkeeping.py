@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 import savegame
 from savegame.errors import CheckpointNotFoundError, ConfigurationError, StorageError
-from savegame.run_dir import alias_file, alias_of_file
+from savegame.run.directory import alias_file, alias_of_file
 from savegame.storage import FaultyStorage, LocalStorage
 
 
@@ -207,7 +207,7 @@ def test_a_torn_last_history_line_does_not_swallow_the_next_record(tmp_path, cap
     ckpt.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and json.loads(lines[2])["step"] == 3 and "torn line" in caplog.text
-    from savegame.history import History
+    from savegame.run.history import History
     assert [r["step"] for r in History(LocalStorage(tmp_path)).records()] == [1, 3]
 
 

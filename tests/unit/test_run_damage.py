@@ -20,12 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import savegame
-from savegame import history
 from savegame.cli import main
 from savegame.cli import runs as cli_runs
 from savegame.cli.plot import read_history
 from savegame.format import manifest
 from savegame.format import names as n
+from savegame.run import history
 
 DEEP = b"[" * 100_000
 BIG = "1" + "0" * 399  # a 400-digit int: JSON reads it, a float cannot hold it
@@ -215,7 +215,7 @@ def test_ls_verify_exits_1_when_a_checkpoint_is_damaged(tmp_path):
 
 def test_a_checkpoint_written_into_the_run_later_is_newer_than_a_save_of_its_step(tmp_path):
     """An import (savegame import / offline.write_tree) records its commit sequence too."""
-    from savegame.offline import write_tree
+    from savegame.engine.offline import write_tree
 
     model, ckpt = make(tmp_path)
     with torch.no_grad():

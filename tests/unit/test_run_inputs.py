@@ -12,7 +12,6 @@ import pytest
 import torch
 
 import savegame
-from savegame import run_lock
 from savegame.errors import (
     ConfigurationError,
     NonFiniteStateError,
@@ -20,7 +19,8 @@ from savegame.errors import (
     SavegameError,
     StorageError,
 )
-from savegame.preemption import SaveSchedule
+from savegame.run import lock as run_lock
+from savegame.run.schedule import SaveSchedule
 from savegame.storage import FaultyStorage, LocalStorage
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import savegame
-from savegame import reader
+from savegame.engine import reader
 from savegame.format import names as n
 from savegame.storage.local import LocalStorage
 

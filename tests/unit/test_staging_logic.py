@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.pinned import HostBuffer, pages
+from savegame.engine.staging import SCRATCH, Staging, batches, copy_in_slices, gather, place
 from savegame.format import layout
-from savegame.pinned import HostBuffer, pages
-from savegame.staging import SCRATCH, Staging, batches, copy_in_slices, gather, place
 from savegame.storage.faulty import FaultyStorage
 from savegame.storage.local import LocalStorage
 
@@ -188,9 +188,9 @@ def test_a_staged_save_does_not_keep_the_live_tensors_until_the_write_ends(tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback where CUDA's runtime is not usable")
 def test_without_a_usable_cuda_runtime_staging_memory_stays_unpinned_and_says_so(caplog):
-    from savegame.pinned import cuda_pinner
+    from savegame.engine.pinned import cuda_pinner
 
-    with caplog.at_level("WARNING", logger="savegame.pinned"):
+    with caplog.at_level("WARNING", logger="savegame.engine.pinned"):
         buffer = HostBuffer(10_000, cuda_pinner())
     assert buffer.pinned_bytes == 0 and "cannot page-lock" in caplog.text
     buffer.tensor.fill_(1)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from savegame.engine.reader import read_manifest, read_tree
+from savegame.engine.writer import Staging, prepare, snapshot, write_checkpoint
 from savegame.errors import UnsupportedValueError
 from savegame.format import names as n
-from savegame.reader import read_manifest, read_tree
 from savegame.storage import LocalStorage
-from savegame.writer import Staging, prepare, snapshot, write_checkpoint
 
 COMMON_DTYPES = [
     torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import savegame
+from savegame.engine.offline import write_tree
 from savegame.errors import IncompatibleStateError
-from savegame.offline import write_tree
 
 
 class Tied(torch.nn.Module):

@@ -9,7 +9,7 @@ from rich.console import Console
 from savegame.cli._output import human_age, human_bytes, metrics_text, new_table
 from savegame.cli._paths import disk_bytes
 from savegame.format import names as n
-from savegame.run_dir import RunDir
+from savegame.run.directory import RunDir
 from savegame.storage.local import LocalStorage
 
 

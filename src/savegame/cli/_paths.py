@@ -12,11 +12,11 @@ from typing import Any
 
 import click
 
-from savegame import address, listing
 from savegame.cli._app import CliError
 from savegame.errors import ConfigurationError
 from savegame.format import names as n
-from savegame.run_dir import RunDir, parse_step
+from savegame.run import address, listing
+from savegame.run.directory import RunDir, parse_step
 from savegame.storage.local import LocalStorage, kind_of
 
 

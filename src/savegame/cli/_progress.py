@@ -26,8 +26,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from savegame import reader
 from savegame.cli._output import console
+from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError
 from savegame.storage.local import LocalStorage
 

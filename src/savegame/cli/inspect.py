@@ -14,7 +14,6 @@ from rich.text import Text
 from rich.tree import Tree
 
 import savegame
-from savegame import reader
 from savegame.cli._app import FINDING
 from savegame.cli._output import (
     console,
@@ -41,6 +40,7 @@ from savegame.cli._tree import (
     tensor_row,
     walk_tensors,
 )
+from savegame.engine import reader
 from savegame.format import names as n
 
 CKPT = CHECKPOINT

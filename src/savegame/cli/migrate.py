@@ -12,7 +12,7 @@ from rich.text import Text
 
 from savegame.cli._output import console, human_bytes, metrics_text, new_table
 from savegame.cli._progress import ByteProgress
-from savegame.run_dir import RunDir, parse_step
+from savegame.run.directory import RunDir, parse_step
 from savegame.storage.local import LocalStorage
 
 TRUST_WARNING = (
@@ -57,11 +57,11 @@ def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: 
     Loading never runs code from SRC unless --trust is given. Prints the layout detected,
     where each foreign key went, what was left out, and what to do to resume.
     """
+    from savegame.engine.offline import write_tree
     from savegame.migrate import (  # torch-pickle machinery: only when asked for
         import_checkpoint,
         input_bytes,
     )
-    from savegame.offline import write_tree
 
     rename = _parse_renames(renames)
     out, err = console(), console(stderr=True)

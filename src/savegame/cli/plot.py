@@ -8,12 +8,12 @@ from typing import Any
 
 import click
 
-from savegame import history as run_history
 from savegame.cli._app import CliError
 from savegame.cli._output import console
 from savegame.cli._paths import atomic_output, require_run_dir
 from savegame.errors import StorageError
 from savegame.format import names as n
+from savegame.run import history as run_history
 from savegame.storage.local import LocalStorage
 
 History = dict[str, dict[int, float]]  # metric -> step -> value (the last recorded for that step)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.text import Text
 
-from savegame import policies, reader, run_settings
+from savegame import policies
 from savegame.cli._app import FINDING, CliError
 from savegame.cli._output import (
     console,
@@ -24,10 +24,12 @@ from savegame.cli._output import (
 from savegame.cli._overview import print_abandoned, print_child_runs
 from savegame.cli._paths import CheckpointArg, disk_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
+from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
-from savegame.listing import checkpoint_path
-from savegame.run_dir import RunDir, RunLock, info_from_manifest, parse_step
-from savegame.run_settings import RunSettings
+from savegame.run import settings as run_settings
+from savegame.run.directory import RunDir, RunLock, info_from_manifest, parse_step
+from savegame.run.listing import checkpoint_path
+from savegame.run.settings import RunSettings
 from savegame.storage.local import LocalStorage
 
 RUN_DIR = click.Path(exists=True, file_okay=False)

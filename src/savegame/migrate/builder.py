@@ -15,8 +15,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from savegame.engine.keys import canonical_state
 from savegame.errors import ConfigurationError, CorruptCheckpointError
-from savegame.keys import canonical_state
 from savegame.migrate import rng_convert
 from savegame.migrate.result import ForeignCheckpoint
 from savegame.migrate.values import as_count, as_float, not_weights, plain_json

@@ -5,7 +5,7 @@ is a :class:`~savegame.errors.CorruptCheckpointError` naming the checkpoint.
 Nothing here can execute code: the manifest is JSON and tensor files are raw
 bytes behind a safetensors header.
 
-Reading the entries' bytes into tensors is :mod:`savegame.readinto`.
+Reading the entries' bytes into tensors is :mod:`savegame.engine.readinto`.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
-from savegame import readinto, rng, todevice
+from savegame.engine import readinto, rng, todevice
+from savegame.engine.gcpause import pausing
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
-from savegame.gcpause import pausing
 from savegame.storage.base import Storage
 
 PIECE = 1 << 20  # checked then copied while still in cache
@@ -190,7 +190,7 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     a tensor handed to ``load_state_dict`` never keeps a file buffer alive; with
     ``mmap=True`` tensors are lazy views of the files instead. ``map_location``
     moves the tensors in ``follow`` (None: all) and those saved off the CPU (see
-    :func:`savegame.todevice.entry_places`); GPU-bound bytes are streamed to the
+    :func:`savegame.engine.todevice.entry_places`); GPU-bound bytes are streamed to the
     GPU without a CPU copy. NumPy arrays stay on the CPU whatever
     ``map_location`` says.
     """

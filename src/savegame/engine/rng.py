@@ -17,7 +17,7 @@ import torch
 
 from savegame.errors import CorruptCheckpointError, IncompatibleStateError
 
-log = logging.getLogger("savegame.rng")
+log = logging.getLogger("savegame.engine.rng")
 _TORCH_STATE_BYTES = torch.get_rng_state().numel()
 _MT_WORDS = 624  # NumPy's legacy MT19937 state: 624 uint32 words, then a position in 0..624
 

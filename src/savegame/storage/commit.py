@@ -18,7 +18,7 @@ from savegame.errors import StorageError
 from savegame.format import names as n
 from savegame.storage.base import Storage
 
-log = logging.getLogger("savegame.commit")
+log = logging.getLogger("savegame.storage.commit")
 
 
 class RenameCommit:

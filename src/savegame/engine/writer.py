@@ -1,7 +1,7 @@
 """From a state tree to a committed checkpoint: prepare, snapshot, write, commit.
 
 ``prepare`` encodes the tree (values to JSON, tensors to a layout plan) in the
-caller's thread. ``snapshot`` (see :mod:`savegame.staging`) makes the bytes
+caller's thread. ``snapshot`` (see :mod:`savegame.engine.staging`) makes the bytes
 immune to later mutation. ``write_checkpoint`` streams the bytes into
 safetensors-compatible files, computing checksums as it writes, writes the
 manifest last and commits atomically. :class:`BackgroundWriter` runs that last
@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from savegame._version import __version__
-from savegame.commit import RenameCommit, write_new_file
+from savegame.engine.gcpause import never_in_this_thread, pausing
+from savegame.engine.staging import SMALL, Snapshot, Staging, copy_out
 from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import build_header
-from savegame.gcpause import never_in_this_thread, pausing
-from savegame.staging import SMALL, Snapshot, Staging, copy_out
 from savegame.storage.base import Storage, WriteHandle
+from savegame.storage.commit import RenameCommit, write_new_file
 
-log = logging.getLogger("savegame.writer")
+log = logging.getLogger("savegame.engine.writer")
 
 DEFAULT_SHARD_BYTES = 1 << 30
 BOUNCE = 4 << 20  # small entries written without staging are gathered into writes of this size
@@ -80,7 +80,7 @@ def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD
 
 
 def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
-    """Capture every tensor's bytes (see :mod:`savegame.staging`); then the caller may mutate its state.
+    """Capture every tensor's bytes (see :mod:`savegame.engine.staging`); then the caller may mutate its state.
 
     A staged write never reads the live tensors again, so they are dropped here: tensors
     a ``state_dict()`` made fresh (EMA copies, casts) are freed now, not when the write ends.
@@ -95,7 +95,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
                      commit: RenameCommit | None = None) -> None:
     """Write files and manifest under a temporary name, then commit atomically as ``final``.
 
-    Not paused for the garbage collector (see :mod:`savegame.gcpause`): a write lasts
+    Not paused for the garbage collector (see :mod:`savegame.engine.gcpause`): a write lasts
     long, and in the background writer a pause would stop collection for every thread.
     """
     commit = commit or RenameCommit()

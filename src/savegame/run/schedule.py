@@ -17,7 +17,7 @@ from typing import Any
 
 from savegame.errors import ConfigurationError
 
-log = logging.getLogger("savegame.preemption")
+log = logging.getLogger("savegame.run.schedule")
 
 
 class SaveSchedule:

@@ -14,10 +14,10 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from savegame.commit import write_file_atomic
 from savegame.errors import StorageError
 from savegame.format import names as n
 from savegame.storage.base import Storage
+from savegame.storage.commit import write_file_atomic
 from savegame.storage.local import storage_error
 
 log = logging.getLogger("savegame.run")

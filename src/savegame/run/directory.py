@@ -9,15 +9,15 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from savegame import reader
-from savegame.commit import RenameCommit, write_file_atomic
+from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError, StorageError
 from savegame.format import names as n
 from savegame.policies import CheckpointRecord
 from savegame.policies._common import recency
-from savegame.run_lock import RunLock
-from savegame.run_records import CheckpointInfo, info_from_manifest
+from savegame.run.lock import RunLock
+from savegame.run.records import CheckpointInfo, info_from_manifest
 from savegame.storage.base import Storage
+from savegame.storage.commit import RenameCommit, write_file_atomic
 
 __all__ = ["CheckpointInfo", "RunDir", "RunLock", "alias_file", "alias_of_file", "checkpoint_name",
            "info_from_manifest", "parse_step"]

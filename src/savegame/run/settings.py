@@ -13,11 +13,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame.commit import write_file_atomic
 from savegame.errors import StorageError
 from savegame.format import names as n
 from savegame.policies import MODES
 from savegame.storage.base import Storage
+from savegame.storage.commit import write_file_atomic
 
 log = logging.getLogger("savegame.run")
 

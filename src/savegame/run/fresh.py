@@ -11,7 +11,7 @@ import logging
 import time
 
 from savegame.format import names as n
-from savegame.run_dir import RunDir, alias_of_file
+from savegame.run.directory import RunDir, alias_of_file
 
 log = logging.getLogger("savegame.run")
 

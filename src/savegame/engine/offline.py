@@ -10,15 +10,15 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from savegame.engine.writer import prepare, snapshot, write_checkpoint
 from savegame.errors import ConfigurationError
 from savegame.format import codec
 from savegame.format import names as n
-from savegame.history import History
-from savegame.run_dir import RunDir, RunLock
+from savegame.run.directory import RunDir, RunLock
+from savegame.run.history import History
 from savegame.storage.local import LocalStorage
-from savegame.writer import prepare, snapshot, write_checkpoint
 
-log = logging.getLogger("savegame.offline")
+log = logging.getLogger("savegame.engine.offline")
 
 Progress = Callable[[int], None]  # called with the number of bytes just written
 

@@ -9,15 +9,15 @@ from typing import Any
 
 import torch
 
-from savegame import optim_check, reader, rng
+from savegame.engine import optim_check, reader, rng
+from savegame.engine.gcpause import pausing
+from savegame.engine.keys import KeyReport, canonical_state, load_module, match_module
 from savegame.errors import ConfigurationError, IncompatibleStateError
 from savegame.format import codec
 from savegame.format import names as n
-from savegame.gcpause import pausing
-from savegame.keys import KeyReport, canonical_state, load_module, match_module
 from savegame.stateful import Stateful
 
-log = logging.getLogger("savegame.capture")
+log = logging.getLogger("savegame.engine.capture")
 
 
 def check_objects(state: Mapping[str, Any]) -> dict[str, Stateful]:

@@ -1,7 +1,7 @@
 """Addressing a run's checkpoints: ``list_checkpoints``, and what "latest", "best", a step or an address name.
 
 One resolution serves ``Checkpointer.restore`` and ``path_of``, ``savegame.load(which=)``
-and the CLI's ``RUN_DIR@which``: candidates come from :mod:`savegame.selection`, over
+and the CLI's ``RUN_DIR@which``: candidates come from :mod:`savegame.run.selection`, over
 this run or, for an address, over the run directory it names.
 """
 
@@ -11,11 +11,13 @@ import logging
 import os
 from dataclasses import dataclass
 
-from savegame import address, policies, reader, selection
+from savegame import policies
+from savegame.engine import reader
 from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
-from savegame.run_dir import CheckpointInfo, RunDir
+from savegame.run import address, selection
+from savegame.run.directory import CheckpointInfo, RunDir
+from savegame.run.tracking import RunTracker
 from savegame.storage.base import Storage
-from savegame.tracking import RunTracker
 
 log = logging.getLogger("savegame.run")
 

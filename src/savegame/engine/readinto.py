@@ -3,7 +3,7 @@
 The data section of each tensor file is memory-mapped; every entry is checked
 against its checksum and copied either into a target tensor the caller already
 owns (a model's parameters) or into a fresh tensor with its own storage; an
-entry bound for a GPU is streamed there by :mod:`savegame.todevice`. Large
+entry bound for a GPU is streamed there by :mod:`savegame.engine.todevice`. Large
 entries are checked and copied in a few threads (both release the GIL), in
 pieces small enough to stay in cache between the two passes. With ``lazy``
 (``load(mmap=True)``) tensors are views of the mapping instead.
@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from savegame import todevice
+from savegame.engine import todevice
+from savegame.engine.staging import SMALL
 from savegame.errors import CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec
 from savegame.format import names as n
 from savegame.format.tensorfile import read_header
-from savegame.staging import SMALL
 from savegame.storage.base import Storage
 
 PIECE = 1 << 20  # checked then copied while still in cache
@@ -67,7 +67,7 @@ def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify:
                  into: list[torch.Tensor] | None, on_device: set[int] | None = None) -> list[torch.Tensor]:
     """Check and copy every entry into ``into`` (from :func:`allocate`), and return it; with ``into=None``
     (``mmap=True``) entries become views of the mapped files instead, storage spans copies. Entries in
-    ``on_device`` (their tensor in ``into`` is on a GPU) are streamed there by :func:`savegame.todevice.fill`."""
+    ``on_device`` (their tensor in ``into`` is on a GPU) are streamed there by :func:`savegame.engine.todevice.fill`."""
     entries = doc[n.M_ENTRIES]
     algo = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
     by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
@@ -145,7 +145,7 @@ class _Job:
                  into: list[torch.Tensor] | None, spans: set[int], on_device: set[int]) -> None:
         self.entries, self.dtypes, self.algo, self.spans = entries, dtypes, algo, spans
         self.out: list[torch.Tensor] = into if into is not None else [torch.empty(0)] * len(dtypes)
-        self.on_device = on_device  # entries whose tensor is on a GPU: streamed there by savegame.todevice
+        self.on_device = on_device  # entries whose tensor is on a GPU: streamed there by savegame.engine.todevice
 
     def run(self, entries: list[int], data: _DataSection, where: str) -> None:
         starts, ends, shapes, sums = (self.entries[c] for c in (n.E_START, n.E_END, n.E_SHAPE, n.E_SUM))

@@ -27,12 +27,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from savegame import policies, run_settings
+from savegame import policies
 from savegame.errors import ConfigurationError, StorageError
-from savegame.history import History
-from savegame.lineage import move_aside
-from savegame.run_dir import CheckpointInfo, RunDir, parse_step
-from savegame.run_settings import RunSettings
+from savegame.run import settings as run_settings
+from savegame.run.directory import CheckpointInfo, RunDir, parse_step
+from savegame.run.history import History
+from savegame.run.lineage import move_aside
+from savegame.run.settings import RunSettings
 
 log = logging.getLogger("savegame.run")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from savegame.errors import CheckpointNotFoundError, ConfigurationError
 from savegame.format import names as n
-from savegame.run_dir import RunDir, parse_step
+from savegame.run.directory import RunDir, parse_step
 from savegame.storage.local import LocalStorage
 
 FORMS = "'latest', 'best', 'best:<metric>' or a step"

@@ -23,7 +23,7 @@ from typing import Protocol
 
 import torch
 
-log = logging.getLogger("savegame.pinned")
+log = logging.getLogger("savegame.engine.pinned")
 
 PAGE = mmap.PAGESIZE
 _PORTABLE = 1  # cudaHostRegisterPortable: pinned for every CUDA context, so for every device

@@ -28,10 +28,10 @@ from typing import Any
 
 import torch
 
+from savegame.engine.pinned import HostBuffer, Pinner, cuda_pinner
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum, codec
 from savegame.format import names as n
-from savegame.pinned import HostBuffer, Pinner, cuda_pinner
 
 SLOT = 8 << 20  # bytes per page-locked slot
 SLOTS = 4  # slots used in turn: 32 MiB of page-locked memory during a GPU restore, released after it

@@ -11,10 +11,10 @@ import torch
 from savegame.errors import CheckpointNotFoundError, ConfigurationError
 from savegame.format import names as n
 from savegame.options import as_int
-from savegame.run_dir import RunDir, parse_step
+from savegame.run.directory import RunDir, parse_step
+from savegame.run.tracking import RunTracker
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
-from savegame.tracking import RunTracker
 
 Which = int | str | os.PathLike[str] | None
 

@@ -4,7 +4,7 @@
 SGD (which then fails at its next ``step()`` for want of ``momentum``), into
 AdamW (which then silently trains as Adam), and moment buffers of a layer whose
 shape changed load too, failing or broadcasting later. Model keys and shapes are
-checked elsewhere (:mod:`savegame.keys`); this module does the same for the
+checked elsewhere (:mod:`savegame.engine.keys`); this module does the same for the
 optimizers and learning-rate schedulers of torch itself, whose classes and
 state layouts are known:
 
@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
+from savegame.engine.keys import KeyReport
 from savegame.errors import IncompatibleStateError
 from savegame.format.layout import Spec
-from savegame.keys import KeyReport
 
 SKIP = object()
 """Returned in place of a state that must not be loaded at all."""

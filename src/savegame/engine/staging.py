@@ -9,7 +9,7 @@ tensors must not); everything else with a typed, strided ``copy_`` straight
 into the buffer, so a non-contiguous CPU tensor needs no temporary contiguous
 copy and peak extra memory stays at the state's size.
 
-CUDA sources (see :mod:`savegame.pinned` for the page-locked buffers they are
+CUDA sources (see :mod:`savegame.engine.pinned` for the page-locked buffers they are
 copied into) are grouped by device. Each device gets a side stream that first
 waits for that device's current stream, so the copy sees every write the
 caller queued there; every stream used is synchronised before ``copy_out``
@@ -32,8 +32,8 @@ from collections.abc import Sequence
 
 import torch
 
+from savegame.engine.pinned import HostBuffer, Pinner, cuda_pinner
 from savegame.format.layout import TensorPlan
-from savegame.pinned import HostBuffer, Pinner, cuda_pinner
 
 SMALL = 1 << 20  # below this, a memmove beats a (multi-threaded) torch copy
 SCRATCH = 16 << 20  # page-locked bytes per GPU into which gathered small tensors are copied out at once

@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, NoReturn
 
-from savegame import history, reader
+from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError
 from savegame.format import codec
 from savegame.format import names as n
 from savegame.policies import MODES, CheckpointRecord
+from savegame.run import history
 
 __all__ = ["CheckpointInfo", "info_from_manifest"]
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from savegame.commit import write_new_file
 from savegame.errors import StorageError
 from savegame.format import names
-from savegame.history import FILE as HISTORY_FILE
-from savegame.history import History
-from savegame.run_dir import RunDir
+from savegame.run.directory import RunDir
+from savegame.run.history import FILE as HISTORY_FILE
+from savegame.run.history import History
+from savegame.storage.commit import write_new_file
 
 log = logging.getLogger("savegame.run")
 

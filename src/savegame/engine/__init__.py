@@ -1,0 +1,1 @@
+"""From live objects to checkpoint bytes and back: capture, snapshot, background writer, reader."""
