@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from savegame.distributed.job import Job
+from savegame.distributed.job import active as job_active
+from savegame.distributed.ranks import per_rank_names
 from savegame.engine import capture, reader, todevice
 from savegame.engine.finite import refuse_non_finite_metrics, refuse_non_finite_state
 from savegame.engine.keys import KeyReport
@@ -93,29 +96,51 @@ class Checkpointer:
         shard_bytes: int = 1 << 30,
         storage: Storage | None = None,
         fresh: bool = False,
+        per_rank: Sequence[str] = (),
+        collective_timeout: float = 300.0,
     ) -> None:
         self._closed = True  # until construction completes
         self._opts = Options(
             async_save=async_save, keep_last=keep_last, keep_every=keep_every, best=best, best_k=best_k,
             early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
             every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
-            shard_bytes=shard_bytes, storage=storage, fresh=fresh)
+            shard_bytes=shard_bytes, storage=storage, fresh=fresh, per_rank=per_rank,
+            collective_timeout=collective_timeout)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
+        self._job = Job(self._opts.collective_timeout) if job_active() else None
+        self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
         self._storage: Storage = self._opts.storage or LocalStorage(self.path)
-        self._storage.makedirs("")
         self._lock = RunLock(self._storage.root)
+        self._job_stop = False  # in a job: rank 0's early-stopping decision, as of the last save
+        if self._job is None:
+            self._take_run()
+        else:  # rank 0 owns the run directory; every rank learns whether it could take it
+            job = self._job
+            try:
+                job.agree(lambda: self._take_run() if job.leader else self._open(), job.fg,
+                          "opening the run directory")
+            except BaseException:
+                self._lock.release()
+                raise
+        self._finalizer = weakref.finalize(self, _release, self._lock, self._schedule)
+        self._finalizer.atexit = False  # at exit the kernel releases the lock after the writer drained
+        self._closed = False
+
+    def _take_run(self) -> None:
+        self._storage.makedirs("")
         self._lock.acquire()  # first: nothing else is set up unless this process owns the run directory
         try:
             self._open()
+            leftovers = self._run.commit.clean_leftovers(self._storage)
+            if leftovers:
+                log.info("removed %d leftover(s) of interrupted saves in %s: %s", len(leftovers), self.path,
+                         leftovers)
             if self._opts.fresh:
                 fresh_start.move_run_aside(self._run)
         except BaseException:
             self._lock.release()
             raise
-        self._finalizer = weakref.finalize(self, _release, self._lock, self._schedule)
-        self._finalizer.atexit = False  # at exit the kernel releases the lock after the writer drained
-        self._closed = False
 
     def _open(self) -> None:
         opts = self._opts
@@ -124,9 +149,6 @@ class Checkpointer:
                                    modes=opts.modes, best_k=opts.best_k, early_stopping=opts.early_stopping)
         self._staging = Staging() if opts.async_save else None
         self._writer = BackgroundWriter()
-        leftovers = self._run.commit.clean_leftovers(self._storage)
-        if leftovers:
-            log.info("removed %d leftover(s) of interrupted saves in %s: %s", len(leftovers), self.path, leftovers)
         self._schedule = SaveSchedule(every_steps=opts.every_steps, every_seconds=opts.every_seconds,
                                       signals=opts.signals)
         self._watched = guards.monitored(opts.modes, opts.early_stopping)
@@ -151,6 +173,8 @@ class Checkpointer:
             refuse_non_finite_metrics(clean)
         guards.check_monitored(clean, self._watched)
         guards.check_step(step, self._resumed)
+        if self._job is not None:
+            return self._save_in_job(self._job, step, epoch, clean, extra, pin)
         self._wait()
         if not self._continues:
             guards.check_new_run(self._run.names(), self.path)
@@ -182,17 +206,72 @@ class Checkpointer:
     def _prepare(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
                  pin: bool) -> tuple[Pending, Prepared]:
         """Name the checkpoint, work out its run state and encode everything; raises before any change."""
+        pending, meta = self._propose(step, epoch, metrics, extra, pin)
+        return pending, prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes)
+
+    def _propose(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
+                 pin: bool) -> tuple[Pending, dict[str, Any]]:
+        """The checkpoint's name, run state and manifest members; nothing changes yet."""
         abandon = self._tracker.ahead()
         name = self._run.unique_name(step, self._fields(step, epoch, metrics), freed=frozenset(abandon))
         info = CheckpointInfo(name, step, epoch, metrics, extra, time.time(), pinned=pin)
         pending = self._tracker.propose(info, abandon)
-        tree = capture.capture(self._objects, pending.run_state)
-        if self._opts.nan_policy == "refuse":
-            refuse_non_finite_state(tree[n.TREE_STATE])
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(metrics, _no_tensor),
                 n.M_EXTRA: codec.encode(extra, _no_tensor, "extra"), n.M_TIME: info.time, n.M_PINNED: pin,
                 n.M_SEQ: pending.info.seq}
-        return pending, prepare(tree, meta, self._opts.shard_bytes)
+        return pending, meta
+
+    def _capture(self, run_state: Any) -> dict[str, Any]:
+        tree = capture.capture(self._objects, run_state)
+        if self._opts.nan_policy == "refuse":
+            refuse_non_finite_state(tree[n.TREE_STATE])
+        return tree
+
+    def _save_in_job(self, job: Job, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
+                     pin: bool) -> str:
+        """save() in a distributed job: rank 0 names and tracks, every rank writes its share (module
+        :mod:`savegame.distributed.save`). Any rank's refusal is every rank's."""
+        from savegame.distributed import save as job_save
+        started = time.monotonic()
+
+        def local() -> tuple[Pending | None, job_save.Share, dict[str, Any] | None]:
+            self._wait()  # a failed previous save surfaces here, on every rank (the write is collective)
+            if not job.leader:
+                return None, job_save.share_of(self._capture(None), self._per_rank, job.rank), None
+            if not self._continues:
+                guards.check_new_run(self._run.names(), self.path)
+            pending, meta = self._propose(step, epoch, metrics, extra, pin)
+            return pending, job_save.share_of(self._capture(pending.run_state), self._per_rank, job.rank), meta
+
+        (pending, share, meta), names = job.agree(local, job.fg, f"save(step={step})",
+                                                  public=lambda r: r[0].info.name if r[0] else None)
+        snap = job_save.snapshot(share)
+        if pending is not None:
+            self._tracker.accept(pending)
+        self._job_stop = job.from_leader(lambda: self._tracker.should_stop, job.fg, "early stopping")
+        self._continues = True
+        self._schedule.saved(step)
+        lead = job_save.Leader(names[0], meta, self._run.commit) if pending is not None and meta else None
+
+        def write() -> None:
+            try:
+                if pending is not None:
+                    self._tracker.settle_line(pending)
+                job_save.write(job, self._storage, snap, lead)
+            except BaseException:
+                if pending is not None:
+                    self._tracker.rollback()
+                raise
+            if pending is not None:
+                log.info("saved checkpoint %s of %d ranks (durable %.2f s after save())", names[0], job.world_size,
+                         time.monotonic() - started)
+                self._tracker.committed(_sized(pending, snap.nbytes))
+
+        if self._opts.async_save:
+            self._writer.submit(write)
+        else:
+            write()
+        return os.path.join(self.path, names[0])
 
     def maybe_save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
                    extra: Any = None) -> str | None:
@@ -203,6 +282,10 @@ class Checkpointer:
         """
         self._check_open()
         due, sig = self._schedule.due(step)
+        if self._job is not None and self._schedule.needs_agreement:  # time and signals differ between ranks
+            votes = self._job.gather((due, sig), self._job.fg)
+            due = any(d for d, _ in votes)
+            sig = next((g for _, g in votes if g is not None), None)
         if not due:
             return None
         try:
@@ -221,7 +304,8 @@ class Checkpointer:
     @property
     def should_stop(self) -> bool:
         """True after early stopping triggered or a signal-driven save."""
-        return self._schedule.stop_requested or self._tracker.should_stop
+        stop = self._job_stop if self._job is not None else self._tracker.should_stop
+        return self._schedule.stop_requested or stop
 
     def wait(self) -> None:
         """Block until every save so far is durable; re-raise a failed save's error."""
@@ -243,6 +327,8 @@ class Checkpointer:
             if self._staging is not None:
                 self._staging.release()  # page-locked memory goes back now, not at exit
             self._finalizer()
+            if self._job is not None:
+                self._job.close()
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -253,7 +339,7 @@ class Checkpointer:
     # -- restoring --------------------------------------------------------------------------
     def restore(self, which: Which = "latest", *, strict: bool = True, verify: bool | None = None,
                 map_location: str | torch.device | None = None, assign: bool = False,
-                only: Sequence[str] | None = None) -> RestoreInfo | None:
+                only: Sequence[str] | None = None, resplit: str = "exact") -> RestoreInfo | None:
         """Load a checkpoint into the registered objects and set every RNG.
 
         ``which`` is "latest" (the newest checkpoint that verifies; damaged ones
@@ -262,8 +348,14 @@ class Checkpointer:
         Returns None when the run directory has no checkpoint and ``which`` is "latest".
         ``only=[names]`` restores just those states (``strict`` for them) and leaves every
         other object, the RNGs and this run's bookkeeping as they are.
+
+        In a distributed job every rank calls it and every rank restores the same
+        checkpoint (see docs/distributed.md); ``resplit="approximate"`` accepts per-rank
+        states that cannot be re-split exactly for a new number of ranks.
         """
         self._check_open()
+        if resplit not in ("exact", "approximate"):
+            raise ConfigurationError(f"resplit must be 'exact' or 'approximate', got {resplit!r}")
         for arg, value in (("strict", strict), ("assign", assign)):
             check_bool(value, arg)
         verify = self._opts.verify if verify is None else check_bool(verify, "verify")
@@ -274,6 +366,9 @@ class Checkpointer:
                 "use savegame.load(path, map_location='meta') to look at shapes, or restore a meta-device "
                 "model with map_location=None and assign=True")
         objects = guards.only_objects(self._objects, only)
+        if self._job is not None:
+            return self._restore_in_job(self._job, which, objects, strict=strict, verify=verify, assign=assign,
+                                        only=only, resplit=resplit)
         self._wait()
         candidates = listing.candidates(which, self._run, self._tracker)
         if not candidates:
@@ -302,9 +397,69 @@ class Checkpointer:
             return self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
 
+    def _restore_in_job(self, job: Job, which: Which, objects: Mapping[str, Any], *, strict: bool, verify: bool,
+                        assign: bool, only: Sequence[str] | None, resplit: str) -> RestoreInfo | None:
+        """restore() in a distributed job: every rank the same checkpoint, or every rank falls back together
+        (module :mod:`savegame.distributed.restore`)."""
+        from savegame.distributed import restore as job_restore
+        job.agree(self._wait, job.fg, "finishing the previous save")
+        found = job.from_leader(lambda: [(st.root, name, st is self._storage) for st, name in
+                                         listing.candidates(which, self._run, self._tracker)],
+                                job.fg, f"restore({which!r})")
+        if not found:
+            if which in (None, "latest"):
+                log.info("no checkpoint in %s: starting from scratch", os.path.abspath(self.path))
+                self._continues = True
+                return None
+            raise listing.not_found(which, self.path)
+        for root, name, own in found:
+            storage = self._storage if own else LocalStorage(root)
+
+            def manifest() -> dict[str, Any]:
+                if own:
+                    self._run.info(name)
+                doc = reader.read_manifest(storage, name)
+                if only is None and job.leader:
+                    self._check_early_stopping(doc)
+                return doc
+
+            ok, doc = job_restore.step(job, manifest, f"checkpoint {name}")
+            if not ok:
+                continue
+            ok, planned = job_restore.step(
+                job, lambda: job_restore.plan(job, storage, name, doc, objects, verify=verify), f"reading {name}")
+            if not ok:
+                continue
+            ok, _ = job_restore.step(job, lambda: job_restore.load(job, storage, name, planned, verify=verify),
+                                     f"reading {name}")
+            if not ok:
+                continue
+            ok, loaded = job_restore.step(job, lambda: job_restore.finish(job, planned), f"checking {name}")
+            if not ok:
+                continue
+            info, _ = job.agree(lambda: self._apply_in_job(job, storage, name, loaded, strict=strict,
+                                                           assign=assign, only=only, resplit=resplit),
+                                job.fg, f"restoring {name}")
+            return info
+        raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged for some rank; "
+                                     "see the warnings above")
+
+    def _apply_in_job(self, job: Job, storage: Storage, name: str, loaded: Any, *, strict: bool, assign: bool,
+                      only: Sequence[str] | None, resplit: str) -> RestoreInfo:
+        from savegame.distributed import restore as job_restore
+        objects = self._objects
+        if loaded.others is not None:  # another world size: per-rank states are re-split, not loaded as saved
+            objects = {k: v for k, v in objects.items() if k not in self._per_rank}
+        info = self._apply(storage, name, loaded.meta, loaded.tree, strict=strict, assign=assign, only=only,
+                           objects=objects)
+        if loaded.others is not None and only is None:
+            job_restore.resplit(self._objects, loaded.others, job, resplit)
+        return info
+
     def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
-               assign: bool, only: Sequence[str] | None = None) -> RestoreInfo:
-        objects = guards.only_objects(self._objects, only)
+               assign: bool, only: Sequence[str] | None = None,
+               objects: Mapping[str, Any] | None = None) -> RestoreInfo:
+        objects = guards.only_objects(self._objects if objects is None else objects, only)
         reports = capture.apply(objects, tree, strict=strict, assign=assign, only=only, restore_rng=only is None)
         own = self._run.info(name) if storage is self._storage else None
         if only is None:

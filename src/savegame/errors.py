@@ -61,3 +61,12 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedValueError",
 ]
+
+
+class RankFailedError(SavegameError):
+    """Another rank of a distributed job failed (or stopped answering in) a step every rank takes together;
+    the message names the rank and its error. Every rank raises, none waits forever."""
+
+
+class RankDamagedError(CorruptCheckpointError):
+    """Another rank of a distributed job found its part of a checkpoint damaged: every rank skips it together."""

@@ -43,6 +43,8 @@ class Options:
     shard_bytes: int = 1 << 30
     storage: Storage | None = None
     fresh: bool = False
+    per_rank: Sequence[str] = ()
+    collective_timeout: float = 300.0
     modes: dict[str, str] = field(init=False)
     signals: tuple[int, ...] = field(init=False)
 
@@ -64,6 +66,10 @@ class Options:
         _check_seconds(self.every_seconds)
         _check_name_format(self.name_format)
         _check_storage(self.storage)
+        _check_per_rank(self.per_rank)
+        _check_seconds(self.collective_timeout, "collective_timeout")
+        if self.collective_timeout is None:
+            raise ConfigurationError("collective_timeout must be a number of seconds > 0, got None")
 
 
 def check_bool(value: object, arg: str) -> bool:
@@ -116,11 +122,11 @@ def _signals(value: int | Sequence[int]) -> tuple[int, ...]:
     return tuple(items)
 
 
-def _check_seconds(value: object) -> None:
+def _check_seconds(value: object, arg: str = "every_seconds") -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < float(value) < math.inf:
-        raise ConfigurationError(f"every_seconds must be a positive number or None, got {value!r}")
+        raise ConfigurationError(f"{arg} must be a positive number of seconds, got {value!r}")
 
 
 def _check_name_format(name_format: object) -> None:
@@ -192,3 +198,8 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
             raise ConfigurationError(f"metric {key!r} = {_brief(value)} is not representable as a float: {exc}") \
                 from exc
     return out
+
+
+def _check_per_rank(names: object) -> None:
+    if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(k, str) for k in names):
+        raise ConfigurationError(f"per_rank must be a list of state names, got {names!r}")

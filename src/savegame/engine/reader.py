@@ -19,7 +19,7 @@ import torch
 from savegame.engine import readinto, rng, todevice
 from savegame.engine.gcpause import pausing
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
-from savegame.format import checksum, codec, layout, manifest
+from savegame.format import checksum, chunks, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
 from savegame.storage.base import Storage
@@ -129,6 +129,8 @@ def tensor_meta(doc: Mapping[str, Any]) -> list[tuple[str, list[int]]]:
     out = [(dtypes[e], shapes[e]) for e in table[n.T_ENTRY]]
     for view in table[n.T_VIEWS]:
         out[view["tensor"]] = (view.get("dtype"), view.get("shape"))
+    for record in chunks.chunked(table):
+        out[record["tensor"]] = (dtypes[table[n.T_ENTRY][record["tensor"]]], record["shape"])
     return out
 
 
@@ -249,6 +251,7 @@ def _by_entry(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> di
         return {}
     entries, table = doc[n.M_ENTRIES], doc[n.M_TENSORS]
     spans = {table[n.T_ENTRY][v["tensor"]] for v in table[n.T_VIEWS]}
+    spans.update(e for record in chunks.chunked(table) for e, _ in record["chunks"])  # pieces are assembled
     dtypes = readinto.dtypes_of(entries[n.E_DTYPE])
     chosen: dict[int, torch.Tensor] = {}
     owners: dict[int, int] = {}

@@ -71,12 +71,14 @@ def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD
 
     encoded = codec.encode(tree, sink)
     plan = layout.plan(tensors, shard_bytes)
-    body = {
-        n.M_FORMAT: n.FORMAT_NAME, n.M_VERSION: n.FORMAT_VERSION,
-        n.M_SAVEGAME_VERSION: __version__, n.M_TORCH_VERSION: torch.__version__,
-        **meta, n.M_TREE: encoded, n.M_TENSORS: plan.table(),
-    }
+    body = {**header_fields(n.FORMAT_VERSION), **meta, n.M_TREE: encoded, n.M_TENSORS: plan.table()}
     return Prepared(body, plan)
+
+
+def header_fields(version: int) -> dict[str, Any]:
+    """The members every manifest starts with: format, version and the writers' versions."""
+    return {n.M_FORMAT: n.FORMAT_NAME, n.M_VERSION: version, n.M_SAVEGAME_VERSION: __version__,
+            n.M_TORCH_VERSION: torch.__version__}
 
 
 def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
@@ -106,7 +108,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
 
         def write(k: int) -> str | int:
             buffer = snap[k] if snap is not None else None
-            return _write_file(storage, f"{tmp}/{names[k]}", plan, k, buffer, sums)
+            return write_tensor_file(storage, f"{tmp}/{names[k]}", plan, k, buffer, sums)
 
         sums: list[checksum.Value] = [0] * len(plan.sizes)  # not sources: dropped once staged
         if len(names) > 1:
@@ -131,8 +133,8 @@ def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[st
             n.E_SUM: sums}
 
 
-def _write_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
-                sums: list[checksum.Value]) -> checksum.Value:
+def write_tensor_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
+                      sums: list[checksum.Value]) -> checksum.Value:
     """Write tensor file ``k`` (header, then data); fill ``sums`` for its entries; return the header's sum."""
     entries = plan.files[k]
     header = build_header([f"e{e}" for e in entries], [plan.dtypes[e] for e in entries],

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from savegame.errors import CorruptCheckpointError, UnsupportedValueError
+from savegame.format import chunks
 from savegame.format import names as n
 from savegame.format.codec import dtype_from_name, dtype_name
 
@@ -195,6 +196,8 @@ def tensors_from_entries(table: Mapping[str, Any], entries: Sequence[torch.Tenso
     for view in table[n.T_VIEWS]:
         j = view["tensor"]
         out[j] = _view(entries[table[n.T_ENTRY][j]], view)
+    for record in chunks.chunked(table):  # v3: a tensor a distributed job stored in pieces, made whole
+        out[record["tensor"]] = chunks.assemble(record, entries)
     return out
 
 

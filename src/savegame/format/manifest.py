@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from savegame.errors import CorruptCheckpointError
-from savegame.format import checksum
+from savegame.format import checksum, chunks
 from savegame.format import names as n
 from savegame.format.codec import stored_dtype
 
@@ -54,9 +54,9 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get(n.M_FORMAT) != n.FORMAT_NAME:
         raise CorruptCheckpointError(f"{where}: not a savegame manifest")
     version = doc.get(n.M_VERSION)
-    if type(version) is not int or version > n.FORMAT_VERSION or version < 1:
+    if type(version) is not int or version > n.READABLE_VERSION or version < 1:
         raise CorruptCheckpointError(
-            f"{where}: format version {version!r} is not supported by this savegame (reads 1..{n.FORMAT_VERSION}); "
+            f"{where}: format version {version!r} is not supported by this savegame (reads 1..{n.READABLE_VERSION}); "
             "upgrade savegame to read it"
         )
     doc.pop(n.M_CHECKSUM, None)
@@ -66,6 +66,8 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
         else:
             _expand(doc)
         _check(doc)
+        if version >= n.SHARDED_FORMAT_VERSION:
+            chunks.check(doc)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}; the checkpoint is damaged") from None
     return doc

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 FORMAT_NAME = "savegame"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 2           # what a single process writes
+SHARDED_FORMAT_VERSION = 3   # what a distributed job writes: chunked tensors and per-rank trees
+READABLE_VERSION = SHARDED_FORMAT_VERSION  # the newest version this savegame reads
 
 MANIFEST = "manifest.json"
 TENSOR_FILE = "tensors-{index:05d}.safetensors"  # index 100000 and up: more digits, never fewer than five
@@ -45,10 +47,13 @@ M_CHECKSUM_ALGO = "checksum"          # the algorithm of every other checksum (v
 M_FILE_CHECKSUMS = "file_checksums"    # of each tensor file's length prefix and header (v2)
 M_HEADER_CRCS = "header_crc32"         # v1 name of file_checksums (CRC-32)
 M_CHECKSUM = "manifest_crc32"          # the manifest's own CRC-32, always its last member
+M_WORLD = "world_size"                 # v3: the number of ranks that wrote the checkpoint
+M_RANKS = "ranks"                      # v3: per rank, {"rng": ..., "state": {per-rank objects}} (refs into tensors)
 
 # Columns of the manifest's entry and tensor tables (v2).
 E_FILE, E_DTYPE, E_SHAPE, E_START, E_END, E_SUM = "file", "dtype", "shape", "start", "end", "checksum"
 T_ENTRY, T_DEVICE, T_VIEWS = "entry", "device", "views"
+T_KEY, T_CHUNKS = "key", "chunks"  # v3: each tensor's key in the job, and the records of tensors stored in chunks
 
 
 def tensor_file(index: int) -> str:

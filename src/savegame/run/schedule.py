@@ -68,6 +68,11 @@ class SaveSchedule:
         if self._signalled is None:
             self._signalled = sig
 
+    @property
+    def needs_agreement(self) -> bool:
+        """Whether ranks of a job may disagree on :meth:`due` (a clock or a signal decides, not the step)."""
+        return self.every_seconds is not None or bool(self._previous)
+
     def saved(self, step: int) -> None:
         self._last_step, self._last_time = step, self.clock()
 

@@ -1,0 +1,140 @@
+"""A save in a distributed job: every rank writes its share, rank 0 commits only when all succeeded.
+
+On the training thread every rank captures its tree and copies its tensors
+(:func:`capture_share`, :func:`snapshot`); the caller may then change its state.
+In the background (:func:`write`, on savegame's own ``bg`` group): rank 0 starts
+the checkpoint's temporary directory and names it to all; the ranks exchange their
+per-rank trees; ``torch.distributed.checkpoint.save`` plans (a replicated tensor
+is written once, by one rank, spread across ranks) and every rank writes and
+fsyncs its file; then rank 0 writes the manifest and renames the directory into
+place. If any rank fails or dies, DCP reports it to every rank, rank 0 removes
+the temporary directory and nothing is listed; every rank raises.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import Metadata
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
+from torch.distributed.checkpoint.storage import WriteResult
+
+from savegame.distributed import split
+from savegame.distributed.dcp_storage import SavegameWriter, tables
+from savegame.distributed.job import Job, is_dtensor
+from savegame.engine.writer import header_fields
+from savegame.errors import RankFailedError, SavegameError, StorageError
+from savegame.format import manifest
+from savegame.format import names as n
+from savegame.storage.base import Storage
+from savegame.storage.commit import RenameCommit, write_new_file
+
+log = logging.getLogger("savegame.distributed")
+
+
+@dataclass
+class Share:
+    """One rank's part of a save: the shared tree (with its tensors) and its own."""
+
+    shared: split.Encoded
+    mine: split.Encoded
+
+    @property
+    def nbytes(self) -> int:
+        return sum(_local(t).nbytes for t in (*self.shared.tensors, *self.mine.tensors))
+
+
+def share_of(tree: Mapping[str, Any], per_rank: frozenset[str], rank: int) -> Share:
+    """Encode this rank's captured tree; raises (UnsupportedValueError ...) before anything changes."""
+    shared, mine = split.split(tree, per_rank)
+    return Share(split.encode(shared), split.encode(mine, split.rank_prefix(rank)))
+
+
+def snapshot(share: Share) -> Share:
+    """A copy of every tensor (on the CPU), so the caller may change its state while the copy is written."""
+    def copied(enc: split.Encoded) -> split.Encoded:
+        return split.Encoded(enc.tree, [_copy(t) for t in enc.tensors], enc.keys)
+    return Share(copied(share.shared), copied(share.mine))
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def _copy(tensor: torch.Tensor) -> torch.Tensor:
+    local = _local(tensor).detach()
+    copy = torch.empty(local.shape, dtype=local.dtype, pin_memory=False)
+    copy.copy_(local)
+    if not is_dtensor(tensor):
+        return copy
+    from torch.distributed.tensor import DTensor  # as torch's own async save does: same spec, CPU data
+    return DTensor(copy, tensor._spec, requires_grad=False)  # type: ignore[attr-defined,no-untyped-call]
+
+
+@dataclass(frozen=True)
+class Leader:
+    """What only rank 0 knows about a save: its name, its manifest members and the commit."""
+
+    name: str
+    meta: dict[str, Any]
+    commit: RenameCommit
+
+
+def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> None:
+    """Write ``share`` as this rank's part of the checkpoint; collective on ``job.bg``. Raises on every rank
+    if any rank failed; then nothing is listed."""
+    tmp: str | None = job.from_leader(lambda: leader.commit.begin(storage, leader.name) if leader else None,
+                               job.bg, "starting the save")
+    assert tmp is not None
+    try:
+        _, trees = job.agree(lambda: None, job.bg, "gathering the per-rank states",
+                             public=lambda _: (share.mine.tree, share.mine.keys))
+        flat = dict(zip(share.shared.keys, share.shared.tensors, strict=True))
+        flat.update(zip(share.mine.keys, share.mine.tensors, strict=True))
+
+        def finish(metadata: Metadata, results: list[list[WriteResult]]) -> None:
+            assert leader is not None
+            body = manifest_body(job.world_size, share.shared, trees, leader.meta, metadata, results)
+            write_new_file(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(manifest.compact(body)))
+            leader.commit.commit(storage, tmp, leader.name)
+
+        writer = SavegameWriter(storage, tmp, job.rank, finish if leader else None)
+        try:
+            dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(), process_group=job.bg)
+        except CheckpointException as exc:  # a BaseException: never let it past savegame unchanged
+            raise translated(exc, job.rank) from None
+    except BaseException:
+        if leader is not None:
+            leader.commit.abort(storage, tmp)
+        raise
+
+
+def manifest_body(world_size: int, shared: split.Encoded, trees: list[tuple[Any, list[str]]],
+                  meta: Mapping[str, Any], metadata: Metadata, results: list[list[WriteResult]]) -> dict[str, Any]:
+    """The v3 manifest: rank 0's merged tree, every rank's own tree, and the tables of every piece."""
+    keys, ranks, base = list(shared.keys), [], len(shared.keys)
+    for tree, rank_keys in trees:
+        ranks.append(split.renumber(tree, base))
+        keys.extend(rank_keys)
+        base += len(rank_keys)
+    return {**header_fields(n.SHARDED_FORMAT_VERSION), **meta, n.M_WORLD: world_size,
+            n.M_TREE: split.merged(shared.tree, ranks[0]), n.M_RANKS: ranks,
+            **tables(metadata, results, keys, world_size)}
+
+
+def translated(exc: CheckpointException, rank: int) -> SavegameError:
+    """DCP's CheckpointException (a BaseException) as one savegame error naming the failed ranks."""
+    failures = {r: e[0] if isinstance(e, tuple) else e for r, e in (getattr(exc, "failures", {}) or {}).items()}
+    own = failures.get(rank)
+    if isinstance(own, SavegameError):
+        return own
+    text = "; ".join(f"rank {r}: {type(e).__name__}: {e}" for r, e in sorted(failures.items())) or str(exc)
+    if failures and all(isinstance(e, StorageError) for e in failures.values()):
+        return StorageError(f"the save failed: {text}")
+    return RankFailedError(f"the save failed: {text}; no checkpoint was listed, earlier ones are intact")

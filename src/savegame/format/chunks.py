@@ -1,0 +1,116 @@
+"""Format v3: tensors stored in chunks by the ranks of a distributed job, and per-rank trees.
+
+A distributed checkpoint is a v2 checkpoint seen from rank 0 (its ``tree`` holds the
+shared states, rank 0's per-rank states and rank 0's RNG, so any single-process
+reader restores it as it would a v2 one), plus:
+
+* ``world_size`` and ``ranks``: per rank, ``{"rng": ..., "state": {name: ...}}`` of
+  the states saved per rank, with tensor references into the same table;
+* in the ``tensors`` table, ``key`` (each tensor's name in the job, which is what
+  torch.distributed.checkpoint's planners match across world sizes) and
+  ``chunks``: for each tensor stored in pieces (a sharded DTensor), its global shape
+  and ``[entry, offsets]`` per piece. The pieces tile the tensor exactly: no gap,
+  no overlap, every piece inside it and of its dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from savegame.errors import CorruptCheckpointError
+from savegame.format import names as n
+
+MAX_WORLD = 1 << 20
+MAX_CHUNKS = 4096  # per tensor; the disjointness check is quadratic in it
+_LIMIT = 2**63
+
+
+def check(doc: Mapping[str, Any]) -> None:
+    """Validate the v3 members of an expanded manifest (see :mod:`savegame.format.manifest`)."""
+    world, ranks = doc.get(n.M_WORLD), doc.get(n.M_RANKS)
+    if type(world) is not int or not 1 <= world <= MAX_WORLD:
+        raise CorruptCheckpointError(f"manifest field {n.M_WORLD!r} is missing or malformed")
+    if type(ranks) is not list or len(ranks) != world or not all(_rank_tree(r) for r in ranks):
+        raise CorruptCheckpointError(f"manifest field {n.M_RANKS!r} does not hold one state mapping per rank")
+    table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
+    keys, records = table.get(n.T_KEY), table.get(n.T_CHUNKS)
+    if type(keys) is not list or len(keys) != len(table[n.T_ENTRY]) or not all(type(k) is str for k in keys) \
+            or len(set(keys)) != len(keys):
+        raise CorruptCheckpointError("the tensor table's keys are missing, malformed or repeated")
+    if type(records) is not list:
+        raise CorruptCheckpointError("the tensor table's chunk records are malformed")
+    seen: set[int] = set()
+    for record in records:
+        j = _check_record(record, table, entries)
+        if j in seen:
+            raise CorruptCheckpointError(f"tensor {j} has two chunk records")
+        seen.add(j)
+    if any(v["tensor"] in seen for v in table[n.T_VIEWS]):
+        raise CorruptCheckpointError("a tensor stored in chunks is also described as a view")
+
+
+def _rank_tree(value: Any) -> bool:
+    return type(value) is dict and set(value) <= {n.TREE_RNG, n.TREE_STATE} and type(value.get(n.TREE_STATE)) is dict
+
+
+def _check_record(record: Any, table: Mapping[str, Any], entries: Mapping[str, Any]) -> int:
+    j = record.get("tensor") if type(record) is dict else None
+    shape, pieces = (record.get("shape"), record.get("chunks")) if type(record) is dict else (None, None)
+    if type(j) is not int or not 0 <= j < len(table[n.T_ENTRY]) or type(shape) is not list \
+            or not _dims_ok(shape) or type(pieces) is not list or not 1 <= len(pieces) <= MAX_CHUNKS:
+        raise CorruptCheckpointError("malformed chunk record in manifest")
+    count = len(entries[n.E_FILE])
+    boxes = []
+    for piece in pieces:
+        if type(piece) is not list or len(piece) != 2 or type(piece[0]) is not int or not 0 <= piece[0] < count \
+                or type(piece[1]) is not list or len(piece[1]) != len(shape) or not _dims_ok(piece[1]):
+            raise CorruptCheckpointError(f"malformed chunk of tensor {j} in manifest")
+        e, offsets = piece
+        size = entries[n.E_SHAPE][e]
+        if entries[n.E_DTYPE][e] != entries[n.E_DTYPE][table[n.T_ENTRY][j]] or len(size) != len(shape) \
+                or any(o + s > d for o, s, d in zip(offsets, size, shape, strict=True)):
+            raise CorruptCheckpointError(f"a chunk of tensor {j} lies outside it or has another dtype")
+        boxes.append((offsets, size))
+    if table[n.T_ENTRY][j] != pieces[0][0]:
+        raise CorruptCheckpointError(f"tensor {j}'s entry is not its first chunk")
+    if sum(math.prod(s) for _, s in boxes) != math.prod(shape) or _overlap(boxes):
+        raise CorruptCheckpointError(f"the chunks of tensor {j} do not tile it exactly (gap or overlap)")
+    return j
+
+
+def _dims_ok(values: list[Any]) -> bool:
+    return all(type(v) is int and 0 <= v < _LIMIT for v in values) and len(values) <= 64
+
+
+def _overlap(boxes: Sequence[tuple[list[int], list[int]]]) -> bool:
+    """Whether two non-empty boxes share an element (boxes with a zero size hold none)."""
+    full = [b for b in boxes if all(b[1])]
+    for a in range(len(full)):
+        for b in range(a + 1, len(full)):
+            (oa, sa), (ob, sb) = full[a], full[b]
+            if all(x < y + t and y < x + s for x, s, y, t in zip(oa, sa, ob, sb, strict=True)):
+                return True
+    return False
+
+
+def chunked(table: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The chunk records of a tensor table (none before v3)."""
+    records = table.get(n.T_CHUNKS)
+    return records if isinstance(records, list) else []
+
+
+def assemble(record: Mapping[str, Any], entries: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The whole tensor a chunk record describes, from its entries' tensors (checked by :func:`check`)."""
+    first = entries[record["chunks"][0][0]]
+    out = torch.empty(record["shape"], dtype=first.dtype, device=first.device)
+    for e, offsets in record["chunks"]:
+        piece = entries[e]
+        target = out
+        for dim, (start, length) in enumerate(zip(offsets, piece.shape, strict=True)):
+            target = target.narrow(dim, start, length)
+        target.copy_(piece)
+    return out
