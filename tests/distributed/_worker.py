@@ -68,9 +68,128 @@ def ddp(run_dir: str, stop_at: int, total: int) -> None:
     dist.destroy_process_group()
 
 
+def fsdp_model(world: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    net = model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net, torch.optim.AdamW(net.parameters(), lr=0.01)
+
+
+def full_state(net: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, list[float]]:
+    """Every parameter and optimizer-state tensor, gathered whole, as flat lists (rank-independent)."""
+    def whole(t: torch.Tensor) -> list[float]:
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        return [float(v) for v in t.detach().double().flatten()]
+    out = {f"p.{k}": whole(v) for k, v in net.state_dict().items()}
+    for pid, st in opt.state_dict()["state"].items():
+        for field, v in st.items():
+            out[f"o.{pid}.{field}"] = whole(v)
+    return out
+
+
+def fsdp_step(net: torch.nn.Module, opt: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 8, generator=g), torch.randn(8, 4, generator=g)
+    loss = torch.nn.functional.mse_loss(net(x), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def fsdp(run_dir: str, mode: str, steps: int) -> None:
+    """mode "train": train ``steps`` steps from the latest checkpoint (or scratch), save, print the state.
+    mode "read": restore the latest and print the state."""
+    rank, world = init()
+    net, opt = fsdp_model(world)
+    ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, collective_timeout=20)
+    info = ckpt.restore()
+    start = info.step if info else 0
+    if mode == "train":
+        for step in range(start, start + steps):
+            fsdp_step(net, opt, step)
+        ckpt.save(start + steps)
+    ckpt.close()
+    state = full_state(net, opt)
+    print(json.dumps({"rank": rank, "step": start + (steps if mode == "train" else 0), "state": state}), flush=True)
+    dist.destroy_process_group()
+
+
+def plain(run_dir: str) -> None:
+    """No process group: restore a distributed checkpoint into a plain model and optimizer."""
+    net = model()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    with savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}) as ckpt:
+        info = ckpt.restore()
+    print(json.dumps({"step": info.step if info else None, "state": full_state(net, opt)}), flush=True)
+
+
+def die_mid_save(run_dir: str) -> None:
+    """Rank 1 dies while writing its share of the save of step 6; rank 0 reports what it saw."""
+    rank, _ = init()
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, collective_timeout=10)
+    ckpt.restore()
+    if rank == 1:
+        from savegame.distributed import dcp_storage
+        original = dcp_storage.SavegameWriter._write
+
+        def dying(self, plan, planner):  # type: ignore[no-untyped-def]
+            if "step-0000000006" in self.tmp:
+                os._exit(9)  # SIGKILL-like: no cleanup, no reply
+            return original(self, plan, planner)
+        dcp_storage.SavegameWriter._write = dying  # type: ignore[method-assign]
+    for step in (3, 6):
+        fsdp_step(net, opt, step)
+        ckpt.save(step)
+    error = None
+    try:
+        ckpt.wait()
+    except savegame.SavegameError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    print(json.dumps({"rank": rank, "error": error}), flush=True)
+    os._exit(0)
+
+
+def signal_stop(run_dir: str) -> None:
+    """Rank 1 alone gets SIGUSR1 at step 5; every rank must save that step and stop."""
+    import signal
+    rank, _ = init()
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, save_on_signals=[signal.SIGUSR1],
+                                 every_steps=100, collective_timeout=20)
+    ckpt.restore()
+    stopped = None
+    for step in range(1, 20):
+        fsdp_step(net, opt, step)
+        if rank == 1 and step == 5:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        ckpt.maybe_save(step)
+        if ckpt.should_stop:
+            stopped = step
+            break
+    ckpt.close()
+    print(json.dumps({"rank": rank, "stopped": stopped}), flush=True)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     scenario, *rest = sys.argv[1:]
     if scenario == "ddp":
         ddp(rest[0], int(rest[1]), int(rest[2]))
+    elif scenario == "plain":
+        plain(rest[0])
+    elif scenario == "die_mid_save":
+        die_mid_save(rest[0])
+    elif scenario == "signal":
+        signal_stop(rest[0])
+    elif scenario == "fsdp":
+        fsdp(rest[0], rest[1], int(rest[2]))
     else:
         raise SystemExit(f"unknown scenario {scenario}")

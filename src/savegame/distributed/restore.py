@@ -31,7 +31,7 @@ from savegame.distributed import split
 from savegame.distributed.dcp_storage import SavegameReader
 from savegame.distributed.job import Job, is_dtensor, raise_failed
 from savegame.engine import reader
-from savegame.errors import CorruptCheckpointError, IncompatibleStateError, RankDamagedError
+from savegame.errors import CorruptCheckpointError, IncompatibleStateError, RankDamagedError, RankFailedError
 from savegame.format import codec, layout
 from savegame.format import names as n
 from savegame.storage.base import Storage
@@ -147,6 +147,8 @@ def _load(dest: dict[str, torch.Tensor], storage_reader: SavegameReader, job: Jo
         if all(isinstance(e, CorruptCheckpointError) for e in failures.values()):
             raise RankDamagedError(f"reading the checkpoint failed: {text}") from None
         raise IncompatibleStateError(f"reading the checkpoint failed: {text}") from None
+    except RuntimeError as exc:  # gloo: a rank died or timed out inside DCP's collectives
+        raise RankFailedError(f"reading the checkpoint failed: another rank stopped answering ({exc})") from exc
 
 
 class _Ref(layout.Spec):
@@ -192,7 +194,6 @@ def _destination(like: torch.Tensor | None, spec: layout.Spec) -> torch.Tensor:
 
 def resplit(objects: Mapping[str, Any], others: list[dict[str, Any]], job: Job, mode: str) -> None:
     """Load per-rank states saved by another number of ranks (see the module docstring)."""
-    from savegame.data.resplit import resplit as data_resplit
     saved_world = len(others)
     log.warning("the checkpoint was written by %d ranks and this job has %d: RNG states are not restored "
                 "(each rank keeps its own generators); data positions are re-split", saved_world, job.world_size)
@@ -201,6 +202,7 @@ def resplit(objects: Mapping[str, Any], others: list[dict[str, Any]], job: Job, 
         if obj is None:
             continue
         states = [o[n.TREE_STATE][name] for o in others]
+        from savegame.data.resplit import resplit as data_resplit
         try:
             if data_resplit(obj, states, job.rank, job.world_size):
                 continue

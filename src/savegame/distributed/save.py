@@ -109,6 +109,9 @@ def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> No
             dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(), process_group=job.bg)
         except CheckpointException as exc:  # a BaseException: never let it past savegame unchanged
             raise translated(exc, job.rank) from None
+        except RuntimeError as exc:  # gloo: a rank died or timed out inside DCP's collectives
+            raise RankFailedError(f"the save failed: another rank stopped answering ({exc}); no checkpoint "
+                                  "was listed, earlier ones are intact") from exc
     except BaseException:
         if leader is not None:
             leader.commit.abort(storage, tmp)

@@ -1,0 +1,97 @@
+"""Distributed jobs (gloo, 2 CPU ranks as subprocesses): DDP, FSDP2, resharding, failures, agreement.
+
+Each job sets a 20 s process-group timeout (10 s where a rank dies) and the launcher
+an outer timeout, so a hang fails in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.distributed import launch
+
+WORKER = str(Path(__file__).with_name("_worker.py"))
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="multi-process gloo tests run on Linux only")
+
+
+def _listed(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in run_dir.iterdir() if p.name.startswith("step-"))
+
+
+def test_ddp_kill_and_resume_is_bit_identical_per_rank(tmp_path):
+    full = launch.results(launch.run(WORKER, 2, "ddp", str(tmp_path / "full"), "-1", "20"))
+    assert full[0]["rng"] != full[1]["rng"], "the ranks' RNG streams must differ for this test to mean anything"
+    launch.run(WORKER, 2, "ddp", str(tmp_path / "cut"), "10", "20")  # killed at step 10, mid-epoch
+    resumed = launch.results(launch.run(WORKER, 2, "ddp", str(tmp_path / "cut"), "-1", "20"))
+    for rank, (a, b) in enumerate(zip(full, resumed, strict=True)):
+        assert b["resumed_from"] == 9, rank
+        assert b["losses"] == a["losses"][-len(b["losses"]):], f"rank {rank} diverged after the resume"
+        assert b["digest"] == a["digest"] and b["rng"] == a["rng"], rank
+    manifest = json.loads((tmp_path / "cut" / "step-0000000009" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["files"] == ["tensors-00000.safetensors",
+                                                                 "tensors-00001.safetensors"]
+    keys = manifest["tensors"]["key"]
+    assert len([k for k in keys if k.startswith("state.model.")]) == 4, "replicated weights stored once"
+    assert {k.split("/")[0] for k in keys if k.startswith("rank")} == {"rank0", "rank1"}
+    assert _listed(tmp_path / "full") == ["step-0000000012", "step-0000000015", "step-0000000018"]  # keep_last=3
+    assert "step-0000000003" not in _listed(tmp_path / "cut")
+
+
+def test_fsdp2_save_restore_and_reshard_2_1_2_and_plain(tmp_path):
+    run = str(tmp_path / "run")
+    two = launch.results(launch.run(WORKER, 2, "fsdp", run, "train", "3"))
+    assert two[0]["state"] == two[1]["state"]
+    again = launch.results(launch.run(WORKER, 2, "fsdp", run, "read", "0"))
+    assert again[0]["state"] == two[0]["state"], "2 -> 2 restore"
+    one = launch.results(launch.run(WORKER, 1, "fsdp", run, "read", "0"))
+    assert one[0]["state"] == two[0]["state"], "2 -> 1 restore"
+    trained = launch.results(launch.run(WORKER, 1, "fsdp", run, "train", "2"))  # 1 rank saves step 5
+    back = launch.results(launch.run(WORKER, 2, "fsdp", run, "read", "0"))
+    assert back[0]["step"] == 5 and back[0]["state"] == trained[0]["state"] == back[1]["state"], "1 -> 2 restore"
+    assert trained[0]["state"] != two[0]["state"]
+    plain = launch.results(launch.run(WORKER, 1, "plain", run, env={"NO_PG": "1"}))
+    assert plain[0]["step"] == 5 and plain[0]["state"] == trained[0]["state"], "restore without a process group"
+
+
+def test_a_rank_dying_mid_save_lists_nothing_and_the_next_run_resumes(tmp_path):
+    run = tmp_path / "run"
+    done = launch.run(WORKER, 2, "die_mid_save", str(run), expect_ok=False, timeout=60)
+    assert done[1].returncode == 9
+    assert done[0].returncode == 0, done[0].stderr[-3000:]
+    report = launch.results(done[:1])[0]
+    assert report["error"] and report["error"].split(":")[0] in ("RankFailedError", "StorageError"), report
+    assert _listed(run) == ["step-0000000003"], "the interrupted save must not be listed"
+    again = launch.results(launch.run(WORKER, 2, "fsdp", str(run), "read", "0"))
+    assert again[0]["state"] == again[1]["state"]
+    assert not [p for p in os.listdir(run) if p.startswith(".tmp-")], "the next run removes the leftovers"
+
+
+def test_one_ranks_damaged_part_makes_every_rank_fall_back(tmp_path):
+    run = tmp_path / "run"
+    launch.run(WORKER, 2, "ddp", str(run), "7", "20")  # saves steps 3 and 6
+    newest = run / "step-0000000006"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    table, entries = manifest["tensors"], manifest["entries"]
+    j = table["key"].index("rank1/rng.torch")  # read by rank 1 only
+    e = table["entry"][j]
+    assert (entries["file"] if isinstance(entries["file"], list) else [entries["file"]] * 99)[e] == 1
+    data = bytearray((newest / "tensors-00001.safetensors").read_bytes())
+    header = int.from_bytes(data[:8], "little")
+    data[8 + header + entries["start"][e] + 100] ^= 0xFF
+    (newest / "tensors-00001.safetensors").write_bytes(bytes(data))
+    done = launch.run(WORKER, 2, "ddp", str(run), "-1", "8")
+    assert [r["resumed_from"] for r in launch.results(done)] == [3, 3]
+    assert all("skipping damaged checkpoint" in c.stderr for c in done), "every rank says why it fell back"
+
+
+def test_a_signal_on_one_rank_stops_every_rank_after_one_save(tmp_path):
+    run = tmp_path / "run"
+    res = launch.results(launch.run(WORKER, 2, "signal", str(run)))
+    assert [r["stopped"] for r in res] == [5, 5]
+    assert _listed(run) == ["step-0000000005"]
