@@ -292,3 +292,20 @@ def test_a_sampler_that_does_not_follow_the_ranks_continues_its_own_pass() -> No
 def test_bad_arguments_are_named(states: Any, rank: int, world: int, match: str) -> None:
     with pytest.raises(ConfigurationError, match=match):
         resplit(ResumableSampler(4), states, rank, world)
+
+
+def test_out_of_order_consumption_and_a_malformed_split_are_refused() -> None:
+    before = _loaders(2, 20, 2)
+    for loader in before:
+        iterator = iter(loader)
+        next(iterator)
+    holes = [{**loader.state_dict(), "done": [3]} for loader in before]     # as in_order=False leaves them
+    with pytest.raises(IncompatibleStateError, match=r"in_order=False.*approximate"):
+        resplit(_loaders(1, 20, 2)[0], holes, 0, 1)
+    moved = _loaders(1, 20, 2)[0]
+    resplit(moved, [loader.state_dict() for loader in before], 0, 1)
+    state = moved.sampler.state_dict()
+    assert state["split"] == [4, 20]
+    for bad in ([5, 2], [0, 21], [1], "4:20", [True, 20]):
+        with pytest.raises(IncompatibleStateError, match="'split'"):
+            ResumableSampler(20, world_size=1).load_state_dict({**state, "split": bad})

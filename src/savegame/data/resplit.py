@@ -59,15 +59,15 @@ def split_state(saved: SavedSampler, consumed: int, world_size: int) -> dict[str
     """The sampler state that every rank of ``world_size`` loads to continue ``saved``'s epoch.
 
     ``consumed`` is how many indices of its pass each of the ``saved.world_size``
-    ranks consumed (all the same). Nothing consumed: a fresh epoch; nothing left:
-    the end of the epoch; otherwise the rest ``[start, stop)`` of the permutation.
+    ranks consumed (all the same). Nothing consumed: a fresh epoch; otherwise the
+    rest ``[start, stop)`` of the permutation, empty when the epoch was over (an
+    empty split, not a position at the end: that would read as the start of an
+    epoch of no indices).
     """
     start, stop = rest_of_epoch(saved, consumed)
     state: dict[str, Any] = {"seed": saved.seed, "epoch": saved.epoch, "position": 0, "length": saved.length,
                              "world_size": world_size, "shuffle": saved.shuffle, "drop_last": saved.drop_last}
-    if start == stop and start > 0:
-        state["position"] = per_rank(saved.length, world_size, saved.drop_last)
-    elif start > 0:
+    if start > 0:
         state["split"] = [start, stop]
     return state
 
