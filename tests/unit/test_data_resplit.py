@@ -14,6 +14,7 @@ from torch.utils.data import IterableDataset, RandomSampler
 
 from savegame.data import DataLoader, MultiLoader, ResumableSampler
 from savegame.data.resplit import resplit
+from savegame.data.sampler import parse_state
 from savegame.errors import ConfigurationError, IncompatibleStateError
 from tests.unit.test_data_support import roundtrip
 
@@ -309,3 +310,45 @@ def test_out_of_order_consumption_and_a_malformed_split_are_refused() -> None:
     for bad in ([5, 2], [0, 21], [1], "4:20", [True, 20]):
         with pytest.raises(IncompatibleStateError, match="'split'"):
             ResumableSampler(20, world_size=1).load_state_dict({**state, "split": bad})
+
+
+@settings(max_examples=60, deadline=None)
+@given(length=st.integers(0, 24), size=st.integers(1, 4), batch_drop=st.booleans(), drop_last=st.booleans(),
+       shuffle=st.booleans(), worlds=st.tuples(st.integers(1, 3), st.integers(1, 3)), data=st.data())
+def test_loader_batches_follow_the_sampler_re_split(length: int, size: int, batch_drop: bool, drop_last: bool,
+                                                   shuffle: bool, worlds: tuple[int, int],
+                                                   data: st.DataObject) -> None:
+    """N -> M -> N ranks inside one epoch: each new rank's batches are its re-split sampler's indices, in
+    batches of ``size`` (its last short batch dropped with ``drop_last``); its iterator's len() counts them."""
+    old, new = worlds
+    assume(old != new)
+    kwargs = {"seed": 2, "shuffle": shuffle, "drop_last": drop_last}
+
+    def loaders(world: int, states: list[dict[str, Any]] | None = None) -> list[DataLoader]:
+        built = [DataLoader(Numbers(length), batch_size=size, drop_last=batch_drop, seed=1,
+                            sampler=ResumableSampler(length, rank=r, world_size=world, **kwargs))
+                 for r in range(world)]
+        for rank, loader in enumerate(built):
+            assert states is None or resplit(loader, states, rank, world)
+        return built
+
+    current, samplers = loaders(old), _samplers(length, old, **kwargs)
+    for world in (new, old):
+        iterators = [iter(loader) for loader in current]
+        count = data.draw(st.integers(0, len(iterators[0])), label="batches")
+        for iterator, sampler in zip(iterators, samplers):
+            for _ in range(count):
+                next(iterator)
+            consumed = min(count * size, parse_state(sampler.state_dict()).pass_length)
+            indices = iter(sampler)
+            for _ in range(consumed):
+                next(indices)
+        loader_states = [roundtrip(loader.state_dict()) for loader in current]
+        sampler_states = [sampler.state_dict() for sampler in samplers]
+        expected = _moved(sampler_states, length, world, 0, **kwargs)
+        for loader, sampler in zip(loaders(world, loader_states), expected):
+            indices = list(sampler)
+            keep = len(indices) // size * size if batch_drop else len(indices)
+            batches = list(iterator := iter(loader))
+            assert _samples(batches) == indices[:keep] and len(iterator) == len(batches)
+        current, samplers = loaders(world, loader_states), _moved(sampler_states, length, world, 0, **kwargs)
