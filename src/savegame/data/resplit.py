@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -51,7 +52,7 @@ def resplit(obj: object, states: Sequence[Mapping[str, Any]], rank: int, world_s
     if len(states) == world_size:
         obj.load_state_dict(states[rank])
     else:
-        obj.load_state_dict(_state_for(obj, states, rank, world_size, type(obj).__name__))
+        obj.load_state_dict(_state_for(obj, states, rank, _Move(type(obj).__name__, len(states), world_size)))
     return True
 
 
@@ -86,137 +87,147 @@ def rest_of_epoch(saved: SavedSampler, consumed: int) -> tuple[int, int]:
     return start + min(consumed * saved.world_size, real), start + real
 
 
-def _state_for(obj: object, states: list[Mapping[str, Any]], rank: int, world_size: int, name: str) -> Any:
+@dataclass(frozen=True)
+class _Move:
+    """What moves (``name``) from ``old`` ranks to ``new``: the subject of every refusal."""
+
+    name: str
+    old: int
+    new: int
+
+    def refuse(self, why: str) -> IncompatibleStateError:
+        return IncompatibleStateError(
+            f"{self.name}: the data position saved by {self.old} ranks cannot be re-split exactly for {self.new} "
+            f"ranks: {why}. Resume with {self.old} ranks, or use {APPROXIMATE}, under which new rank r takes old "
+            f"rank r % {self.old}'s state unchanged (samples may be repeated or skipped in that epoch)."
+        )
+
+    def member(self, key: str) -> _Move:
+        return _Move(f"{self.name}[{key!r}]", self.old, self.new)
+
+
+def _state_for(obj: object, states: list[Mapping[str, Any]], rank: int, move: _Move) -> Any:
     if isinstance(obj, ResumableSampler):
-        return _sampler_state(obj, states, world_size, name)
+        return _sampler_state(obj, states, move)
     if isinstance(obj, DataLoader):
-        return _loader_state(obj, states, rank, world_size, name)
+        return _loader_state(obj, states, rank, move)
     if isinstance(obj, MultiLoader):
-        return _multi_state(obj, states, rank, world_size, name)
-    raise _refusal(name, len(states), world_size, f"it is a {type(obj).__name__}, whose position savegame "
-                                                  "cannot divide between ranks")
+        return _multi_state(obj, states, rank, move)
+    raise move.refuse(f"it is a {type(obj).__name__}, whose position savegame cannot divide between ranks")
 
 
-def _sampler_state(sampler: ResumableSampler, states: list[Mapping[str, Any]], world_size: int,
-                   name: str) -> dict[str, Any]:
-    saved = _lockstep([parse_state(s) for s in states], name, world_size)
+def _sampler_state(sampler: ResumableSampler, states: list[Mapping[str, Any]], move: _Move) -> dict[str, Any]:
+    saved = _lockstep([parse_state(s) for s in states], move)
     if saved.world_size == sampler.world_size:
         return dict(states[0])      # the sampler does not follow the ranks: every rank continues the same pass
-    _check_follows(saved.world_size, sampler.world_size, len(states), world_size, name)
-    return split_state(saved, saved.position, world_size)
+    _check_follows(saved.world_size, sampler.world_size, move)
+    return split_state(saved, saved.position, move.new)
 
 
-def _loader_state(loader: DataLoader, states: list[Mapping[str, Any]], rank: int, world_size: int,
-                  name: str) -> dict[str, Any]:
-    old = len(states)
-    for state in states:
-        loader._check_state(state)          # each saved state fits this loader, as for a same-size restore
-    saved = [compat.parse(s) for s in states]
-    if saved[0].kind == "iterable":
-        raise _refusal(name, old, world_size, "its dataset is an IterableDataset, whose position is the "
-                                              "dataset's own state in each worker slot, which cannot be divided")
-    sampler, size, batch_drop = _layout(loader, name, old, world_size)
-    positions = {(s.epoch, s.in_progress, s.position) for s in saved}
-    if len(positions) > 1:
-        where = ", ".join(f"rank {k}: batch {s.position} of epoch {s.epoch}" for k, s in enumerate(saved))
-        raise _refusal(name, old, world_size, f"the old ranks stopped at different positions ({where})")
-    if any(s.done for s in saved):
-        raise _refusal(name, old, world_size, "with in_order=False its batches were consumed out of order, so "
-                                              "the consumed samples are not a prefix of the sampler's order")
-    samplers = [parse_state(s.sampler) if s.sampler is not None else None for s in saved]
-    if None in samplers:
-        raise _refusal(name, old, world_size, "its state holds no sampler state")
-    dataset = _common([s.dataset for s in saved], "the dataset's own states differ between the old ranks",
-                      name, old, world_size)
-    first = saved[0]
-    kept = [s for s in samplers if s is not None]
-    if kept[0].world_size == sampler.world_size:
-        _common(list(states), f"its sampler keeps world_size={sampler.world_size} (it does not follow the ranks) "
-                              "and the old ranks' states differ", name, old, world_size)
-        return dict(states[0])
-    _check_follows(kept[0].world_size, sampler.world_size, old, world_size, name)
+def _loader_state(loader: DataLoader, states: list[Mapping[str, Any]], rank: int, move: _Move) -> dict[str, Any]:
+    saved = _map_states(loader, states, move)
+    sampler, size, batch_drop = _layout(loader, move)
+    if any(s.sampler is None for s in saved):
+        raise move.refuse("its state holds no sampler state")
+    samplers = [parse_state(s.sampler) for s in saved]
+    if samplers[0].world_size == sampler.world_size:
+        return dict(_common(states, f"its sampler keeps world_size={sampler.world_size} (it does not follow the "
+                                    "ranks) and the old ranks' states differ", move))
+    _check_follows(samplers[0].world_size, sampler.world_size, move)
+    dataset = _common([s.dataset for s in saved], "the dataset's own states differ between the old ranks", move)
     seed = _pick([s.seed for s in saved], rank, loader.seed)
     new = {**states[0], "seed": seed, "pending": [], "done": [], "generators": [], "dataset": dataset}
-    if not first.in_progress:
-        new["sampler"] = split_state(_lockstep(kept, name, world_size), kept[0].position, world_size)
+    if not saved[0].in_progress:
+        new["sampler"] = split_state(_lockstep(samplers, move), samplers[0].position, move.new)
         return new
-    consumed = _consumed_samples(first.position, kept, [s.pending for s in saved], size, batch_drop, name,
-                                 world_size)
-    common = _lockstep([_at(s, consumed) for s in kept], name, world_size)
-    new["sampler"] = split_state(common, consumed, world_size)
+    consumed = _consumed_samples(saved, samplers, size, batch_drop, move)
+    new["sampler"] = split_state(_lockstep([_at(s, consumed) for s in samplers], move), consumed, move.new)
     rest = parse_state(new["sampler"])
     left = max(rest.pass_length - rest.position, 0)
-    whole = per_rank(rest.length, world_size, rest.drop_last)
+    whole = per_rank(rest.length, move.new, rest.drop_last)
+    # The rest's batches are the epoch's last ones: len(iter(loader)) counts them, as after any resume.
     new.update(in_progress=True, sampler_ended=False,
                position=_batches(whole, size, batch_drop) - _batches(left, size, batch_drop))
     return new
 
 
-def _consumed_samples(position: int, samplers: list[SavedSampler], pending: list[dict[int, Any]], size: int,
-                      batch_drop: bool, name: str, world_size: int) -> int:
-    """Indices of its sampler's pass each old rank consumed: ``position`` batches after the batches that
-    the pass's re-split left out (none for a whole epoch); checked against each sampler's own position."""
-    old = len(samplers)
-    sampler = samplers[0]
+def _map_states(loader: DataLoader, states: list[Mapping[str, Any]], move: _Move) -> list[compat.Saved]:
+    """The parsed loader states, if they fit this loader, are map-style and stopped at one position in order."""
+    for state in states:
+        loader._check_state(state)          # each saved state fits this loader, as for a same-size restore
+    saved = [compat.parse(s) for s in states]
+    if saved[0].kind == "iterable":
+        raise move.refuse("its dataset is an IterableDataset, whose position is the dataset's own state in each "
+                          "worker slot, which cannot be divided")
+    if len({(s.epoch, s.in_progress, s.position) for s in saved}) > 1:
+        where = ", ".join(f"rank {k}: batch {s.position} of epoch {s.epoch}" for k, s in enumerate(saved))
+        raise move.refuse(f"the old ranks stopped at different positions ({where})")
+    if any(s.done for s in saved):
+        raise move.refuse("with in_order=False its batches were consumed out of order, so the consumed samples "
+                          "are not a prefix of the sampler's order")
+    return saved
+
+
+def _consumed_samples(saved: list[compat.Saved], samplers: list[SavedSampler], size: int, batch_drop: bool,
+                      move: _Move) -> int:
+    """Indices of its sampler's pass each old rank consumed: its consumed batches after those that the
+    pass's re-split left out (none for a whole epoch); checked against each sampler's own position."""
+    position, sampler = saved[0].position, samplers[0]
     whole = per_rank(sampler.length, sampler.world_size, sampler.drop_last)
     skipped = _batches(whole, size, batch_drop) - _batches(sampler.pass_length, size, batch_drop)
     consumed = min((position - skipped) * size, sampler.pass_length)
-    for k, (saved, units) in enumerate(zip(samplers, pending)):
-        ahead = sum(len(unit) if isinstance(unit, (list, tuple)) else 1 for unit in units.values())
-        drawn = saved.position - ahead
-        tail = batch_drop and saved.position == saved.pass_length and 0 <= drawn - consumed < size
-        if saved.epoch != sampler.epoch or position < skipped or (drawn != consumed and not tail):
-            raise _refusal(name, old, world_size, f"old rank {k}'s sampler (epoch {saved.epoch}, {saved.position} "
-                                                  f"indices drawn, {ahead} of them in prefetched batches) does not "
-                                                  f"match {position} consumed batches of {size}")
+    for k, (loader, own) in enumerate(zip(saved, samplers)):
+        ahead = sum(len(unit) if isinstance(unit, (list, tuple)) else 1 for unit in loader.pending.values())
+        drawn = own.position - ahead
+        tail = batch_drop and own.position == own.pass_length and 0 <= drawn - consumed < size
+        if own.epoch != loader.epoch or position < skipped or (drawn != consumed and not tail):
+            raise move.refuse(f"old rank {k}'s sampler (epoch {own.epoch}, {own.position} indices drawn, {ahead} "
+                              f"of them in prefetched batches) does not match {position} consumed batches of {size}")
     return consumed
 
 
-def _multi_state(multi: MultiLoader, states: list[Mapping[str, Any]], rank: int, world_size: int,
-                 name: str) -> dict[str, Any]:
-    old = len(states)
+def _multi_state(multi: MultiLoader, states: list[Mapping[str, Any]], rank: int, move: _Move) -> dict[str, Any]:
     names = list(multi.loaders)
     for state in states:
         _check_multi_state(state, names, str(state.get("mode")), str(state.get("exhaustion")))
     chooses = states[0]["mode"] == "weighted"
     unused = () if chooses else ("seed", "rng")        # the other modes draw nothing from the generator
-    own = [{k: v for k, v in s.items() if k != "loaders" and k not in unused} for s in states]
-    _common(own, "the MultiLoader's own positions or choice generators differ between the old ranks",
-            name, old, world_size)
-    loaders = {key: _state_for(loader, [s["loaders"][key] for s in states], rank, world_size, f"{name}[{key!r}]")
+    _common([{k: v for k, v in s.items() if k != "loaders" and k not in unused} for s in states],
+            "the MultiLoader's own positions or choice generators differ between the old ranks", move)
+    loaders = {key: _state_for(loader, [s["loaders"][key] for s in states], rank, move.member(key))
                for key, loader in multi.loaders.items()}
-    source = states[0] if chooses else states[rank % old]
+    source = states[0] if chooses else states[rank % move.old]
     return {**states[0], "seed": source["seed"], "rng": source["rng"], "loaders": loaders}
 
 
-def _layout(loader: DataLoader, name: str, old: int, world_size: int) -> tuple[ResumableSampler, int, bool]:
+def _layout(loader: DataLoader, move: _Move) -> tuple[ResumableSampler, int, bool]:
     """The loader's ResumableSampler, the batch size its units have and whether the last short batch is dropped."""
     batches = loader.batch_sampler
     if batches is not None and type(batches) is not BatchSampler:
-        raise _refusal(name, old, world_size, f"its batch sampler is a {type(batches).__name__}, whose batches "
-                                              "savegame cannot count in samples")
+        raise move.refuse(f"its batch sampler is a {type(batches).__name__}, whose batches savegame cannot "
+                          "count in samples")
     sampler = batches.sampler if batches is not None else loader.sampler
     if not isinstance(sampler, ResumableSampler):
-        raise _refusal(name, old, world_size, f"its sampler is a {type(sampler).__name__}; only a "
-                                              "ResumableSampler's order is known across ranks")
+        raise move.refuse(f"its sampler is a {type(sampler).__name__}; only a ResumableSampler's order is "
+                          "known across ranks")
     if batches is None:
         return sampler, 1, False
     return sampler, batches.batch_size, batches.drop_last
 
 
-def _lockstep(saved: list[SavedSampler], name: str, world_size: int) -> SavedSampler:
+def _lockstep(saved: list[SavedSampler], move: _Move) -> SavedSampler:
     """The old ranks' common sampler state; refused when they differ (not in lockstep, or other settings)."""
     if any(s != saved[0] for s in saved):
         where = ", ".join(f"rank {k}: index {s.position} of epoch {s.epoch}" for k, s in enumerate(saved))
-        raise _refusal(name, len(saved), world_size, f"the old ranks' samplers are not in lockstep ({where}), or "
-                                                     "their seeds or settings differ")
+        raise move.refuse(f"the old ranks' samplers are not in lockstep ({where}), or their seeds or settings "
+                          "differ")
     return saved[0]
 
 
-def _check_follows(saved_world: int, live_world: int, old: int, world_size: int, name: str) -> None:
-    if saved_world != old or live_world != world_size:
-        raise _refusal(name, old, world_size, f"its sampler was saved with world_size={saved_world} and is built "
-                                              f"with world_size={live_world}; a re-split needs the ranks' numbers")
+def _check_follows(saved_world: int, live_world: int, move: _Move) -> None:
+    if saved_world != move.old or live_world != move.new:
+        raise move.refuse(f"its sampler was saved with world_size={saved_world} and is built with "
+                          f"world_size={live_world}; a re-split needs them to be the numbers of ranks")
 
 
 def _at(saved: SavedSampler, position: int) -> SavedSampler:
@@ -235,9 +246,9 @@ def _pick(values: list[int], rank: int, own: int) -> int:
     return values[rank] if rank < len(values) else own
 
 
-def _common(values: list[Any], why: str, name: str, old: int, world_size: int) -> Any:
+def _common(values: Sequence[Any], why: str, move: _Move) -> Any:
     if any(not _equal(v, values[0]) for v in values):
-        raise _refusal(name, old, world_size, why)
+        raise move.refuse(why)
     return values[0]
 
 
@@ -254,14 +265,6 @@ def _equal(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
     return type(a) is type(b) and bool(a == b)
-
-
-def _refusal(name: str, old: int, world_size: int, why: str) -> IncompatibleStateError:
-    return IncompatibleStateError(
-        f"{name}: the data position saved by {old} ranks cannot be re-split exactly for {world_size} ranks: "
-        f"{why}. Resume with {old} ranks, or use {APPROXIMATE}, under which new rank r takes old rank "
-        f"r % {old}'s state unchanged (samples may be repeated or skipped in that epoch)."
-    )
 
 
 def _check_arguments(states: Sequence[Mapping[str, Any]], rank: int, world_size: int) -> list[Mapping[str, Any]]:
