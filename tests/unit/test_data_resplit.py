@@ -352,3 +352,49 @@ def test_loader_batches_follow_the_sampler_re_split(length: int, size: int, batc
             batches = list(iterator := iter(loader))
             assert _samples(batches) == indices[:keep] and len(iterator) == len(batches)
         current, samplers = loaders(world, loader_states), _moved(sampler_states, length, world, 0, **kwargs)
+
+
+def test_loader_seeds_follow_the_documented_policy() -> None:
+    def build(world: int, rank: int, seed: int) -> DataLoader:
+        return DataLoader(Numbers(12), batch_size=2, seed=seed, sampler=ResumableSampler(12, rank=rank,
+                                                                                        world_size=world))
+
+    for seeds, expected in (([10, 11], [10, 11, 99]), ([10, 10], [10, 10, 10])):
+        before = [build(2, r, seeds[r]) for r in range(2)]
+        for loader in before:
+            next(iter(loader))
+        states = [loader.state_dict() for loader in before]
+        after = [build(3, r, 99) for r in range(3)]
+        for rank, loader in enumerate(after):
+            resplit(loader, states, rank, 3)
+        assert [loader.seed for loader in after] == expected
+
+
+class Counted(Numbers):
+    """A map-style dataset with its own state."""
+
+    def __init__(self, length: int, tag: int) -> None:
+        super().__init__(length)
+        self.tag = tag
+
+    def state_dict(self) -> dict[str, int]:
+        return {"tag": self.tag}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.tag = state["tag"]
+
+
+def test_dataset_states_move_only_when_every_old_rank_had_the_same() -> None:
+    def states(tags: list[int]) -> list[dict[str, Any]]:
+        loaders = [DataLoader(Counted(8, tag), batch_size=2, sampler=ResumableSampler(8, rank=r, world_size=2))
+                   for r, tag in enumerate(tags)]
+        for loader in loaders:
+            next(iter(loader))
+        return [loader.state_dict() for loader in loaders]
+
+    target = DataLoader(Counted(8, 0), batch_size=2, sampler=ResumableSampler(8, rank=0, world_size=1))
+    with pytest.raises(IncompatibleStateError, match="dataset's own states differ"):
+        resplit(target, states([1, 2]), 0, 1)
+    assert target.dataset.tag == 0
+    assert resplit(target, states([5, 5]), 0, 1) and target.dataset.tag == 5
+    assert len(_samples(list(target))) == 4, "the 4 samples the two old ranks had not read"
