@@ -38,12 +38,13 @@ from savegame.options import Options, as_int, check_bool, clean_metrics, run_pat
 from savegame.policies import EarlyStopping
 from savegame.run import fresh as fresh_start
 from savegame.run import guards, listing
-from savegame.run.directory import CheckpointInfo, RunDir, RunLock
+from savegame.run.directory import CheckpointInfo, RunDir
+from savegame.run.lease import WriterLock, writer_lock
 from savegame.run.schedule import SaveSchedule
 from savegame.run.selection import Which
 from savegame.run.tracking import Pending, RunTracker
 from savegame.storage.base import Storage
-from savegame.storage.local import LocalStorage
+from savegame.storage.urls import open_storage
 
 log = logging.getLogger("savegame")
 
@@ -95,6 +96,7 @@ class Checkpointer:
         verify: bool = True,
         shard_bytes: int = 1 << 30,
         storage: Storage | None = None,
+        storage_options: Mapping[str, Any] | None = None,
         fresh: bool = False,
         per_rank: Sequence[str] = (),
         collective_timeout: float = 300.0,
@@ -110,8 +112,8 @@ class Checkpointer:
         self.path = run_path(run_dir)
         self._job = Job(self._opts.collective_timeout) if job_active() else None
         self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
-        self._storage: Storage = self._opts.storage or LocalStorage(self.path)
-        self._lock = RunLock(self._storage.root)
+        self._storage: Storage = self._opts.storage or open_storage(self.path, storage_options)
+        self._lock = writer_lock(self._storage)  # a file lock, or a lease on object stores
         self._job_stop = False  # in a job: rank 0's early-stopping decision, as of the last save
         if self._job is None:
             self._take_run()
@@ -183,7 +185,7 @@ class Checkpointer:
         shards = snapshot(prepared, self._staging)
         self._tracker.accept(pending)  # accepted: from here on only the write can fail
         self._continues = True
-        where = os.path.abspath(os.path.join(self.path, pending.info.name))
+        where = listing.shown(self.path, pending.info.name)
         self._schedule.saved(step)
 
         def job() -> None:
@@ -373,7 +375,7 @@ class Checkpointer:
         candidates = listing.candidates(which, self._run, self._tracker)
         if not candidates:
             if which in (None, "latest"):
-                log.info("no checkpoint in %s: starting from scratch", os.path.abspath(self.path))
+                log.info("no checkpoint in %s: starting from scratch", listing.shown(self.path))
                 self._continues = True
                 return None
             raise listing.not_found(which, self.path)
@@ -413,7 +415,7 @@ class Checkpointer:
                 return None
             raise listing.not_found(which, self.path)
         for root, name, own in found:
-            storage = self._storage if own else LocalStorage(root)
+            storage = self._storage if own else open_storage(root, None)
 
             def manifest() -> dict[str, Any]:
                 if own:
@@ -466,7 +468,7 @@ class Checkpointer:
             self._tracker.resumed(own, tree.get(n.TREE_RUN))
             if own is not None:  # continuing this run: its next saves go on from this step
                 self._continues, self._resumed = True, (own.step, own.name)
-        log.info("restored checkpoint %s (step %d%s)", os.path.abspath(os.path.join(storage.root, name)),
+        log.info("restored checkpoint %s (step %d%s)", listing.shown(storage.root, name),
                  meta["step"], f", states {list(only)} only" if only is not None else "")
         return RestoreInfo(meta["step"], meta["epoch"], meta["metrics"] or {}, meta["extra"],
                            os.path.join(storage.root, name), reports)
@@ -507,7 +509,7 @@ class Checkpointer:
             raise SavegameError("this Checkpointer is closed; create a new one")
 
 
-def _release(lock: RunLock, schedule: SaveSchedule) -> None:
+def _release(lock: WriterLock, schedule: SaveSchedule) -> None:
     """close(), or the garbage collector for a Checkpointer never closed: hand back the lock and handlers."""
     try:
         schedule.close()

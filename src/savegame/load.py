@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -17,7 +18,9 @@ from savegame.errors import (
 from savegame.format import names as n
 from savegame.run import listing
 from savegame.run.directory import RunDir
+from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
+from savegame.storage.urls import is_url, join
 
 
 class FrozenDict(dict[str, Any]):
@@ -31,12 +34,13 @@ class FrozenDict(dict[str, Any]):
 
 def load(path: str | os.PathLike[str], *, which: int | str | None = None,
          map_location: str | torch.device | None = None, verify: bool | None = None,
-         mmap: bool = False) -> FrozenDict:
+         mmap: bool = False, storage_options: Mapping[str, Any] | None = None) -> FrozenDict:
     """Read a checkpoint (a checkpoint directory, its manifest, or a run directory for its newest).
 
     ``which`` picks a checkpoint of a run directory as ``Checkpointer.restore`` does:
     "latest", "best", "best:<metric>" or a step; ``path`` may also be an address,
-    ``"runs/x@best:val_loss"``.
+    ``"runs/x@best:val_loss"``. Paths may be URLs of object stores (``s3://bucket/runs/x``), with
+    ``storage_options`` for fsspec (see docs/storage.md).
 
     Returns ``{"step", "epoch", "metrics", "extra", "time", "savegame_version",
     "torch_version", "state", "rng", "run", "types"}`` (``types``: the class of
@@ -55,9 +59,10 @@ def load(path: str | os.PathLike[str], *, which: int | str | None = None,
         if value is not None and not isinstance(value, bool):
             raise ConfigurationError(f"{arg} must be True or False, got {value!r}")
     verify = not mmap if verify is None else verify
-    storage, name = _locate(Path(listing.checkpoint_path(path, which)))
+    found = listing.checkpoint_path(path, which, storage_options)
+    storage, name = listing.locate_url(found, storage_options) if is_url(found) else _locate(Path(found))
     doc = reader.read_manifest(storage, name)
-    where = os.path.join(storage.root, name)
+    where = join(storage.root, name)
     try:
         meta = reader.decode_meta(doc)
         tree = reader.read_tree(storage, name, doc, verify=verify, map_location=map_location, mmap=mmap)
@@ -69,7 +74,7 @@ def load(path: str | os.PathLike[str], *, which: int | str | None = None,
     return frozen
 
 
-def _locate(path: Path) -> tuple[LocalStorage, str]:
+def _locate(path: Path) -> tuple[Storage, str]:
     if path.name == n.MANIFEST:
         path = path.parent
     if (path / n.MANIFEST).is_file():

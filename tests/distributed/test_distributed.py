@@ -40,6 +40,10 @@ def test_ddp_kill_and_resume_is_bit_identical_per_rank(tmp_path):
     assert len([k for k in keys if k.startswith("state.model.")]) == 4, "replicated weights stored once"
     assert {k.split("/")[0] for k in keys if k.startswith("rank")} == {"rank0", "rank1"}
     assert _listed(tmp_path / "full") == ["step-0000000012", "step-0000000015", "step-0000000018"]  # keep_last=3
+    # 2 -> 1 ranks mid-epoch (step 18 of 8-step epochs): the data position is re-split exactly, RNG not restored
+    one = launch.run(WORKER, 1, "ddp", str(tmp_path / "cut"), "-1", "22")
+    assert launch.results(one)[0]["resumed_from"] == 18
+    assert "RNG states are not restored" in one[0].stderr
     assert "step-0000000003" not in _listed(tmp_path / "cut")
 
 

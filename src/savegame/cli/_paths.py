@@ -13,11 +13,13 @@ from typing import Any
 import click
 
 from savegame.cli._app import CliError
-from savegame.errors import ConfigurationError
+from savegame.errors import ConfigurationError, StorageError
 from savegame.format import names as n
 from savegame.run import address, listing
 from savegame.run.directory import RunDir, parse_step
+from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage, kind_of
+from savegame.storage.urls import is_url, open_storage
 
 
 class CheckpointArg(click.ParamType):  # type: ignore[type-arg]
@@ -30,6 +32,8 @@ class CheckpointArg(click.ParamType):  # type: ignore[type-arg]
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
         text: str = os.fspath(value)
+        if is_url(text):  # an object store: checked when it is read
+            return text
         if not self.file_okay and os.path.isfile(text):
             self.fail(f"{text!r} is a file; give a checkpoint directory, a run directory or RUN_DIR@which", param, ctx)
         try:
@@ -44,10 +48,25 @@ class CheckpointArg(click.ParamType):  # type: ignore[type-arg]
 CHECKPOINT = CheckpointArg()
 
 
-def locate(path: str) -> tuple[LocalStorage, str]:
+class RunDirArg(click.Path):
+    """A run directory that exists, or the URL of a run on an object store (``s3://bucket/runs/x``)."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if is_url(value) else super().convert(value, param, ctx)
+
+
+RUN_DIR = RunDirArg()
+
+
+def locate(path: str) -> tuple[Storage, str]:
     """(storage of the run directory, checkpoint name) for a checkpoint dir, its manifest, a run dir (newest)
-    or an address (``RUN_DIR@best:val_loss``)."""
+    or an address (``RUN_DIR@best:val_loss``); the same for URLs."""
     path = listing.checkpoint_path(path)
+    if is_url(path):
+        return listing.locate_url(path)
     p = Path(os.path.abspath(path))
     if p.name == n.MANIFEST:
         p = p.parent
@@ -72,8 +91,20 @@ def require_run_dir(path: str) -> None:
 
 
 def is_checkpoint_dir(path: str) -> bool:
+    if is_url(path):
+        return open_storage(path).exists(n.MANIFEST)
     p = Path(os.path.abspath(path))
     return (p / n.MANIFEST).is_file() or (p.is_dir() and parse_step(p.name) is not None)
+
+
+def checkpoint_bytes(storage: Storage, name: str) -> int:
+    """Bytes of the files of checkpoint ``name``: on disk, or in the object store."""
+    if not is_url(storage.root):
+        return disk_bytes(os.path.join(storage.root, name))
+    try:
+        return sum(storage.size(f"{name}/{file}") for file in storage.list_dir(name))
+    except StorageError:
+        return 0
 
 
 def disk_bytes(directory: str) -> int:

@@ -29,7 +29,9 @@ from rich.progress import (
 from savegame.cli._output import console
 from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError
+from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
+from savegame.storage.urls import is_url
 
 DELAY = 1.0  # seconds a job runs before its bar appears
 
@@ -115,12 +117,15 @@ class _CountingFile:
         self._inner.close()
 
 
-def verify_bytes(storage: LocalStorage, name: str, bar: ByteProgress) -> None:
-    """Check every byte of checkpoint ``name`` as a progress phase; CorruptCheckpointError if damaged."""
+def verify_bytes(storage: Storage, name: str, bar: ByteProgress) -> None:
+    """Check every byte of checkpoint ``name`` as a progress phase (local ones); CorruptCheckpointError if damaged."""
     doc = reader.read_manifest(storage, name)
-    where = os.path.join(storage.root, name)
-    bar.phase(f"verifying {name}", sum(_size(os.path.join(where, f)) for f in reader.data_files(doc)))
-    problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
+    if is_url(storage.root):
+        problems = reader.verify_checkpoint(storage, name)
+    else:
+        where = os.path.join(storage.root, name)
+        bar.phase(f"verifying {name}", sum(_size(os.path.join(where, f)) for f in reader.data_files(doc)))
+        problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
     if problems:
         raise CorruptCheckpointError("; ".join(problems))
 

@@ -23,6 +23,7 @@ from savegame.cli._app import CliError
 from savegame.cli._output import console, human_bytes, nbytes
 from savegame.cli._paths import CHECKPOINT, atomic_output, check_output, locate
 from savegame.cli._progress import ByteProgress, verify_bytes
+from savegame.storage.urls import join
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 FORMATS = (".safetensors", ".pt", ".pth", ".npz")
@@ -44,7 +45,7 @@ def export(ckpt: str, target: str, state_name: str | None, dtype: str | None) ->
     storage, name = locate(ckpt)
     with ByteProgress() as bar:
         verify_bytes(storage, name, bar)
-        loaded = savegame.load(os.path.join(storage.root, name), mmap=True, verify=False)  # verified just now
+        loaded = savegame.load(join(storage.root, name), mmap=True, verify=False)  # verified just now
         chosen = pick_state(loaded["state"] or {}, state_name)
         weights = flatten(loaded["state"][chosen], chosen)
         cast = DTYPES[dtype] if dtype else None

@@ -42,6 +42,7 @@ from savegame.cli._tree import (
 )
 from savegame.engine import reader
 from savegame.format import names as n
+from savegame.storage.urls import join
 
 CKPT = CHECKPOINT
 # Keys that mark a state as a data-loader (or sampler) position; its small scalar fields are shown.
@@ -52,7 +53,7 @@ MAX_ROWS = 30  # tensors listed per state before "... N more"
 def _load(path: str) -> tuple[str, dict[str, Any], Mapping[str, Any]]:
     """(checkpoint path, manifest, loaded tree) of a checkpoint dir or a run dir's newest checkpoint."""
     storage, name = locate(path)
-    where = os.path.join(storage.root, name)
+    where = join(storage.root, name)
     return where, reader.read_manifest(storage, name), savegame.load(where, mmap=True, verify=False)
 
 

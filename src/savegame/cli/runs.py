@@ -22,17 +22,17 @@ from savegame.cli._output import (
     number,
 )
 from savegame.cli._overview import print_abandoned, print_child_runs
-from savegame.cli._paths import CheckpointArg, disk_bytes, is_checkpoint_dir, require_run_dir
+from savegame.cli._paths import RUN_DIR, CheckpointArg, checkpoint_bytes, is_checkpoint_dir, require_run_dir
 from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
 from savegame.run import settings as run_settings
-from savegame.run.directory import RunDir, RunLock, info_from_manifest, parse_step
+from savegame.run.directory import RunDir, info_from_manifest, parse_step
+from savegame.run.lease import writer_lock
 from savegame.run.listing import checkpoint_path
 from savegame.run.settings import RunSettings
-from savegame.storage.local import LocalStorage
-
-RUN_DIR = click.Path(exists=True, file_okay=False)
+from savegame.storage.base import Storage
+from savegame.storage.urls import is_url, join, open_storage, split_url
 
 
 @dataclass
@@ -72,11 +72,12 @@ def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | 
     read (a trainer's retention deleted it) is gone, not damaged: it is left out.
     ``aliases`` are derived from the manifests (see :func:`label_aliases`).
     """
-    storage = LocalStorage(run_dir) if progress is None else CountingStorage(run_dir, progress)
+    counted = progress is not None and not is_url(run_dir)  # object stores: no byte progress
+    storage = CountingStorage(run_dir, progress) if counted and progress else open_storage(run_dir)
     rows = []
     for name in RunDir(storage).names():
-        path = os.path.join(run_dir, name)
-        row = Row(name, path, parse_step(name) or 0, bytes=disk_bytes(path))
+        path = join(run_dir, name)
+        row = Row(name, path, parse_step(name) or 0, bytes=checkpoint_bytes(storage, name))
         try:
             doc = reader.read_manifest(storage, name)
             info = info_from_manifest(f"{storage.root}/{name}", name, doc)
@@ -148,8 +149,8 @@ def ls(run_dir: str, as_json: bool, full: bool) -> None:
     require_run_dir(run_dir)
     if full:
         with ByteProgress() as bar:
-            names = RunDir(LocalStorage(run_dir)).names()
-            bar.phase("verifying", sum(disk_bytes(os.path.join(run_dir, name)) for name in names))
+            storage = open_storage(run_dir)
+            bar.phase("verifying", sum(checkpoint_bytes(storage, name) for name in RunDir(storage).names()))
             rows = scan(run_dir, full=True, progress=bar.advance)
     else:
         rows = scan(run_dir)
@@ -164,9 +165,10 @@ def ls(run_dir: str, as_json: bool, full: bool) -> None:
 def _print_rows(run_dir: str, rows: list[Row]) -> None:
     out = console()
     if not rows:
-        if not print_child_runs(out, run_dir):
+        if is_url(run_dir) or not print_child_runs(out, run_dir):
             out.print(f"no checkpoints in {run_dir}")
-        print_abandoned(out, run_dir)
+        if not is_url(run_dir):
+            print_abandoned(out, run_dir)
         return
     table = new_table(f"{run_dir}: {len(rows)} checkpoint(s)", "checkpoint", "step", "epoch", "metrics", "size",
                       "age", "aliases", "status", right=("step", "epoch", "size", "age"))
@@ -179,7 +181,8 @@ def _print_rows(run_dir: str, rows: list[Row]) -> None:
     for row in rows:
         for problem in row.problems:
             out.print(Text(f"damaged {row.name}: {problem}", style="red"))
-    print_abandoned(out, run_dir)
+    if not is_url(run_dir):
+        print_abandoned(out, run_dir)
 
 
 # -- verify --------------------------------------------------------------------------------
@@ -192,19 +195,20 @@ def verify(path: str) -> None:
     Exits 0 when everything is intact, 1 when a checkpoint is damaged.
     """
     path = checkpoint_path(path)  # RUN_DIR@best and the like: that one checkpoint
+    storage: Storage
     if is_checkpoint_dir(path):
-        full = os.path.abspath(path)
-        storage, names = LocalStorage(os.path.dirname(full)), [os.path.basename(full)]
+        parent, name = split_url(path) if is_url(path) else os.path.split(os.path.abspath(path))
+        storage, names = open_storage(parent), [name]
     else:
-        storage = LocalStorage(path)
+        storage = open_storage(path)
         names = RunDir(storage).names()
         if not names:
             raise CliError(f"{path}: no savegame checkpoint in this directory")
-    sizes = {name: disk_bytes(os.path.join(storage.root, name)) for name in names}
+    sizes = {name: checkpoint_bytes(storage, name) for name in names}
     out, bad, gone = console(), 0, 0
     with ByteProgress() as bar:
         bar.phase("verifying", sum(sizes.values()))
-        counting = CountingStorage(storage.root, bar.advance)
+        counting = storage if is_url(storage.root) else CountingStorage(storage.root, bar.advance)
         for name in names:
             bar.describe(f"verifying {name}")
             problems = reader.verify_checkpoint(counting, name)
@@ -236,12 +240,13 @@ def prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
     Takes the run directory's writer lock: it refuses to run while a trainer writes there.
     """
     require_run_dir(run_dir)
-    if not RunDir(LocalStorage(run_dir)).names():  # nothing to delete: leave the directory untouched
+    storage = open_storage(run_dir)
+    if not RunDir(storage).names():  # nothing to delete: leave the directory untouched
         console().print(f"nothing to prune: {run_dir} holds no checkpoint")
         return
     lock = None
     if not dry_run:
-        lock = RunLock(run_dir)
+        lock = writer_lock(storage)
         try:
             lock.acquire()
         except RunLockedError as exc:
@@ -249,7 +254,7 @@ def prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
                            "prune after it stops, or see what would go with --dry-run") from exc
     try:
         if lock is not None:  # the lock holder removes what a writer killed mid-save left (hidden temporaries)
-            RunDir(LocalStorage(run_dir)).commit.clean_leftovers(LocalStorage(run_dir))
+            RunDir(storage).commit.clean_leftovers(storage)
         _prune(run_dir, keep_last, dry_run)
     finally:
         if lock is not None:
@@ -303,7 +308,7 @@ def _on_current(policy: policies.Policy, intact: set[str]) -> policies.Policy:
 
 def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
     rows = scan(run_dir)
-    storage = LocalStorage(run_dir)
+    storage = open_storage(run_dir)
     settings = run_settings.read(storage)
     modes = run_modes(rows, RunDir(storage), settings)
     doomed, reasons = plan_prune(rows, keep_last, modes=modes, settings=settings)

@@ -33,7 +33,7 @@ from savegame.errors import RankFailedError, SavegameError, StorageError
 from savegame.format import manifest
 from savegame.format import names as n
 from savegame.storage.base import Storage
-from savegame.storage.commit import RenameCommit, write_new_file
+from savegame.storage.commit import CommitStrategy
 
 log = logging.getLogger("savegame.distributed")
 
@@ -83,7 +83,7 @@ class Leader:
 
     name: str
     meta: dict[str, Any]
-    commit: RenameCommit
+    commit: CommitStrategy
 
 
 def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> None:
@@ -101,8 +101,7 @@ def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> No
         def finish(metadata: Metadata, results: list[list[WriteResult]]) -> None:
             assert leader is not None
             body = manifest_body(job.world_size, share.shared, trees, leader.meta, metadata, results)
-            write_new_file(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(manifest.compact(body)))
-            leader.commit.commit(storage, tmp, leader.name)
+            leader.commit.commit(storage, tmp, leader.name, manifest.dumps(manifest.compact(body)))
 
         writer = SavegameWriter(storage, tmp, job.rank, finish if leader else None)
         try:

@@ -33,7 +33,7 @@ from savegame.format import checksum, codec, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import build_header
 from savegame.storage.base import Storage, WriteHandle
-from savegame.storage.commit import RenameCommit, write_new_file
+from savegame.storage.commit import CommitStrategy, RenameCommit
 
 log = logging.getLogger("savegame.engine.writer")
 
@@ -94,8 +94,9 @@ def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
 
 
 def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Snapshot,
-                     commit: RenameCommit | None = None) -> None:
-    """Write files and manifest under a temporary name, then commit atomically as ``final``.
+                     commit: CommitStrategy | None = None) -> None:
+    """Write the tensor files, then commit them with their manifest as ``final`` (``commit``'s strategy:
+    under a temporary name then renamed on file systems, the manifest last on object stores).
 
     Not paused for the garbage collector (see :mod:`savegame.engine.gcpause`): a write lasts
     long, and in the background writer a pause would stop collection for every thread.
@@ -118,8 +119,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             file_sums = [write(k) for k in range(len(names))]
         body = {**prepared.body, n.M_CHECKSUM_ALGO: checksum.CURRENT.name, n.M_FILES: names,
                 n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
-        write_new_file(storage, f"{tmp}/{n.MANIFEST}", manifest.dumps(manifest.compact(body)))
-        commit.commit(storage, tmp, final)
+        commit.commit(storage, tmp, final, manifest.dumps(manifest.compact(body)))
     except Exception:  # not BaseException: a crash (or a simulated one) leaves what it leaves
         commit.abort(storage, tmp)
         raise

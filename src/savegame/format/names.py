@@ -16,6 +16,7 @@ CHECKPOINT_NAME = "step-{step:010d}"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
 LOCK_FILE = ".savegame.lock"
+LEASE_FILE = ".savegame.lease"       # the writer's lease on object stores (no file lock there)
 ALIAS_SUFFIX = ".alias.json"
 HISTORY_FILE = "metrics.jsonl"
 SETTINGS_FILE = "retention.json"    # the retention settings of the run's last writer (for prune)

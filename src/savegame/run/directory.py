@@ -17,7 +17,7 @@ from savegame.policies._common import recency
 from savegame.run.lock import RunLock
 from savegame.run.records import CheckpointInfo, info_from_manifest
 from savegame.storage.base import Storage
-from savegame.storage.commit import RenameCommit, write_file_atomic
+from savegame.storage.commit import commit_of, write_file_atomic
 
 __all__ = ["CheckpointInfo", "RunDir", "RunLock", "alias_file", "alias_of_file", "checkpoint_name",
            "info_from_manifest", "parse_step"]
@@ -52,7 +52,7 @@ class RunDir:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self.commit = RenameCommit()
+        self.commit = commit_of(storage)
         # Committed checkpoints never change, so what their manifests say is read once.
         self._infos: dict[str, CheckpointInfo] = {}
         self._damaged: dict[str, str] = {}  # name -> why it cannot be read
@@ -86,7 +86,8 @@ class RunDir:
     def _list(self) -> list[str]:
         if not self.storage.exists(""):
             return []
-        return [name for name in self.storage.list_dir("") if parse_step(name) is not None]
+        names = [name for name in self.storage.list_dir("") if parse_step(name) is not None]
+        return self.commit.visible(self.storage, names)
 
     def newest_first(self) -> list[str]:
         """Every checkpoint name, newest first: readable ones by :func:`policies.recency`

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from savegame import policies
 from savegame.engine import reader
 from savegame.errors import CheckpointNotFoundError, ConfigurationError, CorruptCheckpointError
+from savegame.format import names as n
 from savegame.run import address, selection
 from savegame.run.directory import CheckpointInfo, RunDir
 from savegame.run.tracking import RunTracker
 from savegame.storage.base import Storage
+from savegame.storage.urls import is_url, join, open_storage, split_url
 
 log = logging.getLogger("savegame.run")
 
@@ -40,20 +44,22 @@ class CheckpointEntry:
     pinned: bool
 
 
-def list_checkpoints(run_dir: str | os.PathLike[str]) -> list[CheckpointEntry]:
-    """Every intact checkpoint of ``run_dir``, oldest first; damaged ones are left out with a warning.
+def list_checkpoints(run_dir: str | os.PathLike[str], *,
+                     storage_options: Mapping[str, Any] | None = None) -> list[CheckpointEntry]:
+    """Every intact checkpoint of ``run_dir`` (a path or a URL such as ``s3://bucket/runs/x``), oldest first;
+    damaged ones are left out with a warning.
 
     A missing directory is a CheckpointNotFoundError, so a mistyped path is never an empty run.
+    ``storage_options`` go to fsspec for a URL (see docs/storage.md).
     """
     if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str) \
             or "\0" in os.fspath(run_dir):
         raise ConfigurationError(f"list_checkpoints(run_dir): a run directory's path (str or os.PathLike), "
                                  f"got {run_dir!r}")
-    run = address.open_run(os.fspath(run_dir))
+    run = address.open_run(os.fspath(run_dir), storage_options)
     good = [info for info in run.infos() if _intact(run, info)]
     aliases = _aliases(good)
-    root = os.path.abspath(run.storage.root)
-    return [CheckpointEntry(i.step, i.epoch, dict(i.metrics), os.path.join(root, i.name), i.time, i.bytes,
+    return [CheckpointEntry(i.step, i.epoch, dict(i.metrics), shown(run.storage.root, i.name), i.time, i.bytes,
                             tuple(sorted(aliases.get(i.name, ()))), i.pinned) for i in good]
 
 
@@ -69,9 +75,10 @@ def candidates(which: selection.Which, run: RunDir, tracker: RunTracker) -> list
     return selection.candidates(inner, other, plain_tracker(other))
 
 
-def resolve(run_dir: str | os.PathLike[str], which: selection.Which) -> str:
+def resolve(run_dir: str | os.PathLike[str], which: selection.Which,
+            storage_options: Mapping[str, Any] | None = None) -> str:
     """The path of the checkpoint ``which`` names in ``run_dir`` (its first readable candidate)."""
-    run = address.open_run(os.fspath(run_dir))
+    run = address.open_run(os.fspath(run_dir), storage_options)
     found = first_readable(candidates(which, run, plain_tracker(run)))
     if found is None:
         raise not_found(which, os.fspath(run_dir))
@@ -83,7 +90,7 @@ def not_found(which: selection.Which, run_dir: str) -> CheckpointNotFoundError:
     parsed = address.split(which)
     if parsed is not None:
         run_dir, which = parsed
-    return CheckpointNotFoundError(f"no checkpoint {which!r} in {os.path.abspath(run_dir)}")
+    return CheckpointNotFoundError(f"no checkpoint {which!r} in {shown(run_dir)}")
 
 
 def first_readable(found: list[tuple[Storage, str]]) -> str | None:
@@ -94,8 +101,32 @@ def first_readable(found: list[tuple[Storage, str]]) -> str | None:
         except CorruptCheckpointError as exc:
             log.warning("skipping damaged checkpoint %s: %s", name, exc)
             continue
-        return os.path.join(os.path.abspath(storage.root), name)
+        return shown(storage.root, name)
     return None
+
+
+def shown(root: str, name: str = "") -> str:
+    """The absolute path, or the URL, of ``name`` under ``root``."""
+    return join(root, name).rstrip("/") if is_url(root) else os.path.join(os.path.abspath(root), name) if name \
+        else os.path.abspath(root)
+
+
+def locate_url(url: str, storage_options: Mapping[str, Any] | None = None) -> tuple[Storage, str]:
+    """(storage of the run, checkpoint name) for a checkpoint's URL, its manifest's, or a run's (its newest)."""
+    url = url.rstrip("/").removesuffix(f"/{n.MANIFEST}")
+    parent, name = split_url(url)
+    storage = open_storage(parent, storage_options)
+    if name and storage.exists(f"{name}/{n.MANIFEST}"):
+        return storage, name
+    run = address.open_run(url, storage_options)
+    for found in selection.candidates("latest", run, plain_tracker(run)):
+        try:
+            reader.read_manifest(*found)
+        except CorruptCheckpointError as exc:
+            log.warning("skipping damaged checkpoint %s: %s", found[1], exc)
+            continue
+        return found
+    raise CheckpointNotFoundError(f"{url!r} is not a savegame checkpoint or a run with one")
 
 
 def plain_tracker(run: RunDir) -> RunTracker:
@@ -127,7 +158,8 @@ def _aliases(infos: list[CheckpointInfo]) -> dict[str, list[str]]:
     return out
 
 
-def checkpoint_path(path: str | os.PathLike[str], which: selection.Which = None) -> str:
+def checkpoint_path(path: str | os.PathLike[str], which: selection.Which = None,
+                    storage_options: Mapping[str, Any] | None = None) -> str:
     """``path`` with ``which`` (or an address, ``"RUN_DIR@which"``) resolved to one checkpoint's path.
 
     Without either, ``path`` comes back as given. ``which`` with a checkpoint's own path is refused.
@@ -137,7 +169,7 @@ def checkpoint_path(path: str | os.PathLike[str], which: selection.Which = None)
         if which is not None:
             raise ConfigurationError(f"{os.fspath(path)!r} already names a checkpoint; pass which= or an address, "
                                      "not both")
-        return resolve(*parsed)
+        return resolve(*parsed, storage_options)
     if which is None:
         return os.fspath(path)
-    return resolve(path, which)
+    return resolve(path, which, storage_options)

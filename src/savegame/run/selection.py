@@ -15,6 +15,7 @@ from savegame.run.directory import RunDir, parse_step
 from savegame.run.tracking import RunTracker
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
+from savegame.storage.urls import is_url, open_storage, split_url
 
 Which = int | str | os.PathLike[str] | None
 
@@ -41,6 +42,12 @@ def candidates(which: Which, run: RunDir, tracker: RunTracker) -> list[tuple[Sto
 
 
 def _by_path(which: str | os.PathLike[str], run: RunDir) -> list[tuple[Storage, str]]:
+    if is_url(which):
+        parent, name = split_url(os.fspath(which).rstrip("/").removesuffix(f"/{n.MANIFEST}"))
+        storage = run.storage if parent == run.storage.root else open_storage(parent)
+        if not storage.exists(f"{name}/{n.MANIFEST}"):
+            raise CheckpointNotFoundError(f"{os.fspath(which)!r} is not a checkpoint (it has no {n.MANIFEST})")
+        return [(storage, name)]
     path = Path(which)
     if path.name == n.MANIFEST:
         path = path.parent

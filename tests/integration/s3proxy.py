@@ -1,0 +1,96 @@
+"""A loopback HTTP proxy in front of the S3 server that injects faults: 503 SlowDown, a connection reset,
+or 403 AccessDenied, for the requests a test picks. The client under test talks to the proxy as its endpoint."""
+
+from __future__ import annotations
+
+import http.client
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+# (method, path with query) -> None (forward), "503", "reset" or "403"
+Fault = Callable[[str, str], str | None]
+
+_BODIES = {
+    "503": b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
+    "403": b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
+}
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.fault: Fault = lambda method, path: None
+        self.injected: list[tuple[str, str, str]] = []
+        self.lock = threading.Lock()
+
+    def decide(self, method: str, path: str) -> str | None:
+        with self.lock:
+            kind = self.fault(method, path)
+            if kind is not None:
+                self.injected.append((kind, method, path))
+            return kind
+
+
+def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def _any(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            kind = proxy.decide(self.command, self.path)
+            if kind == "reset":
+                self.close_connection = True
+                self.connection.close()
+                return
+            if kind is not None:
+                data = _BODIES[kind]
+                self.send_response(int(kind))
+                self.send_header("Content-Type", "application/xml")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data if self.command != "HEAD" else b"")
+                return
+            conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+                conn.request(self.command, self.path, body=body, headers=headers)
+                reply = conn.getresponse()
+                data = reply.read()
+                self.send_response(reply.status)
+                for k, v in reply.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                        self.send_header(k, v)
+                length = reply.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+            finally:
+                conn.close()
+
+        do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _any
+
+    return Handler
+
+
+@contextmanager
+def fault_proxy(upstream: str) -> Iterator[tuple[str, FaultProxy]]:
+    """Serve a FaultProxy to ``upstream`` on 127.0.0.1 (a free port); yield (its endpoint, the proxy)."""
+    proxy = FaultProxy(upstream)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(proxy))
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", proxy
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
