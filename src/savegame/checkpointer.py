@@ -17,6 +17,7 @@ from savegame.distributed.job import Job
 from savegame.distributed.job import active as job_active
 from savegame.distributed.ranks import per_rank_names
 from savegame.engine import capture, reader, todevice
+from savegame.engine.dedup import Dedup
 from savegame.engine.finite import refuse_non_finite_metrics, refuse_non_finite_state
 from savegame.engine.keys import KeyReport
 from savegame.engine.writer import (
@@ -31,6 +32,7 @@ from savegame.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     SavegameError,
+    StorageError,
 )
 from savegame.format import codec
 from savegame.format import names as n
@@ -42,6 +44,7 @@ from savegame.run.directory import CheckpointInfo, RunDir
 from savegame.run.lease import WriterLock, writer_lock
 from savegame.run.schedule import SaveSchedule
 from savegame.run.selection import Which
+from savegame.run.store import ContentStore
 from savegame.run.tracking import Pending, RunTracker
 from savegame.storage.base import Storage
 from savegame.storage.urls import open_storage
@@ -100,6 +103,7 @@ class Checkpointer:
         fresh: bool = False,
         per_rank: Sequence[str] = (),
         collective_timeout: float = 300.0,
+        incremental: bool = False,
     ) -> None:
         self._closed = True  # until construction completes
         self._opts = Options(
@@ -107,10 +111,13 @@ class Checkpointer:
             early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
             every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
             shard_bytes=shard_bytes, storage=storage, fresh=fresh, per_rank=per_rank,
-            collective_timeout=collective_timeout)
+            collective_timeout=collective_timeout, incremental=incremental)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
         self._job = Job(self._opts.collective_timeout) if job_active() else None
+        if self._job is not None and incremental:
+            raise ConfigurationError("incremental=True is not supported in a distributed job yet; "
+                                     "pass incremental=False (the default)")
         self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
         self._storage: Storage = self._opts.storage or open_storage(self.path, storage_options)
         self._lock = writer_lock(self._storage)  # a file lock, or a lease on object stores
@@ -138,6 +145,7 @@ class Checkpointer:
             if leftovers:
                 log.info("removed %d leftover(s) of interrupted saves in %s: %s", len(leftovers), self.path,
                          leftovers)
+            self._reclaim()
             if self._opts.fresh:
                 fresh_start.move_run_aside(self._run)
         except BaseException:
@@ -156,6 +164,9 @@ class Checkpointer:
         self._watched = guards.monitored(opts.modes, opts.early_stopping)
         self._continues = opts.fresh  # False until restore() (or fresh=True): guards a new run mixed into an old one
         self._resumed: tuple[int, str] | None = None  # (step, name) restored from this run directory
+        self._store = ContentStore(self._storage)
+        self._dedup = Dedup() if opts.incremental else None
+        self._seeded = False  # whether the content index was taken from the run's newest checkpoint
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -182,6 +193,9 @@ class Checkpointer:
             guards.check_new_run(self._run.names(), self.path)
         started = time.monotonic()
         pending, prepared = self._prepare(step, epoch, clean, extra, pin)
+        if self._dedup is not None:
+            self._seed()
+            prepared.reuse = self._dedup.apply(prepared.plan, self._opts.shard_bytes)
         shards = snapshot(prepared, self._staging)
         self._tracker.accept(pending)  # accepted: from here on only the write can fail
         self._continues = True
@@ -191,19 +205,45 @@ class Checkpointer:
         def job() -> None:
             try:
                 self._tracker.settle_line(pending)
-                write_checkpoint(self._storage, pending.info.name, prepared, shards, self._run.commit)
+                body = write_checkpoint(self._storage, pending.info.name, prepared, shards, self._run.commit)
             except BaseException:
                 self._tracker.rollback()
+                if self._dedup is not None:
+                    self._dedup.forget()
                 raise
             log.info("saved checkpoint %s (%d bytes, durable %.2f s after save())", where, prepared.nbytes,
                      time.monotonic() - started)
+            if self._dedup is not None:
+                self._dedup.committed(body)
+            self._store.remember(pending.info.name, body[n.M_FILES])
             self._tracker.committed(_sized(pending, prepared.nbytes))
+            self._reclaim()
 
         if self._opts.async_save:
             self._writer.submit(job)
         else:
             job()
         return os.path.join(self.path, pending.info.name)
+
+    def _seed(self) -> None:
+        """Once: take the content index of the run's newest readable checkpoint (a resumed run references
+        what it already stored)."""
+        if self._seeded or self._dedup is None:
+            return
+        self._seeded = True
+        for name in self._run.newest_first():
+            try:
+                self._dedup.seed(reader.read_manifest(self._storage, name))
+                return
+            except CorruptCheckpointError:
+                continue
+
+    def _reclaim(self) -> None:
+        """Sweep the content store (see :mod:`savegame.run.store`); a failure is logged, the next sweep retries."""
+        try:
+            self._store.sweep()
+        except StorageError as exc:
+            log.warning("the content store of %s could not be swept (%s); the next save retries", self.path, exc)
 
     def _prepare(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
                  pin: bool) -> tuple[Pending, Prepared]:

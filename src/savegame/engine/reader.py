@@ -142,10 +142,10 @@ def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str
         return [f"{storage.root}/{name}: {exc}"]
     problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), readinto.file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-        where = f"{storage.root}/{name}/{file}"
+        where = f"{storage.root}/{n.file_path(name, file)}"
         try:
-            size = storage.size(f"{name}/{file}")
-            with storage.open_read(f"{name}/{file}") as f:
+            size = storage.size(n.file_path(name, file))
+            with storage.open_read(n.file_path(name, file)) as f:
                 start, _ = read_header(f, size, where, expected, algo=algo)
             if start + ends[k] > size:
                 problems.append(f"{where}: truncated ({size} bytes, needs {start + ends[k]})")
@@ -302,8 +302,8 @@ def _verify_torch_rng(storage: Storage, name: str, doc: Mapping[str, Any]) -> No
     e = table[n.T_ENTRY][j]
     file = doc[n.M_FILES][entries[n.E_FILE][e]]
     try:
-        with storage.open_read(f"{name}/{file}") as f:
-            start, _ = read_header(f, storage.size(f"{name}/{file}"), file, parse=False)
+        with storage.open_read(n.file_path(name, file)) as f:
+            start, _ = read_header(f, storage.size(n.file_path(name, file)), file, parse=False)
             f.seek(start + entries[n.E_START][e])
             raw = f.read(entries[n.E_END][e] - entries[n.E_START][e])
     except StorageError as exc:
@@ -314,10 +314,10 @@ def _verify_torch_rng(storage: Storage, name: str, doc: Mapping[str, Any]) -> No
 
 def _verify_file(storage: Storage, name: str, file: str, expected: checksum.Value, algo: checksum.Algorithm,
                  entries: Mapping[str, Any], mine: list[int]) -> None:
-    where = f"{storage.root}/{name}/{file}"
+    where = f"{storage.root}/{n.file_path(name, file)}"
     try:
-        size = storage.size(f"{name}/{file}")
-        with storage.open_read(f"{name}/{file}") as f:
+        size = storage.size(n.file_path(name, file))
+        with storage.open_read(n.file_path(name, file)) as f:
             start, _ = read_header(f, size, where, expected, algo=algo)
             for e in sorted(mine, key=lambda e: entries[n.E_START][e]):
                 f.seek(start + entries[n.E_START][e])

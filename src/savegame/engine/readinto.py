@@ -78,8 +78,8 @@ def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify:
     job = _Job(entries, dtypes_of(entries[n.E_DTYPE]), algo if verify else None, into, spans, on_device or set())
     ends = file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-        where = f"{storage.root}/{name}/{file}"
-        with _DataSection(storage, f"{name}/{file}", where, expected, algo, lazy) as data:
+        where = f"{storage.root}/{n.file_path(name, file)}"
+        with _DataSection(storage, n.file_path(name, file), where, expected, algo, lazy) as data:
             if ends[k] > data.length:
                 raise CorruptCheckpointError(f"{where}: truncated ({data.length} data bytes, needs {ends[k]})")
             job.run(by_file[k], data, where)
