@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from savegame.errors import StorageError
 from savegame.format import names as n
@@ -115,3 +116,31 @@ class ContentStore:
         if dead:
             log.info("content store: removed %d pack(s) no checkpoint uses any more", len(dead))
         return dead
+
+
+def usage(docs: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, int]]:
+    """Per checkpoint of ``docs`` (name -> expanded manifest), ``(own, shared)``: the bytes of pack entries
+    only it uses (deleting it alone frees them) and those another checkpoint of ``docs`` uses too."""
+    users: dict[tuple[str, int, int], int] = {}
+    ranges: dict[str, set[tuple[str, int, int]]] = {}
+    for name, doc in docs.items():
+        files, entries = doc[n.M_FILES], doc[n.M_ENTRIES]
+        mine = ranges[name] = {(files[k], start, end) for k, start, end in
+                               zip(entries[n.E_FILE], entries[n.E_START], entries[n.E_END], strict=True)
+                               if n.is_pack_file(files[k])}
+        for r in mine:
+            users[r] = users.get(r, 0) + 1
+    out = {}
+    for name, mine in ranges.items():
+        own = sum(r[2] - r[1] for r in mine if users[r] == 1)
+        out[name] = (own, sum(r[2] - r[1] for r in mine) - own)
+    return out
+
+
+def users_of(storage: Storage, names: Iterable[str], problems: Iterable[str]) -> dict[str, list[str]]:
+    """For each pack that ``problems`` (messages of damaged checkpoints) name: every one of ``names`` using it."""
+    damaged = set().union(*(packs_in(p.encode()) for p in problems)) if problems else set()
+    if not damaged:
+        return {}
+    refs = ContentStore(storage).referenced(list(names))
+    return {pack: sorted(name for name, used in refs.items() if pack in used) for pack in sorted(damaged)}
