@@ -115,9 +115,6 @@ class Checkpointer:
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
         self._job = Job(self._opts.collective_timeout) if job_active() else None
-        if self._job is not None and incremental:
-            raise ConfigurationError("incremental=True is not supported in a distributed job yet; "
-                                     "pass incremental=False (the default)")
         self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
         self._storage: Storage = self._opts.storage or open_storage(self.path, storage_options)
         self._lock = writer_lock(self._storage)  # a file lock, or a lease on object stores
@@ -299,7 +296,7 @@ class Checkpointer:
             try:
                 if pending is not None:
                     self._tracker.settle_line(pending)
-                job_save.write(job, self._storage, snap, lead)
+                job_save.write(job, self._storage, snap, lead, self._dedup)
             except BaseException:
                 if pending is not None:
                     self._tracker.rollback()
@@ -307,7 +304,9 @@ class Checkpointer:
             if pending is not None:
                 log.info("saved checkpoint %s of %d ranks (durable %.2f s after save())", names[0], job.world_size,
                          time.monotonic() - started)
+                self._store.forget(names[0])
                 self._tracker.committed(_sized(pending, snap.nbytes))
+                self._reclaim()  # every rank has written: no save of this job is in flight
 
         if self._opts.async_save:
             self._writer.submit(write)

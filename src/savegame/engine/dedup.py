@@ -115,7 +115,7 @@ class Dedup:
                 seen = self._seen.get(ident)
                 self._pending[ident] = (src, version, "", e)
                 if index and (seen is None or seen.version == version):  # new to us (a fresh copy, an RNG state)
-                    key = (_digest(src, size), size)
+                    key = (digest(src, size), size)
                     if key in self.index:
                         found[e] = self.index[key]
                 continue
@@ -125,7 +125,7 @@ class Dedup:
             if seen is not None and seen.tensor.data_ptr() == src.data_ptr() and seen.version == version \
                     and seen.fingerprint == fingerprint and seen.key in self.index:
                 found[e] = self.index[seen.key]
-            elif first and index and src.is_cpu and (key := (_digest(src, size), size)) in self.index:
+            elif first and index and src.is_cpu and (key := (digest(src, size), size)) in self.index:
                 found[e] = self.index[key]
         return found
 
@@ -139,13 +139,20 @@ class Dedup:
                       for ident, (tensor, version, fingerprint, e) in self._pending.items()}
         self._pending = {}
 
+    def keep(self, written: list[tuple[Key, Location]]) -> None:
+        """A distributed save committed: what this rank stored or referenced is the next save's index."""
+        self.index = dict(written)
+
     def forget(self) -> None:
         """A save failed: nothing seen is trusted any more (the next save writes or hashes everything)."""
         self.index, self._seen, self._pending = {}, {}, {}
 
 
-def _digest(src: torch.Tensor, size: int) -> str:
+def digest(src: torch.Tensor, size: int | None = None) -> str:
     """The xxh3-128 digest of a contiguous CPU tensor's bytes."""
+    size = src.nbytes if size is None else size
+    if not size:
+        return xxhash.xxh3_128_hexdigest(b"")
     raw = (ctypes.c_char * size).from_address(src.data_ptr())
     return xxhash.xxh3_128_hexdigest(memoryview(raw))
 

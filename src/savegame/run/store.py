@@ -94,6 +94,10 @@ class ContentStore:
             raise StorageError(f"{self.storage.root}/{path} cannot be read ({exc}); the content store is not "
                                "swept until it can be") from exc
 
+    def forget(self, name: str) -> None:
+        """Checkpoint ``name`` was just committed by a distributed job: read its manifest again when needed."""
+        self._refs.pop(name, None)
+
     def remember(self, name: str, files: Iterable[str]) -> None:
         """This process just committed checkpoint ``name`` naming ``files``: the cache must not hold an older
         checkpoint of the same name (one that retention deleted before)."""
