@@ -51,3 +51,14 @@ def test_gpu_check_script_runs_its_logic_on_the_cpu(tmp_path):
     assert result["save_blocked_s"] > 0 and result["restore_s"] > 0 and result["read_floor_s"] > 0
     assert result["adam_step_on_cpu"] is True and result["saves"] >= 2
     assert "target <= 1.5x" in out.stdout and "target <= 3%" in out.stdout
+
+
+def test_incremental_benchmark_small_run(tmp_path):
+    out_file = tmp_path / "incremental.json"
+    out = run_script("bench_incremental.py", "--small", "--dir", str(tmp_path), "--out", str(out_file))
+    result = json.loads(out_file.read_text())
+    assert result["frozen"]["within_bound"]
+    assert result["frozen"]["five_incremental"] < result["frozen"]["five_plain"]
+    for key in ("full_big", "full_tiny"):
+        assert result[key]["bytes_ratio"] > 0 and result[key]["save_ratio"] > 0
+    assert "| frozen backbone |" in out.stdout
