@@ -107,8 +107,8 @@ class Dedup:
         first, index = not self._seen, self.index
         for e, src in enumerate(plan.sources):
             size = plan.sizes[e]
-            if e in spans or not size or not src.is_contiguous():
-                continue
+            if e in spans or not size or not src.is_contiguous() or (not src.is_cpu and size <= FULL):
+                continue  # (a small GPU tensor: a fingerprint's device round trip costs more than writing it)
             ident = (src.device, src.data_ptr(), size, src.dtype, tuple(src.shape))
             version = src._version
             if src.is_cpu and size <= FULL:  # exact and cheap: hashed in full unless its counter moved
