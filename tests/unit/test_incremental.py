@@ -293,3 +293,29 @@ def test_a_plain_run_sweeps_packs_its_retention_freed(tmp_path: Path) -> None:
         plain.close()
     assert "step-0000000000" not in RunDir(LocalStorage(tmp_path)).names()
     assert ContentStore(LocalStorage(tmp_path)).packs() == []
+
+
+class FreshCopy:
+    """A state_dict() that makes a new tensor at each call (an EMA copy, a cast)."""
+
+    def __init__(self) -> None:
+        self.weight = torch.ones(1 << 17)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight.clone()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.weight = state["weight"].clone()
+
+
+def test_fresh_copies_are_not_kept_alive_between_saves(tmp_path: Path) -> None:
+    fresh, kept = FreshCopy(), torch.nn.Linear(256, 256)
+    ckpt = savegame.Checkpointer(tmp_path, {"fresh": fresh, "kept": kept}, incremental=True)
+    ckpt.save(0)
+    ckpt.wait()
+    held = [s.tensor for s in ckpt._dedup._seen.values()]  # type: ignore[union-attr]
+    assert held and all(t.nbytes != fresh.weight.nbytes for t in held)  # the layer's tensors, not the copy
+    fresh.weight[5] = 2.0
+    ckpt.save(1)
+    ckpt.close()
+    assert torch.equal(savegame.load(tmp_path / "step-0000000001")["state"]["fresh"]["weight"], fresh.weight)

@@ -135,9 +135,11 @@ class Dedup:
         keys = [(d, end - start) for d, start, end in zip(entries[n.E_SUM], entries[n.E_START], entries[n.E_END],
                                                           strict=True)]
         self.index = index_of(body)
-        self._seen = {ident: _Seen(tensor.detach(), version, fingerprint, keys[e])
-                      for ident, (tensor, version, fingerprint, e) in self._pending.items()}
+        seen = {ident: _Seen(tensor.detach(), version, fingerprint, keys[e])
+                for ident, (tensor, version, fingerprint, e) in self._pending.items()}
         self._pending = {}
+        # A tensor nothing else holds (a fresh copy a state_dict() made) is not kept alive until the next save.
+        self._seen = {ident: s for ident, s in seen.items() if _held_elsewhere(s.tensor)}
 
     def keep(self, written: list[tuple[Key, Location]]) -> None:
         """A distributed save committed: what this rank stored or referenced is the next save's index."""
@@ -146,6 +148,14 @@ class Dedup:
     def forget(self) -> None:
         """A save failed: nothing seen is trusted any more (the next save writes or hashes everything)."""
         self.index, self._seen, self._pending = {}, {}, {}
+
+
+def _held_elsewhere(tensor: torch.Tensor) -> bool:
+    """Whether some other tensor shares ``tensor``'s storage (a model's parameter, an optimizer's state)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # (a private torch function: without it, assume so)
+        return True
+    return int(count(tensor.untyped_storage()._cdata)) > 2  # this tensor's and the temporary storage object's
 
 
 def digest(src: torch.Tensor, size: int | None = None) -> str:
