@@ -54,7 +54,37 @@ def test_golden_checkpoint_verifies_and_a_flipped_byte_is_caught(version, tmp_pa
 
 
 def test_every_format_version_has_a_golden_file():
-    from savegame.format.names import FORMAT_VERSION
+    from savegame.format.names import FORMAT_VERSION, PACKED_FORMAT_VERSION
 
+    # v3 is what a distributed job writes (tests/distributed); v4 a run of incremental checkpoints
     assert sorted(p.name for p in DATA.iterdir() if p.name.startswith("v")) == \
-        [f"v{v}" for v in range(1, FORMAT_VERSION + 1)]
+        [f"v{v}" for v in range(1, FORMAT_VERSION + 1)] + [f"v{PACKED_FORMAT_VERSION}"]
+
+
+@pytest.mark.parametrize("step", [7, 8])
+def test_golden_v4_incremental_checkpoints_load_exactly_from_one_shared_pack(step):
+    from savegame.engine.reader import read_manifest
+    from savegame.format import names as n
+    from savegame.storage import LocalStorage
+
+    name = f"step-{step:010d}"
+    tree = savegame.load(DATA / "v4" / name)
+    assert tree["step"] == step and same(dict(tree["state"]), expected_state())
+    doc = read_manifest(LocalStorage(DATA / "v4"), name)
+    assert doc[n.M_VERSION] == 4 and doc[n.M_FILES] == [f"data/{p.name}" for p in (DATA / "v4" / "data").iterdir()]
+
+
+def test_golden_v4_a_flipped_byte_of_the_shared_pack_is_caught_in_both_checkpoints(tmp_path):
+    import shutil
+
+    from savegame.engine import reader
+    from savegame.storage import LocalStorage
+
+    shutil.copytree(DATA / "v4", tmp_path / "v4")
+    storage = LocalStorage(tmp_path / "v4")
+    assert all(reader.verify_checkpoint(storage, f"step-{s:010d}") == [] for s in (7, 8))
+    pack = next((tmp_path / "v4" / "data").iterdir())
+    raw = bytearray(pack.read_bytes())
+    raw[-1] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    assert all(reader.verify_checkpoint(storage, f"step-{s:010d}") for s in (7, 8))

@@ -107,7 +107,7 @@ class Dedup:
         first, index = not self._seen, self.index
         for e, src in enumerate(plan.sources):
             size = plan.sizes[e]
-            if e in spans or not size or not src.is_contiguous() or (not src.is_cpu and size <= FULL):
+            if not size or not src.is_contiguous() or (not src.is_cpu and size <= FULL):
                 continue  # (a small GPU tensor: a fingerprint's device round trip costs more than writing it)
             ident = (src.device, src.data_ptr(), size, src.dtype, tuple(src.shape))
             version = src._version
@@ -118,6 +118,8 @@ class Dedup:
                     key = (digest(src, size), size)
                     if key in self.index:
                         found[e] = self.index[key]
+                continue
+            if e in spans:  # a span of a shared storage is a fresh tensor each save: no counter to go by
                 continue
             seen = self._seen.get(ident)
             fingerprint = _fingerprint(src, size)
