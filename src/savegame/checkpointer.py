@@ -192,7 +192,7 @@ class Checkpointer:
         pending, prepared = self._prepare(step, epoch, clean, extra, pin)
         if self._dedup is not None:
             self._seed()
-            prepared.reuse = self._dedup.apply(prepared.plan, self._opts.shard_bytes)
+            prepared.reuse = self._dedup.apply(prepared.plan, self._opts.shard_bytes, self._storage.size)
         shards = snapshot(prepared, self._staging)
         self._tracker.accept(pending)  # accepted: from here on only the write can fail
         self._continues = True

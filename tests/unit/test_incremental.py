@@ -255,19 +255,38 @@ def test_unchanged_detection_is_never_trusted_blindly(tmp_path: Path) -> None:
     assert set(files2) <= set(files1)  # step 2 wrote no pack
 
 
-def test_a_pack_deleted_behind_the_writers_back_fails_the_save_and_the_next_one_writes_everything(
-        tmp_path: Path) -> None:
+def test_a_pack_deleted_behind_the_writers_back_makes_the_next_save_write_everything(tmp_path: Path) -> None:
     model, opt = frozen_model(64, 2)
     ckpt = savegame.Checkpointer(tmp_path, {"model": model, "opt": opt}, incremental=True, async_save=False)
     ckpt.save(0)
     for pack in ContentStore(LocalStorage(tmp_path)).packs():
         (tmp_path / pack).unlink()
+    ckpt.save(1)  # logged, and every tensor written again
+    ckpt.close()
+    assert verify_checkpoint(LocalStorage(tmp_path), "step-0000000001") == []
+
+
+def test_a_pack_gone_between_planning_and_commit_fails_the_save_cleanly(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    model, opt = frozen_model(64, 2)
+    ckpt = savegame.Checkpointer(tmp_path, {"model": model, "opt": opt}, incremental=True, async_save=False)
+    ckpt.save(0)
+    from savegame.engine import packs as packs_module
+    real = packs_module.reference
+
+    def vanish(storage, body, reuse, *, fresh):  # type: ignore[no-untyped-def]
+        for pack in {loc.file for loc in reuse.values()}:
+            (tmp_path / pack).unlink()
+        real(storage, body, reuse, fresh=fresh)
+
+    monkeypatch.setattr(packs_module, "reference", vanish)
     with pytest.raises(savegame.errors.StorageError, match="disappeared from the content store"):
         ckpt.save(1)
-    ckpt.save(2)
+    monkeypatch.setattr(packs_module, "reference", real)
+    ckpt.save(2)  # the failed save made the next one write everything
     ckpt.close()
-    assert verify_checkpoint(LocalStorage(tmp_path), "step-0000000002") == []
     assert not (tmp_path / "step-0000000001").exists()
+    assert verify_checkpoint(LocalStorage(tmp_path), "step-0000000002") == []
 
 
 def test_old_readers_refuse_v4_cleanly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -319,3 +338,18 @@ def test_fresh_copies_are_not_kept_alive_between_saves(tmp_path: Path) -> None:
     ckpt.save(1)
     ckpt.close()
     assert torch.equal(savegame.load(tmp_path / "step-0000000001")["state"]["fresh"]["weight"], fresh.weight)
+
+
+def test_a_small_unchanged_tensor_does_not_keep_an_old_pack_alive(tmp_path: Path) -> None:
+    """Full training: the RNG state does not change between saves, everything else does. Referencing the RNG
+    state's bytes in the first pack would keep that whole pack alive for ever; it is rewritten instead."""
+    model = torch.nn.Linear(256, 256)
+    ckpt = savegame.Checkpointer(tmp_path, {"model": model}, incremental=True, keep_last=2)
+    for step in range(4):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+            model.bias.add_(1.0)
+        ckpt.save(step)
+    ckpt.close()
+    store = ContentStore(LocalStorage(tmp_path))
+    assert len(RunDir(LocalStorage(tmp_path)).names()) == 2 and len(store.packs()) == 2

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
-from savegame.engine.dedup import Dedup, Key, Location, digest
+from savegame.engine.dedup import Dedup, Key, Location, digest, worth_keeping
 from savegame.engine.writer import write_tensor_file
 from savegame.errors import CorruptCheckpointError, SavegameError, StorageError
 from savegame.format import checksum, codec, layout
@@ -116,8 +116,9 @@ class SavegameWriter(StorageWriter):
         """Incremental: every piece is hashed (exact; the pieces are fresh copies, so no version counter
         says what changed); those the index holds are referenced, the rest go into one new pack."""
         keys = [(digest(t), t.nbytes) for _, t in items]
-        new = [i for i, key in enumerate(keys) if key not in dedup.index]
-        where: dict[int, Location] = {i: dedup.index[key] for i, key in enumerate(keys) if key in dedup.index}
+        found = {i: loc for i, key in enumerate(keys) if (loc := dedup.index.get(key))}
+        where: dict[int, Location] = worth_keeping(found, self.storage.size)
+        new = [i for i in range(len(items)) if i not in where]
         if new:
             tensor_plan = _one_file([items[i][1] for i in new])
             sums: list[checksum.Value] = [0] * len(new)

@@ -29,19 +29,25 @@ checkpoint's index, so a resumed run does not rewrite its frozen parts.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Mapping
+import logging
+import operator
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import xxhash
 
+from savegame.errors import StorageError
 from savegame.format import checksum, layout
 from savegame.format import names as n
+
+log = logging.getLogger("savegame.engine.dedup")
 
 FULL = 64 << 10  # CPU tensors up to this size are hashed in full instead of fingerprinted
 SAMPLES = 64  # blocks of SAMPLE bytes a fingerprint reads, spread evenly over the tensor
 SAMPLE = 64
+LIVE = 0.5  # a save references a pack only when it uses at least this share of the pack's bytes
 
 
 @dataclass(frozen=True)
@@ -66,78 +72,132 @@ class _Seen:
     key: Key
 
 
-def index_of(doc: Mapping[str, Any]) -> dict[Key, Location]:
+class Index:
+    """What a save stored where: content key -> :class:`Location`. Built from a manifest's columns without an
+    object per entry (a save of 50,000 tensors must not make 50,000 of them); a location is made when asked."""
+
+    def __init__(self, doc: Mapping[str, Any] | None = None, pairs: Iterable[tuple[Key, Location]] = ()) -> None:
+        self._made: dict[Key, Location] = dict(pairs)
+        self._at: dict[Key, int] = {}
+        if doc is None or doc.get(n.M_CHECKSUM_ALGO) != checksum.XXH3_128:
+            return
+        entries, self._files, self._sums = doc[n.M_ENTRIES], doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS]
+        self._file, self._start, self._end, self._digest = (entries[c] for c in (n.E_FILE, n.E_START, n.E_END,
+                                                                                n.E_SUM))
+        keys = zip(self._digest, map(operator.sub, self._end, self._start))
+        if all(map(n.is_pack_file, self._files)):
+            self._at = dict(zip(keys, range(len(self._start))))
+        else:  # (a v4 manifest may also name files of its own directory: those are not shared)
+            packed = [n.is_pack_file(f) for f in self._files]
+            self._at = {key: e for e, key in enumerate(keys) if packed[self._file[e]]}
+
+    def __bool__(self) -> bool:
+        return bool(self._at or self._made)
+
+    def __len__(self) -> int:
+        return len(self._at) + len(self._made)
+
+    def get(self, key: Key) -> Location | None:
+        loc = self._made.get(key)
+        if loc is None and (e := self._at.get(key)) is not None:
+            k = self._file[e]
+            loc = self._made[key] = Location(self._files[k], self._sums[k], self._start[e], self._end[e],
+                                             self._digest[e])
+        return loc
+
+
+def index_of(doc: Mapping[str, Any]) -> Index:
     """The content index of a v4 manifest (expanded by :func:`savegame.format.manifest.loads`)."""
-    if doc.get(n.M_CHECKSUM_ALGO) != checksum.XXH3_128:
-        return {}
-    entries, files, sums = doc[n.M_ENTRIES], doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS]
-    out: dict[Key, Location] = {}
-    for k, start, end, digest in zip(entries[n.E_FILE], entries[n.E_START], entries[n.E_END], entries[n.E_SUM],
-                                     strict=True):
-        if n.is_pack_file(files[k]):
-            out[(digest, end - start)] = Location(files[k], sums[k], start, end, digest)
-    return out
+    return Index(doc)
 
 
 class Dedup:
-    """The incremental state of one writer: the last committed save's index and the tensors it saw."""
+    """The incremental state of one writer: the last committed save's index and what it saw of the tensors."""
 
     def __init__(self) -> None:
-        self.index: dict[Key, Location] = {}
-        self._seen: dict[tuple[Any, ...], _Seen] = {}
+        self.index = Index()
+        self._versions: list[int] | None = None  # per entry of the last save: its version counter
+        self._seen: dict[tuple[Any, ...], _Seen] = {}  # tensors over FULL bytes of the last save
         self._pending: dict[tuple[Any, ...], tuple[torch.Tensor, int, str, int]] = {}  # ident -> (t, ver, fp, e)
+        self._pending_versions: list[int] = []
+        self._pack_sizes: dict[str, int] = {}
 
     def seed(self, doc: Mapping[str, Any]) -> None:
         """Start from an existing checkpoint's index (the newest one, or the one restored) if none is held."""
         if not self.index:
             self.index = index_of(doc)
 
-    def apply(self, plan: layout.TensorPlan, shard_bytes: int) -> dict[int, Location]:
-        """:meth:`reuse`, and ``plan`` laid out again with only the entries to write."""
+    def apply(self, plan: layout.TensorPlan, shard_bytes: int,
+              pack_size: Callable[[str], int] | None = None) -> dict[int, Location]:
+        """:meth:`reuse` (kept to packs worth keeping, see :func:`worth_keeping`), and ``plan`` laid out again
+        with only the entries to write."""
         found = self.reuse(plan)
+        if found and pack_size is not None:
+            try:
+                found = worth_keeping(found, self._sized(pack_size))
+            except StorageError as exc:  # a pack went missing behind savegame's back: store everything anew
+                log.warning("the content store lost a pack this save would use (%s); writing every tensor", exc)
+                self.forget()
+                found = {}
         if found:
             layout.leave_out(plan, found, shard_bytes)
         return found
 
+    def _sized(self, pack_size: Callable[[str], int]) -> Callable[[str], int]:
+        """``pack_size``, cached: packs never change."""
+        def size(file: str) -> int:
+            if file not in self._pack_sizes:
+                self._pack_sizes[file] = pack_size(file)
+            return self._pack_sizes[file]
+        return size
+
     def reuse(self, plan: layout.TensorPlan) -> dict[int, Location]:
-        """Entries of ``plan`` the content store already holds (entry -> where); call before the snapshot."""
-        spans = {plan.tensor_entry[v["tensor"]] for v in plan.views}
-        found: dict[int, Location] = {}
+        """Entries of ``plan`` the content store already holds (entry -> where); call before the snapshot.
+
+        Per entry this costs one read of the version counter when its tensor changed (full training);
+        entries are matched by position with the last save's, which is only ever a hint: a small tensor
+        is then hashed (exact), a large one must pass the checks of :meth:`_unchanged`.
+        """
+        index, sources, sizes = self.index, plan.sources, plan.sizes
+        versions = self._pending_versions = [src._version for src in sources]
+        old = self._versions if self._versions is not None and len(self._versions) == len(versions) else None
         self._pending = {}
-        first, index = not self._seen, self.index
-        for e, src in enumerate(plan.sources):
-            size = plan.sizes[e]
-            if not size or not src.is_contiguous() or (not src.is_cpu and size <= FULL):
-                continue  # (a small GPU tensor: a fingerprint's device round trip costs more than writing it)
-            ident = (src.device, src.data_ptr(), size, src.dtype, tuple(src.shape))
-            version = src._version
-            if src.is_cpu and size <= FULL:  # exact and cheap: hashed in full unless its counter moved
-                seen = self._seen.get(ident)
-                self._pending[ident] = (src, version, "", e)
-                if index and (seen is None or seen.version == version):  # new to us (a fresh copy, an RNG state)
-                    key = (digest(src, size), size)
-                    if key in self.index:
-                        found[e] = self.index[key]
-                continue
-            if e in spans:  # a span of a shared storage is a fresh tensor each save: no counter to go by
-                continue
-            seen = self._seen.get(ident)
-            fingerprint = _fingerprint(src, size)
-            self._pending[ident] = (src, version, fingerprint, e)
-            if seen is not None and seen.tensor.data_ptr() == src.data_ptr() and seen.version == version \
-                    and seen.fingerprint == fingerprint and seen.key in self.index:
-                found[e] = self.index[seen.key]
-            elif first and index and src.is_cpu and (key := (digest(src, size), size)) in self.index:
-                found[e] = self.index[key]
+        found: dict[int, Location] = {}
+        spans = {plan.tensor_entry[v["tensor"]] for v in plan.views}
+        any_index = bool(index)
+        for e, size in enumerate(sizes):
+            if size <= FULL:  # hashed in full (exact and cheap) unless its counter moved: presumed changed
+                if not any_index or (old is not None and old[e] != versions[e]) or not size:
+                    continue
+                src = sources[e]
+                if src.is_cpu and src.is_contiguous() and (loc := index.get((digest(src, size), size))):
+                    found[e] = loc
+            elif e not in spans and sources[e].is_contiguous():  # (a span is a fresh tensor each save)
+                loc = self._unchanged(sources[e], size, versions[e], e, first=old is None)
+                if loc is not None:
+                    found[e] = loc
         return found
+
+    def _unchanged(self, src: torch.Tensor, size: int, version: int, e: int, *, first: bool) -> Location | None:
+        """Where a large tensor's bytes are, if it is the very storage the last save saw, with the same version
+        and fingerprint (or, at a process's first save, its CPU bytes hash to a stored entry)."""
+        ident = (src.device, src.data_ptr(), size, src.dtype, tuple(src.shape))
+        seen = self._seen.get(ident)
+        fingerprint = _fingerprint(src, size)
+        self._pending[ident] = (src, version, fingerprint, e)
+        if seen is not None and seen.version == version and seen.fingerprint == fingerprint:
+            return self.index.get(seen.key)
+        if first and self.index and src.is_cpu:
+            return self.index.get((digest(src, size), size))
+        return None
 
     def committed(self, body: Mapping[str, Any]) -> None:
         """The save planned last is durable; ``body`` is its manifest (expanded)."""
         entries = body[n.M_ENTRIES]
-        keys = [(d, end - start) for d, start, end in zip(entries[n.E_SUM], entries[n.E_START], entries[n.E_END],
-                                                          strict=True)]
         self.index = index_of(body)
-        seen = {ident: _Seen(tensor.detach(), version, fingerprint, keys[e])
+        self._versions, self._pending_versions = self._pending_versions, []
+        seen = {ident: _Seen(tensor.detach(), version, fingerprint,
+                             (entries[n.E_SUM][e], entries[n.E_END][e] - entries[n.E_START][e]))
                 for ident, (tensor, version, fingerprint, e) in self._pending.items()}
         self._pending = {}
         # A tensor nothing else holds (a fresh copy a state_dict() made) is not kept alive until the next save.
@@ -145,11 +205,27 @@ class Dedup:
 
     def keep(self, written: list[tuple[Key, Location]]) -> None:
         """A distributed save committed: what this rank stored or referenced is the next save's index."""
-        self.index = dict(written)
+        self.index = Index(pairs=written)
 
     def forget(self) -> None:
         """A save failed: nothing seen is trusted any more (the next save writes or hashes everything)."""
-        self.index, self._seen, self._pending = {}, {}, {}
+        self.index, self._seen, self._pending, self._versions = Index(), {}, {}, None
+        self._pack_sizes = {}
+
+
+def worth_keeping(found: Mapping[int, Location], pack_size: Callable[[str], int]) -> dict[int, Location]:
+    """``found`` without the entries of packs a save would use less than ``LIVE`` of (by bytes).
+
+    A pack lives while any checkpoint uses any entry of it. Without this rule a small unchanged
+    tensor (an RNG state, a step counter) of full training would keep the first save's whole pack
+    alive for ever; rewriting its few bytes frees the pack once the older checkpoints go. So every
+    pack the newest checkpoint uses is at least ``LIVE`` used by it.
+    """
+    used: dict[str, int] = {}
+    for loc in found.values():
+        used[loc.file] = used.get(loc.file, 0) + loc.end - loc.start
+    keep = {file for file, nbytes in used.items() if nbytes >= LIVE * pack_size(file)}
+    return {e: loc for e, loc in found.items() if loc.file in keep}
 
 
 def _held_elsewhere(tensor: torch.Tensor) -> bool:
@@ -165,8 +241,13 @@ def digest(src: torch.Tensor, size: int | None = None) -> str:
     size = src.nbytes if size is None else size
     if not size:
         return xxhash.xxh3_128_hexdigest(b"")
-    raw = (ctypes.c_char * size).from_address(src.data_ptr())
-    return xxhash.xxh3_128_hexdigest(memoryview(raw))
+    kind = _CHARS.get(size)
+    if kind is None:
+        kind = _CHARS[size] = ctypes.c_char * size
+    return xxhash.xxh3_128_hexdigest(memoryview(kind.from_address(src.data_ptr())))
+
+
+_CHARS: dict[int, Any] = {}  # ctypes array types by size: making one costs microseconds
 
 
 def _fingerprint(src: torch.Tensor, size: int) -> str:
