@@ -95,7 +95,8 @@ def _expand(doc: dict[str, Any]) -> None:
             or type(tensors.get(n.T_ENTRY)) is not list:
         raise CorruptCheckpointError("manifest tables are missing or malformed")
     count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
-    width = checksum.WIDTH.get(doc.get(n.M_CHECKSUM_ALGO), 16)  # type: ignore[arg-type]
+    algo = doc.get(n.M_CHECKSUM_ALGO)
+    width = checksum.WIDTH.get(algo, 16) if type(algo) is str else 16  # (anything else is refused later)
     if type(sums) is not str or len(sums) != width * count:
         raise CorruptCheckpointError("malformed checksum column in manifest")
     entries[n.E_SUM] = [sums[i:i + width] for i in range(0, len(sums), width)]
