@@ -15,9 +15,12 @@ unchanged only when
   its address cannot have been reused by another tensor), its version counter has not
   moved (every in-place torch op bumps it) and a sampled fingerprint of its bytes is
   unchanged (writes that bypass the counter, through ``.data`` or NumPy, show up there);
-* or, for a small CPU tensor (at most ``FULL`` bytes) whose counter did not move or which
-  is new to this object (a fresh copy, an RNG state), its full digest is in the index:
-  exact, and cheaper than any bookkeeping.
+* or, for a small CPU tensor (at most ``FULL`` bytes) whose counter did not move (matched
+  by position with the last save, a hint only) or which is new, its full digest is in
+  the index: exact, and cheaper than any bookkeeping.
+
+A save references a pack only where it uses at least ``LIVE`` of the pack's bytes
+(:func:`worth_keeping`), so a few unchanged bytes never keep a large dead pack alive.
 
 A tensor whose counter moved is presumed changed and written without hashing first
 (its digest is computed while it is written, as every checksum is), so a full-training
