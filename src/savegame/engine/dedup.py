@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import xxhash
 
@@ -81,18 +82,17 @@ class Index:
 
     def __init__(self, doc: Mapping[str, Any] | None = None, pairs: Iterable[tuple[Key, Location]] = ()) -> None:
         self._made: dict[Key, Location] = dict(pairs)
-        self._at: dict[Key, int] = {}
+        self._at: dict[checksum.Value, int] = {}  # digest -> entry (keyed by the digest alone: no tuple per entry)
         if doc is None or doc.get(n.M_CHECKSUM_ALGO) != checksum.XXH3_128:
             return
         entries, self._files, self._sums = doc[n.M_ENTRIES], doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS]
         self._file, self._start, self._end, self._digest = (entries[c] for c in (n.E_FILE, n.E_START, n.E_END,
                                                                                 n.E_SUM))
-        keys = zip(self._digest, map(operator.sub, self._end, self._start))
         if all(map(n.is_pack_file, self._files)):
-            self._at = dict(zip(keys, range(len(self._start))))
+            self._at = dict(zip(self._digest, range(len(self._start))))
         else:  # (a v4 manifest may also name files of its own directory: those are not shared)
             packed = [n.is_pack_file(f) for f in self._files]
-            self._at = {key: e for e, key in enumerate(keys) if packed[self._file[e]]}
+            self._at = {d: e for e, d in enumerate(self._digest) if packed[self._file[e]]}
 
     def __bool__(self) -> bool:
         return bool(self._at or self._made)
@@ -102,7 +102,7 @@ class Index:
 
     def get(self, key: Key) -> Location | None:
         loc = self._made.get(key)
-        if loc is None and (e := self._at.get(key)) is not None:
+        if loc is None and (e := self._at.get(key[0])) is not None and self._end[e] - self._start[e] == key[1]:
             k = self._file[e]
             loc = self._made[key] = Location(self._files[k], self._sums[k], self._start[e], self._end[e],
                                              self._digest[e])
@@ -254,10 +254,27 @@ _CHARS: dict[int, Any] = {}  # ctypes array types by size: making one costs micr
 
 
 def _fingerprint(src: torch.Tensor, size: int) -> str:
-    """A digest of ``SAMPLES`` blocks spread over the tensor's bytes (on its device, then brought here)."""
-    flat = src.reshape(-1).view(torch.uint8)
-    step = max(1, (size - SAMPLE) // max(1, SAMPLES - 1))
-    starts = torch.arange(0, max(1, size - SAMPLE + 1), step, device=src.device)[:SAMPLES]
-    index = (starts[:, None] + torch.arange(min(SAMPLE, size), device=src.device)[None, :]).reshape(-1)
-    sample = flat.index_select(0, index)
-    return xxhash.xxh3_64_hexdigest(sample.cpu().numpy().tobytes())
+    """A digest of ``SAMPLES`` blocks spread over the tensor's bytes (the same bytes wherever it lives)."""
+    index = _samples(size)
+    if src.is_cpu:
+        kind = _CHARS.get(size)
+        if kind is None:
+            kind = _CHARS[size] = ctypes.c_char * size
+        sample = np.frombuffer(memoryview(kind.from_address(src.data_ptr())), dtype=np.uint8)[index]
+    else:
+        flat = src.reshape(-1).view(torch.uint8)
+        sample = flat.index_select(0, torch.from_numpy(index).to(src.device)).cpu().numpy()
+    return xxhash.xxh3_64_hexdigest(sample.tobytes())
+
+
+def _samples(size: int) -> np.ndarray:
+    """The byte offsets a fingerprint of ``size`` bytes reads (cached by size)."""
+    index = _SAMPLES.get(size)
+    if index is None:
+        block = min(SAMPLE, size)
+        starts = np.linspace(0, size - block, num=min(SAMPLES, size // block), dtype=np.int64)
+        index = _SAMPLES[size] = (starts[:, None] + np.arange(block, dtype=np.int64)[None, :]).reshape(-1)
+    return index
+
+
+_SAMPLES: dict[int, np.ndarray] = {}
