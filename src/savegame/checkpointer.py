@@ -452,11 +452,10 @@ class Checkpointer:
         objects = self._objects
         if loaded.others is not None:  # another world size: per-rank states are re-split, not loaded as saved
             objects = {k: v for k, v in objects.items() if k not in self._per_rank}
-        info = self._apply(storage, name, loaded.meta, loaded.tree, strict=strict, assign=assign, only=only,
-                           objects=objects)
-        if loaded.others is not None and only is None:
+        if loaded.others is not None and only is None:  # first: a refused re-split leaves the model as it was
             job_restore.resplit(self._objects, loaded.others, job, resplit)
-        return info
+        return self._apply(storage, name, loaded.meta, loaded.tree, strict=strict, assign=assign, only=only,
+                           objects=objects)
 
     def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
                assign: bool, only: Sequence[str] | None = None,
