@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo bench bench-small lint clean
+.PHONY: venv test demo demo-ddp bench bench-small lint clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo_kill_resume.py
+
+demo-ddp: $(STAMP)
+	$(PY) examples/demo_ddp.py
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --out BENCHMARKS.results.json
