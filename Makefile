@@ -30,11 +30,13 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --out BENCHMARKS.results.json
 	$(PY) benchmarks/bench_training_loop.py --out BENCHMARKS.loop.json
 	$(PY) benchmarks/bench_run_length.py --out BENCHMARKS.runlength.json
+	$(PY) benchmarks/bench_fsdp.py --out BENCHMARKS.fsdp.json
 
 bench-small: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --small
 	$(PY) benchmarks/bench_training_loop.py --small
 	$(PY) benchmarks/bench_run_length.py --small
+	$(PY) benchmarks/bench_fsdp.py --small
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis
