@@ -267,16 +267,22 @@ def reduce(raw: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return figures
 
 
-def targets(f: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, bool]]:
-    """(figure, target, measured ratio, met) for the issue's distributed targets."""
-    sg, save, load = f["savegame save"], f["dcp.save"]["durable_s"], f["dcp.load"]["restore_s"]
-    blocked, durable, restore = sg["blocked_s"] / save, sg["durable_s"] / save, f["savegame restore"]["restore_s"] / load
-    return [("save() blocked vs dcp.save", "<= 0.2x", blocked, blocked <= 0.2),
-            ("time to durable vs dcp.save", "<= 1.1x", durable, durable <= 1.1),
-            ("restore() vs dcp.load", "<= 1.1x", restore, restore <= 1.1)]
+def targets(f: dict[str, dict[str, Any]]) -> list[tuple[str, str, float, float, bool]]:
+    """(figure, target, ratio of the medians, median of the per-repetition ratios, met) for the issue's
+    distributed targets. A repetition's methods ran back to back, so its ratio shares the disk's mood of
+    the moment; the target is judged on the ratio of the medians."""
+    def ratio(a: tuple[str, str], b: tuple[str, str], wanted: float, figure: str) -> tuple[str, str, float, float,
+                                                                                           bool]:
+        mine, theirs = f[a[0]], f[b[0]]
+        of_medians = mine[a[1]] / theirs[b[1]]
+        paired = statistics.median(x / y for x, y in zip(mine[a[1] + "_reps"], theirs[b[1] + "_reps"], strict=True))
+        return figure, f"<= {wanted:g}x", of_medians, paired, of_medians <= wanted
+    return [ratio(("savegame save", "blocked_s"), ("dcp.save", "durable_s"), 0.2, "save() blocked vs dcp.save"),
+            ratio(("savegame save", "durable_s"), ("dcp.save", "durable_s"), 1.1, "time to durable vs dcp.save"),
+            ratio(("savegame restore", "restore_s"), ("dcp.load", "restore_s"), 1.1, "restore() vs dcp.load")]
 
 
-def print_tables(f: dict[str, dict[str, Any]], checks: list[tuple[str, str, float, bool]]) -> None:
+def print_tables(f: dict[str, dict[str, Any]], checks: list[tuple[str, str, float, float, bool]]) -> None:
     save = f["dcp.save"]["durable_s"]
     print("\n| method | blocked s | durable s | blocked vs dcp.save | durable vs dcp.save | reps (durable) |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
@@ -291,9 +297,10 @@ def print_tables(f: dict[str, dict[str, Any]], checks: list[tuple[str, str, floa
         r = f[method]
         reps = ", ".join(f"{x:.3f}" for x in r["restore_s_reps"])
         print(f"| {method} | {r['restore_s']:.3f} | {r['restore_s'] / load:.2f}x | {reps} |")
-    print("\n| target | wanted | measured | met |\n| --- | --- | ---: | --- |")
-    for figure, wanted, ratio, met in checks:
-        print(f"| {figure} | {wanted} | {ratio:.2f}x | {'yes' if met else 'NO'} |")
+    print("\n| target | wanted | measured (ratio of medians) | median of per-repetition ratios | met |")
+    print("| --- | --- | ---: | ---: | --- |")
+    for figure, wanted, ratio, paired, met in checks:
+        print(f"| {figure} | {wanted} | {ratio:.2f}x | {paired:.2f}x | {'yes' if met else 'NO'} |")
     sys.stdout.flush()
 
 
