@@ -323,11 +323,11 @@ def main() -> None:
         worker(args)
         return
     workdir = Path(tempfile.mkdtemp(prefix="savegame-bench-fsdp-", dir=args.dir or Path(__file__).resolve().parents[1]))
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, "
-          f"torch {torch.__version__}, savegame {savegame.__version__}, {time.strftime('%Y-%m-%d')}, "
-          f"{WORLD} ranks (gloo, FSDP2), {args.depth} x Linear({args.width}, {args.width}) + AdamW, "
-          f"{args.reps} repetitions (max over ranks, medians), disk {workdir}", flush=True)
     try:
+        print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, python "
+              f"{platform.python_version()}, torch {torch.__version__}, savegame {savegame.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}, {WORLD} ranks (gloo, FSDP2), {args.depth} x Linear({args.width}, "
+              f"{args.width}) + AdamW, {args.reps} repetitions (max over ranks, medians), disk {workdir}", flush=True)
         result = workdir / "result.json"
         launch(args, workdir, result)
         raw = json.loads(result.read_text())
