@@ -247,7 +247,7 @@ class Checkpointer:
 
         (pending, share, meta), names = job.agree(local, job.fg, f"save(step={step})",
                                                   public=lambda r: r[0].info.name if r[0] else None)
-        snap = job_save.snapshot(share)
+        snap = job_save.snapshot(share, self._staging) if self._opts.async_save else share
         if pending is not None:
             self._tracker.accept(pending)
         self._job_stop = job.from_leader(lambda: self._tracker.should_stop, job.fg, "early stopping")

@@ -109,13 +109,15 @@ def fsdp(run_dir: str, mode: str, steps: int) -> None:
     ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, collective_timeout=20)
     info = ckpt.restore()
     start = info.step if info else 0
+    restored = full_state(net, opt)
     if mode == "train":
         for step in range(start, start + steps):
             fsdp_step(net, opt, step)
         ckpt.save(start + steps)
     ckpt.close()
     state = full_state(net, opt)
-    print(json.dumps({"rank": rank, "step": start + (steps if mode == "train" else 0), "state": state}), flush=True)
+    print(json.dumps({"rank": rank, "step": start + (steps if mode == "train" else 0), "restored": restored,
+                      "state": state}), flush=True)
     dist.destroy_process_group()
 
 
@@ -208,6 +210,20 @@ def nccl(run_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def golden(run_dir: str) -> None:
+    """The v3 golden checkpoint: an FSDP2 model and AdamW after one step, per-rank samplers part-way."""
+    rank, world = init()
+    torch.manual_seed(1234 + rank)
+    net, opt = fsdp_model(world)
+    fsdp_step(net, opt, 0)
+    sampler = savegame.ResumableSampler(10, seed=5)
+    for _, _ in zip(range(2 + rank), iter(sampler), strict=False):
+        pass
+    with savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt, "sampler": sampler}) as ckpt:
+        ckpt.save(7, epoch=1, metrics={"loss": 0.25}, extra={"golden": True})
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     scenario, *rest = sys.argv[1:]
     if scenario == "ddp":
@@ -218,6 +234,8 @@ if __name__ == "__main__":
         die_mid_save(rest[0])
     elif scenario == "signal":
         signal_stop(rest[0])
+    elif scenario == "golden":
+        golden(rest[0])
     elif scenario == "nccl":
         nccl(rest[0])
     elif scenario == "fsdp":
