@@ -165,6 +165,10 @@ DAMAGED = {
     "a key repeated": lambda doc: doc[T][n.T_KEY].__setitem__(1, doc[T][n.T_KEY][0]),
     "a key an int": at(T, n.T_KEY, 3, 3), "a key null": at(T, n.T_KEY, 0, None),
     "one key short": lambda doc: doc[T][n.T_KEY].pop(), "one key too many": lambda doc: doc[T][n.T_KEY].append("x"),
+    "a shared tensor keyed as rank 0's": at(T, n.T_KEY, 0, "rank0/state.model.0.weight"),
+    "rank 1's torch RNG keyed for no rank": at(T, n.T_KEY, 19, "rankX/rng.torch"),
+    "rank 1's torch RNG keyed as rank 0's": at(T, n.T_KEY, 19, "rank0/rng.torch'"),
+    "rank 1's torch RNG keyed as a state": at(T, n.T_KEY, 19, "rank1/state.loader.x"),
     # chunk records
     "chunks missing": at(T, n.T_CHUNKS, DROP), "chunks a mapping": at(T, n.T_CHUNKS, {}),
     "a chunk record a number": at(T, n.T_CHUNKS, [5]), "a chunk record of tensor 999": record(tensor=999),
@@ -246,6 +250,7 @@ def test_the_base_checkpoint_is_intact_and_chunked(base, run, tmp_path):
     doc = s.stored(run / NEW)
     assert doc[n.M_VERSION] == 3 and doc[W] == 2 and len(doc[T][n.T_CHUNKS]) == 1
     assert doc[T][n.T_CHUNKS][0]["chunks"][1][0] == PIECE and doc[n.M_ENTRIES][n.E_FILE][PIECE] == 1
+    assert doc[T][n.T_KEY][19] == "rank1/rng.torch" and doc[R][1][n.TREE_RNG]["torch"] == {"$t": 19}
     assert doc[T][n.T_KEY][STEP].endswith(".step") and doc[n.M_ENTRIES][n.E_SHAPE][doc[T][n.T_ENTRY][STEP]] == []
     results = s.all_readers(run, tmp_path / "out")
     assert not any(isinstance(v, SavegameError) for v in results.values()), results
@@ -281,6 +286,10 @@ REASON = {
     "a chunk's entry in the other rank's file, past its end": "truncated",
     "a rank's tree refers to tensor 999": "out of range", "a rank's tree refers to tensor 20 of 20": "out of range",
     "a rank's torch rng a number": "rank 1: the torch RNG", "a rank's rng missing": "one state mapping per rank",
+    "a shared tensor keyed as rank 0's": "the shared states hold tensor 0",
+    "rank 1's torch RNG keyed for no rank": "rank 1's RNG hold tensor 19",
+    "rank 1's torch RNG keyed as rank 0's": "rank 1's RNG hold tensor 19",
+    "rank 1's torch RNG keyed as a state": "rank 1's RNG hold tensor 19",
 }
 
 

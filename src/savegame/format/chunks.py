@@ -46,6 +46,7 @@ def check(doc: Mapping[str, Any]) -> None:
         raise CorruptCheckpointError("the tensor table's keys are missing, malformed or repeated")
     if type(records) is not list:
         raise CorruptCheckpointError("the tensor table's chunk records are malformed")
+    _check_owners(doc[n.M_TREE], ranks, keys)
     seen: set[int] = set()
     used = 0
     for record in records:
@@ -65,6 +66,44 @@ def check(doc: Mapping[str, Any]) -> None:
 def _rank_tree(value: Any) -> bool:
     """``{"rng": ..., "state": {...}}``, both always written (a restore merges the rank's RNG into its tree)."""
     return type(value) is dict and set(value) == {n.TREE_RNG, n.TREE_STATE} and type(value[n.TREE_STATE]) is dict
+
+
+def _check_owners(tree: Any, ranks: list[dict[str, Any]], keys: list[str]) -> None:
+    """Every tensor a rank's part of the checkpoint refers to is one that rank reads in a distributed restore
+    (:mod:`savegame.distributed.restore`): shared tensors (every rank reads them), and its own, keyed
+    ``rank<r>/``: ``rank<r>/rng.*`` for its RNG (read only when the world size is unchanged), the others for
+    its per-rank states. A tensor claimed by another rank's key would be left unread: a stand-in in the tree."""
+    shared: Any = tree  # a malformed tree is decode_tree's to refuse
+    if type(tree) is dict and type(tree.get(n.TREE_STATE)) is dict:  # rank 0's own parts are in ranks[0]
+        per_rank = set(ranks[0][n.TREE_STATE]) if ranks else set()
+        shared = [v for k, v in tree.items() if k not in (n.TREE_STATE, n.TREE_RNG)]
+        shared += [v for k, v in tree[n.TREE_STATE].items() if k not in per_rank]
+    parts = [(shared, "", False)]  # (encoded part, its owner's key prefix, whether it is an RNG state)
+    for r, own in enumerate(ranks):
+        parts += [(own[n.TREE_STATE], f"rank{r}/", False), (own[n.TREE_RNG], f"rank{r}/", True)]
+    for part, prefix, is_rng in parts:
+        for j in _refs(part):
+            key = keys[j] if 0 <= j < len(keys) else ""  # (a number out of range is the decoder's to refuse)
+            if key.startswith("rank") and not (prefix and key.startswith(prefix)
+                                               and key[len(prefix):].startswith(n.TREE_RNG + ".") == is_rng):
+                where = f"rank {prefix[4:-1]}'s {'RNG' if is_rng else 'states'}" if prefix else "the shared states"
+                raise CorruptCheckpointError(f"{where} hold tensor {j}, keyed {key!r} as another rank's or part's")
+
+
+def _refs(tree: Any) -> set[int]:
+    """The tensor numbers an encoded tree refers to (``{"$t": i}``, ``{"$nd": i}``), walked without recursion."""
+    out, stack = set(), [tree]
+    while stack:
+        node = stack.pop()
+        if type(node) is list:
+            stack.extend(node)
+        elif type(node) is dict:
+            value = node.get("$t", node.get("$nd")) if len(node) == 1 else None
+            if type(value) is int:
+                out.add(value)
+            else:
+                stack.extend(node.values())
+    return out
 
 
 def _check_record(record: Any, table: Mapping[str, Any], entries: Mapping[str, Any]) -> int:
