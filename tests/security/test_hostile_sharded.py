@@ -355,12 +355,16 @@ def test_a_rank_refuses_an_entry_past_its_file_before_allocating(run):
     assert isinstance(s.as_rank(run, 0), CorruptCheckpointError)
 
 
+def zero_rank1_torch_rng(ckpt: Path) -> None:
+    """Rank 1's torch RNG state all zeros, its checksums rewritten to match."""
+    doc, values = s.read_all(ckpt)
+    values[doc[T][n.T_ENTRY][doc[n.M_RANKS][1][n.TREE_RNG]["torch"]["$t"]]].zero_()
+    s.rewrite(ckpt, doc, values, doc[n.M_ENTRIES][n.E_FILE])
+
+
 def test_a_rank_torch_rng_state_the_generator_rejects_is_refused_before_the_model_changes(base, run):
     """Its bytes pass their checksum, but torch refuses the state (all zeros is no MT19937 state)."""
-    doc, values = s.read_all(run / NEW)
-    j = doc[n.M_RANKS][1][n.TREE_RNG]["torch"]["$t"]
-    values[doc[T][n.T_ENTRY][j]].zero_()
-    s.rewrite(run / NEW, doc, values, doc[n.M_ENTRIES][n.E_FILE])
+    zero_rank1_torch_rng(run / NEW)
     with pytest.raises(CorruptCheckpointError, match="rank 1: .*RNG"):
         savegame.load(run / NEW)
     assert verify_checkpoint(LocalStorage(str(run)), NEW)
@@ -371,6 +375,14 @@ def test_a_rank_torch_rng_state_the_generator_rejects_is_refused_before_the_mode
         s.restore(run, objs, 9)
     assert not objs["model"][0].weight.any()  # refused before its bytes were read into the model
     assert s.restore(run, s.model_and_optimizer()).step == 6
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="distributed/restore.py finish() checks the "
+                   "rank's RNG on stand-ins only, never its bytes (rng.check_values): capture.apply then fails "
+                   "after the model has loaded, with IncompatibleStateError: reported, not ours to fix")
+def test_a_rank_refuses_a_torch_rng_state_the_generator_rejects(run):
+    zero_rank1_torch_rng(run / NEW)
+    assert isinstance(s.as_rank(run, 1), CorruptCheckpointError)
 
 
 def test_load_exposes_each_rank_s_own_tree(base, run, tmp_path):

@@ -222,7 +222,7 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     device = todevice.resolve(device_of(map_location))
     table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
     if not mmap:
-        _check_sizes(storage, name, doc)  # before allocating what the manifest asks for
+        check_sizes(storage, name, doc)  # before allocating what the manifest asks for
     chosen = _by_entry(doc, targets or {})
     places = todevice.entry_places(table, len(entries[n.E_FILE]), device, follow, chosen)
     if mmap:
@@ -253,9 +253,9 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     return tree
 
 
-def _check_sizes(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
-    """Refuse tensor files shorter than their entries' bytes, by their size alone: a manifest that claims
-    a terabyte must not make this process allocate one."""
+def check_sizes(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
+    """Refuse (CorruptCheckpointError) tensor files shorter than their entries' bytes, by their size alone:
+    call it before allocating what a manifest declares, which may claim a terabyte."""
     for file, end in zip(doc[n.M_FILES], readinto.file_ends(doc), strict=True):
         where = f"{storage.root}/{name}/{file}"
         try:
