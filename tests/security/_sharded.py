@@ -152,12 +152,13 @@ def cli(run: Path, out: Path) -> dict[str, Any]:
             "export": h.run_cli(["export", new, "--to", str(out / "w.safetensors")])}
 
 
-def all_readers(run: Path, out: Path) -> dict[str, Any]:
+def all_readers(run: Path, out: Path, objs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every reader on the run whose newest checkpoint is hostile: its result or the SavegameError it
-    raised (anything else propagates, failing the test)."""
+    raised (anything else propagates, failing the test). ``objs`` are what restore() loads into."""
+    objs = model_and_optimizer() if objs is None else objs
     return {"load": h.attempt(lambda: savegame.load(run / NEW)),
             "load_mmap": h.attempt(lambda: savegame.load(run / NEW, mmap=True)),
-            "restore": h.attempt(lambda: restore(run, model_and_optimizer())),
+            "restore": h.attempt(lambda: restore(run, objs)),
             "rank0": as_rank(run, 0), "rank1": as_rank(run, 1), "rank0_of_3": as_rank(run, 0, 3),
             "dcp": dcp_read(run), **cli(run, out)}
 
