@@ -237,7 +237,7 @@ class EntryReader:
     def __init__(self, storage: Storage, name: str, doc: Mapping[str, Any], verify: bool) -> None:
         self.storage, self.name, self.doc, self.verify = storage, name, doc, verify
         self.entries, self.algo = doc[n.M_ENTRIES], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
-        self._open: dict[int, tuple[Any, int]] = {}
+        self._open: dict[int, tuple[Any, int, int]] = {}  # per file: handle, data start, size
 
     def order(self, e: int) -> tuple[int, int]:
         return self.entries[n.E_FILE][e], self.entries[n.E_START][e]
@@ -247,15 +247,18 @@ class EntryReader:
         file = self.doc[n.M_FILES][k]
         where = f"{self.storage.root}/{self.name}/{file}"
         begin, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
-        raw = bytearray(end - begin)
         try:
             if k not in self._open:
                 handle = self.storage.open_read(f"{self.name}/{file}")
-                self._open[k] = (handle, 0)
-                start, _ = read_header(handle, self.storage.size(f"{self.name}/{file}"), where,
-                                       self.doc[n.M_FILE_CHECKSUMS][k], algo=self.algo, parse=False)
-                self._open[k] = (handle, start)
-            handle, start = self._open[k]
+                self._open[k] = (handle, 0, 0)
+                size = self.storage.size(f"{self.name}/{file}")
+                start, _ = read_header(handle, size, where, self.doc[n.M_FILE_CHECKSUMS][k], algo=self.algo,
+                                       parse=False)
+                self._open[k] = (handle, start, size)
+            handle, start, size = self._open[k]
+            if start + end > size:  # before allocating: a manifest may claim any size
+                raise CorruptCheckpointError(f"{where}: truncated (entry {e} incomplete); the checkpoint is damaged")
+            raw = bytearray(end - begin)
             handle.seek(start + begin)
             got = handle.readinto(raw)
         except (StorageError, OSError) as exc:
@@ -269,6 +272,6 @@ class EntryReader:
         return flat.view(dtype).reshape(self.entries[n.E_SHAPE][e])
 
     def close(self) -> None:
-        for handle, _ in self._open.values():
+        for handle, _, _ in self._open.values():
             handle.close()
         self._open.clear()
