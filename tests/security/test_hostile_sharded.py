@@ -347,8 +347,6 @@ def test_an_entry_past_its_file_is_refused_before_anything_is_allocated(base, ru
     pieces.close()
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="distributed/restore.py plan() allocates every "
-                   "destination (torch.empty) before any file size is checked: reported, not ours to fix")
 def test_a_rank_refuses_an_entry_past_its_file_before_allocating(run):
     rewrite_manifest(run / NEW, terabyte_entry)
     assert isinstance(s.as_rank(run, 0), CorruptCheckpointError)
@@ -376,9 +374,6 @@ def test_a_rank_torch_rng_state_the_generator_rejects_is_refused_before_the_mode
     assert s.restore(run, s.model_and_optimizer()).step == 6
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="distributed/restore.py finish() checks the "
-                   "rank's RNG on stand-ins only, never its bytes (rng.check_values): capture.apply then fails "
-                   "after the model has loaded, with IncompatibleStateError: reported, not ours to fix")
 def test_a_rank_refuses_a_torch_rng_state_the_generator_rejects(run):
     zero_rank1_torch_rng(run / NEW)
     assert isinstance(s.as_rank(run, 1), CorruptCheckpointError)
