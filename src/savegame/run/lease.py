@@ -14,6 +14,7 @@ Expiry is judged by wall clocks: hosts sharing a run need clocks within a few se
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: str | None = None
+        self._expires = 0.0  # when the lease this process last wrote expires
 
     @property
     def held(self) -> bool:
@@ -96,6 +98,8 @@ class RunLease:
         """Raise RunLockedError unless this process still holds a fresh lease (called before each commit)."""
         if self._lost is not None:
             raise RunLockedError(self._lost)
+        if time.time() < self._expires - self.seconds / 3:  # nobody takes a lease over before it expires
+            return
         current = self._read()
         if current is None or current.get("token") != self.token:
             self._lost = (f"this process lost the lease of the run {self.storage.root!r} to "
@@ -132,16 +136,20 @@ class RunLease:
                 log.warning("could not renew the lease of %s: %s", self.storage.root, exc)
 
     def _write(self) -> None:
+        now = time.time()
         doc = {"owner": f"process {os.getpid()} on host {socket.gethostname()!r}", "pid": os.getpid(),
-               "host": socket.gethostname(), "token": self.token, "expires": time.time() + self.seconds,
+               "host": socket.gethostname(), "token": self.token, "expires": now + self.seconds,
                "seconds": self.seconds}
         write_file_atomic(self.storage, LEASE_FILE, json.dumps(doc).encode())
+        self._expires = now + self.seconds
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            if not self.storage.exists(LEASE_FILE):
-                return None
             doc = json.loads(self.storage.read_bytes(LEASE_FILE))
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
         except (ValueError, UnicodeDecodeError):
             return {}  # a damaged lease: expired (no "expires"), so it is taken over
         return doc if isinstance(doc, dict) else {}
