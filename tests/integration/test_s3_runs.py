@@ -162,3 +162,18 @@ def test_cli_ls_verify_inspect_export_prune(run_url: str, bucket: str, tmp_path)
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
     code, out = cli("verify", run_url)
     assert code == 1 and "DAMAGED step-0000000002" in out, out
+
+
+def test_a_forked_child_never_hands_back_its_parents_lease(run_url: str) -> None:
+    import os
+    with savegame.Checkpointer(run_url, state=make_state(0)) as ckpt:
+        pid = os.fork()
+        if pid == 0:  # the child: closing its copy must leave the parent's lease alone
+            try:
+                ckpt._lock.release()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert open_storage(run_url).exists(".savegame.lease")
+        ckpt.save(1)
+    assert not open_storage(run_url).exists(".savegame.lease")

@@ -74,3 +74,19 @@ def test_a_writer_that_stalls_past_its_lease_commits_nothing(url: str, monkeypat
             stalled.wait()
         assert [e.step for e in savegame.list_checkpoints(url)] == [1]
     stalled.close()
+
+
+def test_fresh_moves_the_old_run_aside_on_an_object_store(url: str) -> None:
+    with savegame.Checkpointer(url, state=make_state(0)) as ckpt:
+        ckpt.save(1, metrics={"loss": 1.0})
+        ckpt.save(2, metrics={"loss": 0.5})
+    with savegame.Checkpointer(url, state=make_state(0), fresh=True) as ckpt:
+        assert ckpt.restore() is None
+    storage = open_storage(url)
+    [folder] = storage.list_dir("abandoned")
+    assert storage.list_dir(f"abandoned/{folder}") == ["latest.alias.json", "metrics.jsonl", "retention.json",
+                                                       "step-0000000001",
+                                                       "step-0000000002"]
+    assert storage.exists(f"abandoned/{folder}/step-0000000002/manifest.json")
+    assert not storage.exists("step-0000000001") and not storage.exists("metrics.jsonl")
+

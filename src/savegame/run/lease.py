@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Protocol
 
 from savegame.errors import RunLockedError, StorageError
@@ -93,6 +94,7 @@ class RunLease:
             strategy.guard = self.check
         self._thread = threading.Thread(target=self._renew, name="savegame-lease", daemon=True)
         self._thread.start()
+        _LEASES.add(self)
 
     def check(self) -> None:
         """Raise RunLockedError unless this process still holds a fresh lease (called before each commit)."""
@@ -111,6 +113,7 @@ class RunLease:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        _LEASES.discard(self)
         self._stop.set()
         thread.join()
         strategy = commit_of(self.storage)
@@ -153,6 +156,22 @@ class RunLease:
         except (ValueError, UnicodeDecodeError):
             return {}  # a damaged lease: expired (no "expires"), so it is taken over
         return doc if isinstance(doc, dict) else {}
+
+
+# Leases this process holds. A forked child (a DataLoader worker) does not hold them: it must never
+# renew or hand back its parent's lease, so it forgets them at once.
+_LEASES: weakref.WeakSet[RunLease] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for lease in list(_LEASES):
+        lease._thread = None
+        lease._lost = "this process is a fork of the lease's holder; only the holder writes the run"
+    _LEASES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _expires(doc: dict[str, Any]) -> float:

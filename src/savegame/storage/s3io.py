@@ -18,7 +18,7 @@ from typing import Any
 
 from savegame.storage.retry import retried
 
-PART = 64 << 20  # 10,000 parts (S3's limit) of 64 MB: tensor files up to 640 GB (shards are 1 GB by default)
+PART = 16 << 20  # 10,000 parts (S3's limit) of 16 MB: tensor files up to 160 GB (shards are 1 GB by default)
 CHUNK = 8 << 20  # bytes taken from a download stream at a time
 PARALLEL = 8
 
@@ -37,6 +37,8 @@ class S3Client:
         self.fs, self.url_of = fs, url_of
         self.pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="savegame-s3")
         self.conditional = True  # If-None-Match on new objects (S3 and moto refuse to replace then)
+        self.slots = threading.BoundedSemaphore(PARALLEL)
+        self.buffers = BufferPool()
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -68,6 +70,23 @@ class S3Client:
         self.call("put_object", "create", path, Bucket=bucket, Key=key, Body=data, **extra)
 
 
+class BufferPool:
+    """Part buffers of PART bytes, reused: a new one only when every earlier one is in use."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        with self._lock:
+            return self._free.pop() if self._free else bytearray(PART)
+
+    def give(self, buffer: bytearray | bytes) -> None:
+        if isinstance(buffer, bytearray) and len(buffer) == PART:
+            with self._lock:
+                self._free.append(buffer)
+
+
 _LOADER: list[Any] = []
 _LOADER_LOCK = threading.Lock()
 
@@ -93,54 +112,72 @@ def sync_client(fs: Any) -> Any:
 
 
 class MultipartWrite:
-    """A new S3 object written in parts, several at once; it exists only after ``close()``."""
+    """A new S3 object written in parts, several at once; it exists only after ``close()``.
+
+    Parts are filled in buffers the client reuses (their pages are touched once per process, not
+    once per save) and uploaded from them; at most PARALLEL parts per client are in flight.
+    """
 
     def __init__(self, client: S3Client, path: str) -> None:
         self._client, self._path = client, path
         self._bucket, self._key = client.where(path)
-        self._buffer = bytearray()
+        self._buffer: bytearray | None = None
+        self._fill = 0
         self._upload: str | None = None
         self._parts: list[Future[str]] = []
-        self._slots = threading.BoundedSemaphore(PARALLEL)
 
     def write(self, data: memoryview) -> None:
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         while view.nbytes:
-            take = min(PART - len(self._buffer), view.nbytes)
-            self._buffer += view[:take]
+            if self._buffer is None:
+                self._buffer, self._fill = self._client.buffers.take(), 0
+            take = min(PART - self._fill, view.nbytes)
+            self._buffer[self._fill:self._fill + take] = view[:take]
+            self._fill += take
             view = view[take:]
-            if len(self._buffer) == PART:
-                part, self._buffer = self._buffer, bytearray()  # handed over whole: no copy
+            if self._fill == PART:
+                part, self._buffer = self._buffer, None
                 self._send(part)
 
-    def _send(self, part: bytearray) -> None:
+    def _send(self, part: bytearray | bytes) -> None:
         if self._upload is None:
             reply = self._client.call("create_multipart_upload", "start an upload of", self._path,
                                       Bucket=self._bucket, Key=self._key)
             self._upload = str(reply["UploadId"])
         number = len(self._parts) + 1
-        self._slots.acquire()  # at most PARALLEL parts in flight: memory stays bounded
+        self._client.slots.acquire()  # at most PARALLEL parts in flight: memory stays bounded
         failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
         if failed is not None:  # stop at the first failed part: the upload cannot complete
-            self._slots.release()
+            self._client.slots.release()
+            self._client.buffers.give(part)
             failed.result()
         self._parts.append(self._client.pool.submit(self._upload_part, number, part))
 
-    def _upload_part(self, number: int, part: bytearray) -> str:
+    def _upload_part(self, number: int, part: bytearray | bytes) -> str:
         try:
             reply = self._client.call("upload_part", "upload a part of", self._path, Bucket=self._bucket,
                                       Key=self._key, UploadId=self._upload, PartNumber=number, Body=part)
             return str(reply["ETag"])
         finally:
-            self._slots.release()
+            self._client.slots.release()
+            self._client.buffers.give(part)
+
+    def _rest(self) -> bytes:
+        """The bytes of the part being filled (a copy: the buffer goes back to the pool)."""
+        buffer, self._buffer = self._buffer, None
+        if buffer is None:
+            return b""
+        rest = bytes(memoryview(buffer)[:self._fill])
+        self._client.buffers.give(buffer)
+        return rest
 
     def close(self) -> None:
         if self._upload is None:  # small: one request
-            self._client.put_new(self._path, self._buffer)
+            self._client.put_new(self._path, self._rest())
             return
         try:
-            if self._buffer:
-                self._send(self._buffer)
+            if self._fill and self._buffer is not None:
+                self._send(self._rest())
             tags = [future.result() for future in self._parts]
             parts = [{"PartNumber": k + 1, "ETag": tag} for k, tag in enumerate(tags)]
             extra = {"IfNoneMatch": "*"} if self._client.conditional else {}
@@ -152,6 +189,7 @@ class MultipartWrite:
             raise
 
     def abort(self) -> None:
+        self._rest()
         for future in self._parts:
             future.cancel()
         if self._upload is None:
@@ -178,24 +216,35 @@ class RangedFile:
         self._body: Any = None
         self._body_pos = -1
 
-    def _next(self, n: int) -> bytes:
-        """Up to ``n`` bytes at the current position (fewer only at the end of the object)."""
-        def attempt() -> bytes:
+    def _next(self, n: int, into: memoryview | None = None) -> Any:
+        """Up to ``n`` bytes at the current position (fewer only at the end of the object): returned,
+        or, with ``into``, read straight into it from the socket and counted."""
+        def attempt() -> bytes | int:
             if self._body is None or self._body_pos != self._pos:
                 self._drop()
                 bucket, key = self._client.where(self._path)
                 reply = self._client.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={self._pos}-")
                 self._body, self._body_pos = reply["Body"], self._pos
+            raw: Any = getattr(self._body, "_raw_stream", None)  # urllib3's response: it reads into a buffer
             try:
-                data = bytes(self._body.read(n))
+                if into is not None and hasattr(raw, "readinto"):
+                    got: bytes | int = int(raw.readinto(into[:n]))
+                else:
+                    got = bytes(self._body.read(n))
+                    if into is not None:
+                        into[:len(got)] = got
             except BaseException:
                 self._drop()
                 raise
-            self._body_pos += len(data)
-            return data
-        data = retried(attempt, "read", self._client.url_of(self._path))
-        self._pos += len(data)
-        return data
+            size = got if isinstance(got, int) else len(got)
+            if into is not None and size == 0 and self._body_pos < self._size:
+                self._drop()  # the response ended early: a broken connection, retried from here
+                raise ConnectionError(f"the response ended at byte {self._body_pos} of {self._size}")
+            self._body_pos += size
+            return got
+        got = retried(attempt, "read", self._client.url_of(self._path))
+        self._pos += got if isinstance(got, int) else len(got)
+        return got
 
     def read(self, n: int = -1) -> bytes:
         want = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
@@ -208,9 +257,8 @@ class RangedFile:
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         count, done = max(0, min(view.nbytes, self._size - self._pos)), 0
-        while done < count and (data := self._next(min(count - done, CHUNK))):
-            view[done:done + len(data)] = data
-            done += len(data)
+        while done < count and (got := self._next(min(count - done, CHUNK), view[done:])):
+            done += got if isinstance(got, int) else len(got)
         return done
 
     def seek(self, offset: int, whence: int = 0) -> int:
