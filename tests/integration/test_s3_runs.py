@@ -177,3 +177,16 @@ def test_a_forked_child_never_hands_back_its_parents_lease(run_url: str) -> None
         assert open_storage(run_url).exists(".savegame.lease")
         ckpt.save(1)
     assert not open_storage(run_url).exists(".savegame.lease")
+
+
+def test_a_lease_created_meanwhile_refuses_the_second_writer(run_url: str) -> None:
+    from savegame.run.lease import RunLease
+    storage = open_storage(run_url)
+    first, second = RunLease(storage, 30), RunLease(open_storage(run_url), 30)
+    second._read = lambda: None  # type: ignore[method-assign]  # it looked before the first wrote
+    first.acquire()
+    try:
+        with pytest.raises(RunLockedError, match="at the same time"):
+            second.acquire()  # the store refuses to create the lease object again (If-None-Match)
+    finally:
+        first.release()

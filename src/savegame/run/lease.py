@@ -29,7 +29,7 @@ from savegame.errors import RunLockedError, StorageError
 from savegame.format import names as n
 from savegame.run.lock import RunLock
 from savegame.storage.base import Storage
-from savegame.storage.commit import commit_of, write_file_atomic
+from savegame.storage.commit import commit_of, write_file_atomic, write_new_file
 
 log = logging.getLogger("savegame.run")
 
@@ -82,7 +82,13 @@ class RunLease:
         if current is not None:
             log.warning("taking over the run %s: the lease of %s expired %.0f s ago (its writer stopped renewing it)",
                         self.storage.root, _owner(current), now - _expires(current))
-        self._write()
+        try:
+            self._write(new=current is None)  # no lease yet: created only if still absent, where the store can
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            raise RunLockedError(f"another process took the lease of the run {self.storage.root!r} at the same "
+                                 f"time: {_owner(self._read() or {})}. Stop it, or use a different run") from exc
         mine = self._read()
         if mine is None or mine.get("token") != self.token:  # another writer took it in the same instant
             raise RunLockedError(f"another process took the lease of the run {self.storage.root!r} at the same "
@@ -138,12 +144,16 @@ class RunLease:
             except StorageError as exc:  # transient trouble outlasting the retries: try again at the next tick
                 log.warning("could not renew the lease of %s: %s", self.storage.root, exc)
 
-    def _write(self) -> None:
+    def _write(self, *, new: bool = False) -> None:
         now = time.time()
         doc = {"owner": f"process {os.getpid()} on host {socket.gethostname()!r}", "pid": os.getpid(),
                "host": socket.gethostname(), "token": self.token, "expires": now + self.seconds,
                "seconds": self.seconds}
-        write_file_atomic(self.storage, LEASE_FILE, json.dumps(doc).encode())
+        data = json.dumps(doc).encode()
+        if new:
+            write_new_file(self.storage, LEASE_FILE, data)
+        else:
+            write_file_atomic(self.storage, LEASE_FILE, data)
         self._expires = now + self.seconds
 
     def _read(self) -> dict[str, Any] | None:
