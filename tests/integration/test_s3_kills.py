@@ -68,7 +68,8 @@ def test_sigkill_during_upload_then_takeover_after_lease_expiry(run_url: str, bu
             assert time.monotonic() < deadline, "the dead writer's lease was never taken over"
             time.sleep(0.2)
     with ckpt:
-        assert not objects(bucket, step2)  # its partial objects were cleaned up
+        assert not objects(bucket, step2)  # its partial objects were cleaned up, its unfinished uploads aborted
+        assert not boto3.client("s3").list_multipart_uploads(Bucket=bucket, Prefix=step2).get("Uploads")
         info = ckpt.restore()
         assert info is not None and info.step == 1
         assert torch.equal(model.big, torch.ones(48 << 18))

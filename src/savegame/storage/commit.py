@@ -185,6 +185,12 @@ class ManifestLastCommit:
                     log.warning("could not remove the leftover %s (%s); the next run tries again", name, exc)
                     continue
                 removed.append(name)
+        abort_uploads = getattr(storage, "abort_uploads", None)  # S3: a killed writer's unfinished uploads
+        if callable(abort_uploads):
+            try:
+                removed += [f"unfinished upload of {key}" for key in abort_uploads()]
+            except StorageError as exc:
+                log.warning("could not abort the unfinished uploads under %s (%s)", storage.root, exc)
         return removed
 
 

@@ -156,6 +156,11 @@ class RemoteStorage:
                 self.fs.rm(files)
         self._do("remove", path, rm)
 
+    def abort_uploads(self) -> list[str]:
+        """Abort the unfinished uploads a killed writer left under the root (S3; other stores have none
+        that outlive their writer). Only the lease holder calls this."""
+        return [] if self._s3 is None else self._s3.abort_uploads(self._base)
+
     def fsync_dir(self, path: str) -> None:
         """Nothing to do: an object is durable when the request that wrote it returns."""
 

@@ -56,6 +56,18 @@ class S3Client:
         bucket, key, _ = self.fs.split_path(path)
         return bucket, key
 
+    def abort_uploads(self, prefix: str) -> list[str]:
+        """Abort the unfinished multipart uploads under ``prefix/`` (a killed writer's); return their keys."""
+        bucket, key = self.where(prefix)
+        reply = self.call("list_multipart_uploads", "list the unfinished uploads of", prefix, Bucket=bucket,
+                          Prefix=f"{key}/")
+        aborted = []
+        for upload in reply.get("Uploads", ()):
+            self.call("abort_multipart_upload", "abort the upload of", prefix, Bucket=bucket, Key=upload["Key"],
+                      UploadId=upload["UploadId"])
+            aborted.append(str(upload["Key"]))
+        return aborted
+
     def exists(self, path: str) -> bool:
         """Whether ``path`` is an object or a prefix of some (``path/...``): one listing request."""
         bucket, key = self.where(path)
