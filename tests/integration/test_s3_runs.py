@@ -146,7 +146,9 @@ def test_cli_ls_verify_inspect_export_prune(run_url: str, bucket: str, tmp_path)
     assert code == 0 and "all 3 checkpoint(s) intact" in out, out
     code, out = cli("inspect", "--json", f"{run_url}@best")
     assert code == 0, out
-    assert json.loads(out)["step"] == 1
+    shown = json.loads(out)
+    assert shown["step"] == 1 and shown["path"] == f"{run_url}/step-0000000001"
+    assert shown["files"][0]["bytes"] > 0
     target = tmp_path / "w.safetensors"
     code, out = cli("export", run_url, "--to", str(target))
     assert code == 0 and target.exists(), out
