@@ -31,12 +31,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_training_loop.py --out BENCHMARKS.loop.json
 	$(PY) benchmarks/bench_run_length.py --out BENCHMARKS.runlength.json
 	$(PY) benchmarks/bench_fsdp.py --out BENCHMARKS.fsdp.json
+	$(PY) benchmarks/bench_s3.py --out BENCHMARKS.s3.json
 
 bench-small: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --small
 	$(PY) benchmarks/bench_training_loop.py --small
 	$(PY) benchmarks/bench_run_length.py --small
 	$(PY) benchmarks/bench_fsdp.py --small
+	$(PY) benchmarks/bench_s3.py --small
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

@@ -75,6 +75,9 @@ class Checkpointer:
     A run directory holds one run: the first ``save()`` of a Checkpointer that has not
     called ``restore()`` refuses to join checkpoints already there, and ``fresh=True``
     moves them aside into ``abandoned/`` (nothing is deleted) to start a new run.
+
+    ``run_dir`` may be the URL of an object store (``s3://bucket/runs/x``, any fsspec URL), with
+    ``storage_options`` for fsspec and ``lease_seconds`` for the writer's lease (docs/storage.md).
     """
 
     def __init__(

@@ -51,3 +51,15 @@ def test_gpu_check_script_runs_its_logic_on_the_cpu(tmp_path):
     assert result["save_blocked_s"] > 0 and result["restore_s"] > 0 and result["read_floor_s"] > 0
     assert result["adam_step_on_cpu"] is True and result["saves"] >= 2
     assert "target <= 1.5x" in out.stdout and "target <= 3%" in out.stdout
+
+
+def test_s3_benchmark_small_run(tmp_path):
+    import pytest
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    pytest.importorskip("moto", reason="moto[server] is not installed")
+    out_file = tmp_path / "s3.json"
+    out = run_script("bench_s3.py", "--small", "--reps", "1", "--out", str(out_file))
+    row = json.loads(out_file.read_text())["32MB"]
+    assert row["savegame_durable"] > 0 and row["put_object"] > 0 and row["savegame_restore"] > 0
+    assert 0 < row["save_blocked"] <= row["savegame_durable"]
+    assert "throughput_vs_best_boto3" in out.stdout
