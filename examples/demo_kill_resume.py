@@ -24,29 +24,47 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 STEPS = 150
 SAVE_EVERY = 20
 KILL_AT = 67  # not a multiple of SAVE_EVERY: the killed process loses work that must be redone identically
 
 
-def build(run_dir: str):
+def digits_dataset() -> torch.utils.data.TensorDataset:
+    """scikit-learn's bundled 8x8 digits (1,797 images, no download) as a TensorDataset."""
     import torch
     from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(digits.target, dtype=torch.int64)
+    return torch.utils.data.TensorDataset(images, labels)
+
+
+def digits_model() -> torch.nn.Module:
+    """A small CNN with dropout, initialised from the global torch generator."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+def build(run_dir: str):
+    import torch
 
     import savegame
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target, dtype=torch.int64)
-    dataset = torch.utils.data.TensorDataset(images, labels)
-    model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Flatten(), torch.nn.Dropout(0.3), torch.nn.Linear(32 * 4 * 4, 10),
-    )
+    dataset = digits_dataset()
+    model = digits_model()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=STEPS)
     loader = savegame.DataLoader(dataset, batch_size=32, shuffle=True, seed=1234)

@@ -78,6 +78,9 @@ class Checkpointer:
     A run directory holds one run: the first ``save()`` of a Checkpointer that has not
     called ``restore()`` refuses to join checkpoints already there, and ``fresh=True``
     moves them aside into ``abandoned/`` (nothing is deleted) to start a new run.
+
+    ``run_dir`` may be the URL of an object store (``s3://bucket/runs/x``, any fsspec URL), with
+    ``storage_options`` for fsspec and ``lease_seconds`` for the writer's lease (docs/storage.md).
     """
 
     def __init__(
@@ -284,7 +287,7 @@ class Checkpointer:
 
         (pending, share, meta), names = job.agree(local, job.fg, f"save(step={step})",
                                                   public=lambda r: r[0].info.name if r[0] else None)
-        snap = job_save.snapshot(share)
+        snap = job_save.snapshot(share, self._staging) if self._opts.async_save else share
         if pending is not None:
             self._tracker.accept(pending)
         self._job_stop = job.from_leader(lambda: self._tracker.should_stop, job.fg, "early stopping")
@@ -491,11 +494,10 @@ class Checkpointer:
         objects = self._objects
         if loaded.others is not None:  # another world size: per-rank states are re-split, not loaded as saved
             objects = {k: v for k, v in objects.items() if k not in self._per_rank}
-        info = self._apply(storage, name, loaded.meta, loaded.tree, strict=strict, assign=assign, only=only,
-                           objects=objects)
-        if loaded.others is not None and only is None:
+        if loaded.others is not None and only is None:  # first: a refused re-split leaves the model as it was
             job_restore.resplit(self._objects, loaded.others, job, resplit)
-        return info
+        return self._apply(storage, name, loaded.meta, loaded.tree, strict=strict, assign=assign, only=only,
+                           objects=objects)
 
     def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
                assign: bool, only: Sequence[str] | None = None,

@@ -43,10 +43,17 @@ def load(path: str | os.PathLike[str], *, which: int | str | None = None,
     ``storage_options`` for fsspec (see docs/storage.md).
 
     Returns ``{"step", "epoch", "metrics", "extra", "time", "savegame_version",
-    "torch_version", "state", "rng", "run", "types"}`` (``types``: the class of
+    "torch_version", "state", "rng", "run", "types", "ranks"}`` (``types``: the class of
     each state's object, None where a checkpoint does not record them). Tensors
     are on the CPU unless ``map_location`` says otherwise. Never executes code:
     the format holds no pickle.
+
+    A checkpoint of a distributed job (format v3) reads as rank 0 would restore it:
+    ``state`` holds the shared states (tensors stored in chunks by several ranks come
+    back whole) and rank 0's own, ``rng`` is rank 0's. ``ranks`` lists every rank's
+    own part, ``{"rng": ..., "state": {...}}`` (its RNG states and the states saved
+    per rank, such as data loaders), indexed by rank; it is None for a checkpoint
+    written by a single process.
 
     ``mmap=True`` maps tensor files lazily: tensors are views of the files, and
     only the pages you touch are read. ``verify`` (checking every byte against its
@@ -69,7 +76,7 @@ def load(path: str | os.PathLike[str], *, which: int | str | None = None,
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(exc.args[0] if where in str(exc) else f"{where}: {exc}") from exc
     out = {**meta, "savegame_version": doc.get(n.M_SAVEGAME_VERSION), "torch_version": doc.get(n.M_TORCH_VERSION),
-           **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN, n.TREE_TYPES)}}
+           **{k: tree.get(k) for k in (n.TREE_STATE, n.TREE_RNG, n.TREE_RUN, n.TREE_TYPES, n.M_RANKS)}}
     frozen: FrozenDict = _freeze(out)
     return frozen
 

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import savegame
 
 
-def init() -> tuple[int, int]:
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "20"))))
+def init(backend: str = "gloo") -> tuple[int, int]:
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "20"))))
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -109,13 +109,15 @@ def fsdp(run_dir: str, mode: str, steps: int) -> None:
     ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, collective_timeout=20)
     info = ckpt.restore()
     start = info.step if info else 0
+    restored = full_state(net, opt)
     if mode == "train":
         for step in range(start, start + steps):
             fsdp_step(net, opt, step)
         ckpt.save(start + steps)
     ckpt.close()
     state = full_state(net, opt)
-    print(json.dumps({"rank": rank, "step": start + (steps if mode == "train" else 0), "state": state}), flush=True)
+    print(json.dumps({"rank": rank, "step": start + (steps if mode == "train" else 0), "restored": restored,
+                      "state": state}), flush=True)
     dist.destroy_process_group()
 
 
@@ -206,6 +208,49 @@ def frozen(run_dir: str, mode: str) -> None:
     dist.destroy_process_group()
 
 
+def nccl(run_dir: str) -> None:
+    """A DDP model on this rank's GPU with an NCCL group: save, change, restore; report exactness."""
+    rank, _ = init("nccl")
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    net = torch.nn.parallel.DistributedDataParallel(model().to(device), device_ids=[rank])
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, collective_timeout=20)
+    for step in range(3):
+        loss = net(torch.randn(4, 8, device=device)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    ckpt.save(3)
+    ckpt.wait()
+    expected = full_state(net.module, opt)
+    cuda_rng = torch.cuda.get_rng_state().clone()
+    torch.randn(10, device=device)
+    for p in net.parameters():
+        p.data.add_(1.0)
+    info = ckpt.restore()
+    ckpt.close()
+    print(json.dumps({"rank": rank, "step": info.step if info else None,
+                      "exact": full_state(net.module, opt) == expected,
+                      "cuda_rng": bool(torch.equal(torch.cuda.get_rng_state(), cuda_rng)),
+                      "on_gpu": all(p.is_cuda for p in net.parameters())}), flush=True)
+    dist.destroy_process_group()
+
+
+def golden(run_dir: str) -> None:
+    """The v3 golden checkpoint: an FSDP2 model and AdamW after one step, per-rank samplers part-way."""
+    rank, world = init()
+    torch.manual_seed(1234 + rank)
+    net, opt = fsdp_model(world)
+    fsdp_step(net, opt, 0)
+    sampler = savegame.ResumableSampler(10, seed=5)
+    for _, _ in zip(range(2 + rank), iter(sampler), strict=False):
+        pass
+    with savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt, "sampler": sampler}) as ckpt:
+        ckpt.save(7, epoch=1, metrics={"loss": 0.25}, extra={"golden": True})
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     scenario, *rest = sys.argv[1:]
     if scenario == "ddp":
@@ -216,6 +261,10 @@ if __name__ == "__main__":
         die_mid_save(rest[0])
     elif scenario == "signal":
         signal_stop(rest[0])
+    elif scenario == "golden":
+        golden(rest[0])
+    elif scenario == "nccl":
+        nccl(rest[0])
     elif scenario == "fsdp":
         fsdp(rest[0], rest[1], int(rest[2]))
     elif scenario == "frozen":

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 
 from tests.distributed import launch
 
@@ -39,6 +41,9 @@ def test_ddp_kill_and_resume_is_bit_identical_per_rank(tmp_path):
     keys = manifest["tensors"]["key"]
     assert len([k for k in keys if k.startswith("state.model.")]) == 4, "replicated weights stored once"
     assert {k.split("/")[0] for k in keys if k.startswith("rank")} == {"rank0", "rank1"}
+    files = manifest["entries"]["file"]
+    shared = [e for k, e in zip(keys, manifest["tensors"]["entry"], strict=True) if k.startswith("state.")]
+    assert {files[e] for e in shared} == {0, 1}, "the write work of replicated tensors is spread over the ranks"
     assert _listed(tmp_path / "full") == ["step-0000000012", "step-0000000015", "step-0000000018"]  # keep_last=3
     # 2 -> 1 ranks mid-epoch (step 18 of 8-step epochs): the data position is re-split exactly, RNG not restored
     one = launch.run(WORKER, 1, "ddp", str(tmp_path / "cut"), "-1", "22")
@@ -52,15 +57,22 @@ def test_fsdp2_save_restore_and_reshard_2_1_2_and_plain(tmp_path):
     two = launch.results(launch.run(WORKER, 2, "fsdp", run, "train", "3"))
     assert two[0]["state"] == two[1]["state"]
     again = launch.results(launch.run(WORKER, 2, "fsdp", run, "read", "0"))
-    assert again[0]["state"] == two[0]["state"], "2 -> 2 restore"
-    one = launch.results(launch.run(WORKER, 1, "fsdp", run, "read", "0"))
-    assert one[0]["state"] == two[0]["state"], "2 -> 1 restore"
-    trained = launch.results(launch.run(WORKER, 1, "fsdp", run, "train", "2"))  # 1 rank saves step 5
+    assert again[0]["state"] == two[0]["state"] == again[1]["state"], "2 -> 2 restore"
+    trained = launch.results(launch.run(WORKER, 1, "fsdp", run, "train", "2"))  # 1 rank goes on, saves step 5
+    assert trained[0]["restored"] == two[0]["state"], "2 -> 1 restore"
     back = launch.results(launch.run(WORKER, 2, "fsdp", run, "read", "0"))
     assert back[0]["step"] == 5 and back[0]["state"] == trained[0]["state"] == back[1]["state"], "1 -> 2 restore"
     assert trained[0]["state"] != two[0]["state"]
-    plain = launch.results(launch.run(WORKER, 1, "plain", run, env={"NO_PG": "1"}))
+    plain = launch.results(launch.run(WORKER, 1, "plain", run))
     assert plain[0]["step"] == 5 and plain[0]["state"] == trained[0]["state"], "restore without a process group"
+    # outside the job: one plain safetensors file of full tensors
+    out = tmp_path / "model.safetensors"
+    done = subprocess.run([sys.executable, "-m", "savegame.cli", "export", run, "--to", str(out)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(launch.ROOT / "src")})
+    assert done.returncode == 0, done.stderr
+    weights = safetensors.torch.load_file(str(out))
+    exported = {f"p.{k}": [float(v) for v in t.double().flatten()] for k, t in weights.items()}
+    assert exported == {k: v for k, v in trained[0]["state"].items() if k.startswith("p.")}
 
 
 def test_a_rank_dying_mid_save_lists_nothing_and_the_next_run_resumes(tmp_path):
@@ -99,3 +111,9 @@ def test_a_signal_on_one_rank_stops_every_rank_after_one_save(tmp_path):
     res = launch.results(launch.run(WORKER, 2, "signal", str(run)))
     assert [r["stopped"] for r in res] == [5, 5]
     assert _listed(run) == ["step-0000000005"]
+
+
+@pytest.mark.cuda
+def test_one_rank_nccl_job_on_a_gpu_saves_and_restores_exactly(tmp_path):
+    res = launch.results(launch.run(WORKER, 1, "nccl", str(tmp_path / "run"), timeout=180))
+    assert res[0] == {"rank": 0, "step": 3, "exact": True, "cuda_rng": True, "on_gpu": True}

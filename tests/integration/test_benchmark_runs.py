@@ -62,3 +62,13 @@ def test_incremental_benchmark_small_run(tmp_path):
     for key in ("full_big", "full_tiny"):
         assert result[key]["bytes_ratio"] > 0 and result[key]["save_ratio"] > 0
     assert "| frozen backbone |" in out.stdout
+def test_s3_benchmark_small_run(tmp_path):
+    import pytest
+    pytest.importorskip("s3fs", reason="the s3 extra is not installed")
+    pytest.importorskip("moto", reason="moto[server] is not installed")
+    out_file = tmp_path / "s3.json"
+    out = run_script("bench_s3.py", "--small", "--reps", "1", "--out", str(out_file))
+    row = json.loads(out_file.read_text())["32MB"]
+    assert row["savegame_durable"] > 0 and row["put_object"] > 0 and row["savegame_restore"] > 0
+    assert 0 < row["save_blocked"] <= row["savegame_durable"]
+    assert "throughput_vs_best_boto3" in out.stdout

@@ -146,7 +146,9 @@ def test_cli_ls_verify_inspect_export_prune(run_url: str, bucket: str, tmp_path)
     assert code == 0 and "all 3 checkpoint(s) intact" in out, out
     code, out = cli("inspect", "--json", f"{run_url}@best")
     assert code == 0, out
-    assert json.loads(out)["step"] == 1
+    shown = json.loads(out)
+    assert shown["step"] == 1 and shown["path"] == f"{run_url}/step-0000000001"
+    assert shown["files"][0]["bytes"] > 0
     target = tmp_path / "w.safetensors"
     code, out = cli("export", run_url, "--to", str(target))
     assert code == 0 and target.exists(), out
@@ -162,3 +164,31 @@ def test_cli_ls_verify_inspect_export_prune(run_url: str, bucket: str, tmp_path)
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(data))
     code, out = cli("verify", run_url)
     assert code == 1 and "DAMAGED step-0000000002" in out, out
+
+
+def test_a_forked_child_never_hands_back_its_parents_lease(run_url: str) -> None:
+    import os
+    with savegame.Checkpointer(run_url, state=make_state(0)) as ckpt:
+        pid = os.fork()
+        if pid == 0:  # the child: closing its copy must leave the parent's lease alone
+            try:
+                ckpt._lock.release()
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert open_storage(run_url).exists(".savegame.lease")
+        ckpt.save(1)
+    assert not open_storage(run_url).exists(".savegame.lease")
+
+
+def test_a_lease_created_meanwhile_refuses_the_second_writer(run_url: str) -> None:
+    from savegame.run.lease import RunLease
+    storage = open_storage(run_url)
+    first, second = RunLease(storage, 30), RunLease(open_storage(run_url), 30)
+    second._read = lambda: None  # type: ignore[method-assign]  # it looked before the first wrote
+    first.acquire()
+    try:
+        with pytest.raises(RunLockedError, match="at the same time"):
+            second.acquire()  # the store refuses to create the lease object again (If-None-Match)
+    finally:
+        first.release()

@@ -42,7 +42,7 @@ from savegame.cli._tree import (
 )
 from savegame.engine import reader
 from savegame.format import names as n
-from savegame.storage.urls import join
+from savegame.storage.urls import is_url, join, open_storage, split_url
 
 CKPT = CHECKPOINT
 # Keys that mark a state as a data-loader (or sampler) position; its small scalar fields are shown.
@@ -92,8 +92,11 @@ def _scalars(value: Mapping[str, Any]) -> dict[str, Any]:
 
 def _size(path: str) -> int:
     try:
+        if is_url(path):
+            parent, name = split_url(path)
+            return open_storage(parent).size(name)
         return os.path.getsize(path)
-    except OSError:
+    except OSError:  # StorageError is one too
         return 0
 
 

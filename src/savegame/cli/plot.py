@@ -10,18 +10,18 @@ import click
 
 from savegame.cli._app import CliError
 from savegame.cli._output import console
-from savegame.cli._paths import atomic_output, require_run_dir
+from savegame.cli._paths import RUN_DIR, atomic_output, require_run_dir
 from savegame.errors import StorageError
 from savegame.format import names as n
 from savegame.run import history as run_history
-from savegame.storage.local import LocalStorage
+from savegame.storage.urls import open_storage
 
 History = dict[str, dict[int, float]]  # metric -> step -> value (the last recorded for that step)
 
 
 def read_history(run_dir: str) -> tuple[History, int]:
     """Every metric by step, and how many lines could not be read (torn by a crash, or damaged)."""
-    storage = LocalStorage(run_dir)
+    storage = open_storage(run_dir)
     if not storage.exists(n.HISTORY_FILE):
         raise CliError(f"{run_dir}: no {n.HISTORY_FILE} (no checkpoint was saved with metrics here)")
     try:
@@ -36,7 +36,7 @@ def read_history(run_dir: str) -> tuple[History, int]:
 
 
 @click.command("plot")
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("run_dir", type=RUN_DIR)
 @click.option("--to", "target", required=True, type=click.Path(dir_okay=False),
               help="Image file (.png, .svg, .pdf ...: any format matplotlib writes).")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME", help="Plot only this metric (repeatable).")

@@ -253,6 +253,8 @@ class SavegameReader(StorageReader):
         pieces = EntryReader(self.storage, self.name, self.doc, self.verify)
         try:
             for e in sorted(by_entry, key=pieces.order):
+                if len(by_entry[e]) == 1 and _read_in_place(pieces, e, by_entry[e][0], planner):
+                    continue
                 piece = pieces.read(e)
                 for item in by_entry[e]:
                     source = piece
@@ -276,44 +278,81 @@ class SavegameReader(StorageReader):
         return False
 
 
+def _read_in_place(pieces: EntryReader, e: int, item: Any, planner: LoadPlanner) -> bool:
+    """Read entry ``e`` straight into its destination when the item is the whole piece and the destination
+    a contiguous CPU tensor of its dtype (the usual case: the same world size); False otherwise. The
+    destinations are the restore's own fresh tensors, never live state: a piece that fails its checksum
+    raises before anything reaches a live object."""
+    shape = pieces.entries[n.E_SHAPE][e]
+    if any(item.storage_offsets) or list(item.lengths) != list(shape):
+        return False
+    target = planner.resolve_tensor(item).detach()
+    if (target.device.type != "cpu" or not target.is_contiguous() or list(target.shape) != list(shape)
+            or target.dtype != codec.stored_dtype(pieces.entries[n.E_DTYPE][e])):
+        return False
+    pieces.read_into(e, target.reshape(-1).view(torch.uint8))
+    planner.commit_tensor(item, target)
+    return True
+
+
 class EntryReader:
     """Reads single entries of a checkpoint's tensor files, checking file headers and entry checksums."""
 
     def __init__(self, storage: Storage, name: str, doc: Mapping[str, Any], verify: bool) -> None:
         self.storage, self.name, self.doc, self.verify = storage, name, doc, verify
         self.entries, self.algo = doc[n.M_ENTRIES], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
-        self._open: dict[int, tuple[Any, int]] = {}
+        self._open: dict[int, tuple[Any, int, int]] = {}  # per file: handle, data start, size
 
     def order(self, e: int) -> tuple[int, int]:
         return self.entries[n.E_FILE][e], self.entries[n.E_START][e]
 
     def read(self, e: int) -> torch.Tensor:
+        """Entry ``e`` as a new tensor of its dtype and shape, verified."""
+        size = self.entries[n.E_END][e] - self.entries[n.E_START][e]
+        self._check_fits(e)  # before allocating: a manifest may claim any size
+        raw = torch.empty(size, dtype=torch.uint8)
+        self.read_into(e, raw)
+        return raw.view(codec.stored_dtype(self.entries[n.E_DTYPE][e])).reshape(self.entries[n.E_SHAPE][e])
+
+    def read_into(self, e: int, out: torch.Tensor) -> None:
+        """Entry ``e``'s bytes into ``out`` (contiguous uint8 CPU tensor of its size), verified when ``verify``."""
+        handle, start, where = self._check_fits(e)
+        begin, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
+        if out.numel() != end - begin:
+            raise CorruptCheckpointError(f"{where}: entry {e} holds {end - begin} bytes, its destination "
+                                         f"{out.numel()}; the checkpoint is damaged")
+        view = out.numpy().data if end > begin else memoryview(bytearray())
+        try:
+            handle.seek(start + begin)
+            got = handle.readinto(view) if end > begin else 0
+        except (StorageError, OSError) as exc:
+            raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is damaged") from exc
+        if got != end - begin:
+            raise CorruptCheckpointError(f"{where}: truncated (entry {e} incomplete); the checkpoint is damaged")
+        if self.verify and self.algo.of(view) != self.entries[n.E_SUM][e]:
+            raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the checkpoint is damaged")
+
+    def _check_fits(self, e: int) -> tuple[Any, int, str]:
+        """(open handle, data start, name for messages) of entry ``e``'s file, which must hold the entry."""
         k = self.entries[n.E_FILE][e]
         file = self.doc[n.M_FILES][k]
         where = f"{self.storage.root}/{n.file_path(self.name, file)}"
-        begin, end = self.entries[n.E_START][e], self.entries[n.E_END][e]
-        raw = bytearray(end - begin)
         try:
             if k not in self._open:
                 handle = self.storage.open_read(n.file_path(self.name, file))
-                self._open[k] = (handle, 0)
-                start, _ = read_header(handle, self.storage.size(n.file_path(self.name, file)), where,
-                                       self.doc[n.M_FILE_CHECKSUMS][k], algo=self.algo, parse=False)
-                self._open[k] = (handle, start)
-            handle, start = self._open[k]
-            handle.seek(start + begin)
-            got = handle.readinto(raw)
+                self._open[k] = (handle, 0, 0)
+                size = self.storage.size(n.file_path(self.name, file))
+                start, _ = read_header(handle, size, where, self.doc[n.M_FILE_CHECKSUMS][k], algo=self.algo,
+                                       parse=False)
+                self._open[k] = (handle, start, size)
         except (StorageError, OSError) as exc:
             raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is damaged") from exc
-        if got != len(raw):
+        handle, start, size = self._open[k]
+        if start + self.entries[n.E_END][e] > size:
             raise CorruptCheckpointError(f"{where}: truncated (entry {e} incomplete); the checkpoint is damaged")
-        if self.verify and self.algo.of(bytes(raw)) != self.entries[n.E_SUM][e]:
-            raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the checkpoint is damaged")
-        dtype = codec.stored_dtype(self.entries[n.E_DTYPE][e])
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        return flat.view(dtype).reshape(self.entries[n.E_SHAPE][e])
+        return handle, start, where
 
     def close(self) -> None:
-        for handle, _ in self._open.values():
+        for handle, _, _ in self._open.values():
             handle.close()
         self._open.clear()

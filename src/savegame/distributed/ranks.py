@@ -12,7 +12,8 @@ from savegame.engine.capture import PlainLoaderState
 from savegame.errors import ConfigurationError
 
 # Each rank reads its own shard of the data: its loader's position is its own.
-_ALWAYS_PER_RANK = (DataLoader, MultiLoader, ResumableSampler, PlainLoaderState, torch.utils.data.Sampler)
+_ALWAYS_PER_RANK = (DataLoader, MultiLoader, ResumableSampler, PlainLoaderState, torch.utils.data.DataLoader,
+                    torch.utils.data.Sampler)  # torch's loaders include torchdata's StatefulDataLoader
 
 
 def per_rank_names(objects: Mapping[str, Any], named: Sequence[str]) -> frozenset[str]:

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 from savegame.distributed import split
 from savegame.distributed.dcp_storage import SavegameReader
 from savegame.distributed.job import Job, is_dtensor, raise_failed
-from savegame.engine import reader
+from savegame.engine import reader, rng
 from savegame.errors import CorruptCheckpointError, IncompatibleStateError, RankDamagedError, RankFailedError
 from savegame.format import codec, layout
 from savegame.format import names as n
@@ -89,6 +89,7 @@ def plan(job: Job, storage: Storage, name: str, doc: dict[str, Any], objects: Ma
     if n.M_WORLD not in doc:  # a single process's checkpoint (v1, v2, or v4 without ranks): every rank reads it
         return Plan(doc, meta, {}, [], [], reader.read_tree(storage, name, doc, verify=verify))
     reader.check(doc)
+    reader.check_sizes(storage, name, doc)  # before allocating what the manifest declares
     keys, specs = doc[n.M_TENSORS][n.T_KEY], reader.tensor_specs(doc)
     same = doc[n.M_WORLD] == job.world_size
     wanted = [j for j, key in enumerate(keys) if _wanted(key, job.rank, same)]
@@ -114,6 +115,7 @@ def finish(job: Job, planned: Plan) -> Loaded:
     same = doc[n.M_WORLD] == job.world_size
     tree = reader.decode_tree({**doc, n.M_TREE: _own_tree(doc[n.M_TREE], ranks, job.rank if same else None)},
                               tensors)
+    rng.check_values(tree.get(n.TREE_RNG))  # bytes torch would reject refuse the checkpoint before any change
     return Loaded(doc, planned.meta, tree, None if same else [codec.decode(r, tensors) for r in ranks])
 
 

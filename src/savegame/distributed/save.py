@@ -29,6 +29,7 @@ from savegame.distributed import split
 from savegame.distributed.dcp_storage import SavegameWriter, tables
 from savegame.distributed.job import Job, is_dtensor
 from savegame.engine.dedup import Dedup
+from savegame.engine.staging import Staging
 from savegame.engine.writer import header_fields
 from savegame.errors import RankFailedError, SavegameError, StorageError
 from savegame.format import manifest
@@ -37,6 +38,7 @@ from savegame.storage.base import Storage
 from savegame.storage.commit import CommitStrategy
 
 log = logging.getLogger("savegame.distributed")
+ALIGN = 64  # each copy starts on a 64-byte boundary of the staging buffer, so any dtype may view it
 
 
 @dataclass
@@ -57,24 +59,46 @@ def share_of(tree: Mapping[str, Any], per_rank: frozenset[str], rank: int) -> Sh
     return Share(split.encode(shared), split.encode(mine, split.rank_prefix(rank)))
 
 
-def snapshot(share: Share) -> Share:
-    """A copy of every tensor (on the CPU), so the caller may change its state while the copy is written."""
-    def copied(enc: split.Encoded) -> split.Encoded:
-        return split.Encoded(enc.tree, [_copy(t) for t in enc.tensors], enc.keys)
-    return Share(copied(share.shared), copied(share.mine))
+def snapshot(share: Share, staging: Staging | None = None) -> Share:
+    """A copy of every tensor (on the CPU), so the caller may change its state while the copy is written.
+
+    With ``staging`` the copies are views of one host buffer reused by every save (page-locked when a
+    source is on CUDA): the previous save must be fully written first, as ``save()`` waits for it.
+    """
+    tensors = [*share.shared.tensors, *share.mine.tensors]
+    local = [_local(t).detach() for t in tensors]
+    sizes = [-(-t.nbytes // ALIGN) * ALIGN for t in local]
+    buffer = None
+    if staging is not None:
+        pinned = any(t.is_cuda for t in local) and torch.cuda.is_available()
+        buffer = staging.buffer(0, sum(sizes), pinned)
+    copies: list[torch.Tensor] = []
+    offset = 0
+    for tensor, src, size in zip(tensors, local, sizes, strict=True):
+        if buffer is None:
+            copy = torch.empty(src.shape, dtype=src.dtype)
+        else:
+            copy = buffer[offset:offset + src.nbytes].view(src.dtype).view(src.shape)
+        offset += size
+        copy.copy_(src)
+        copies.append(_like(tensor, copy))
+    k = len(share.shared.tensors)
+    return Share(split.Encoded(share.shared.tree, copies[:k], share.shared.keys),
+                 split.Encoded(share.mine.tree, copies[k:], share.mine.keys))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+    if not is_dtensor(tensor):
+        return tensor
+    local: torch.Tensor = tensor._local_tensor  # type: ignore[attr-defined]  # to_local() is an autograd call
+    return local
 
 
-def _copy(tensor: torch.Tensor) -> torch.Tensor:
-    local = _local(tensor).detach()
-    copy = torch.empty(local.shape, dtype=local.dtype, pin_memory=False)
-    copy.copy_(local)
+def _like(tensor: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """``copy`` as ``tensor`` was: a DTensor of the same placement (as torch's own async save does), or plain."""
     if not is_dtensor(tensor):
         return copy
-    from torch.distributed.tensor import DTensor  # as torch's own async save does: same spec, CPU data
+    from torch.distributed.tensor import DTensor
     return DTensor(copy, tensor._spec, requires_grad=False)  # type: ignore[attr-defined,no-untyped-call]
 
 

@@ -68,6 +68,26 @@ def decode_tree(doc: Mapping[str, Any], tensors: Sequence[Any], arrays: Sequence
     return tree
 
 
+def decode_ranks(doc: Mapping[str, Any], tensors: Sequence[Any],
+                 arrays: Sequence[Any] | None = None) -> list[dict[str, Any]] | None:
+    """Each rank's own tree of a distributed (v3) checkpoint, ``{"rng", "state"}``, decoded around
+    ``tensors`` as :func:`decode_tree` does and checked; None for a single process's checkpoint."""
+    if n.M_WORLD not in doc:  # (v4 has ranks only when a distributed job wrote it)
+        return None
+    out = []
+    for rank, encoded in enumerate(doc[n.M_RANKS]):
+        tree = codec.decode(encoded, tensors, arrays=arrays)
+        state = tree.get(n.TREE_STATE) if isinstance(tree, dict) else None
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise CorruptCheckpointError(f"rank {rank}'s state tree is not a mapping of names to states")
+        try:
+            rng.check(tree.get(n.TREE_RNG))
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"rank {rank}: {exc}") from None
+        out.append(tree)
+    return out
+
+
 def _check_run(run: Any) -> None:
     """The run state: ``{"best": {metric: {"mode", "entries": [[value, step], ...]}}, "early_stopping": ...}``."""
     if run is None:
@@ -108,7 +128,9 @@ def tensor_specs(doc: Mapping[str, Any]) -> list[layout.Spec]:
 def check(doc: Mapping[str, Any]) -> None:
     """Everything about a checkpoint that its manifest alone decides (its data is not read)."""
     decode_meta(doc)
-    decode_tree(doc, tensor_specs(doc))
+    specs = tensor_specs(doc)
+    decode_tree(doc, specs)
+    decode_ranks(doc, specs)
 
 
 def data_bytes(doc: Mapping[str, Any]) -> int:
@@ -194,22 +216,28 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
     moves the tensors in ``follow`` (None: all) and those saved off the CPU (see
     :func:`savegame.engine.todevice.entry_places`); GPU-bound bytes are streamed to the
     GPU without a CPU copy. NumPy arrays stay on the CPU whatever
-    ``map_location`` says.
+    ``map_location`` says. The tree of a distributed (v3) checkpoint also holds
+    ``"ranks"``: each rank's own tree (:func:`decode_ranks`), checked as the rest is.
     """
     device = todevice.resolve(device_of(map_location))
     table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
+    if not mmap:
+        check_sizes(storage, name, doc)  # before allocating what the manifest asks for
     chosen = _by_entry(doc, targets or {})
     places = todevice.entry_places(table, len(entries[n.E_FILE]), device, follow, chosen)
     if mmap:
         tree = _decode_placed(doc, readinto.read_entries(storage, name, doc, verify=verify, into=None), places)
     elif places is None:  # everything on the CPU: the tree is decoded around the destinations, then filled
         into = readinto.allocate(doc, chosen)
-        tree = decode_tree(doc, layout.tensors_from_entries(table, into))  # before any byte reaches a target
+        tensors = layout.tensors_from_entries(table, into)
+        tree = _with_ranks(doc, decode_tree(doc, tensors), tensors)  # before any byte reaches a target
         if chosen:
             _verify_torch_rng(storage, name, doc)  # bytes torch would reject refuse it before the model changes
         readinto.read_entries(storage, name, doc, verify=verify, into=into)
+        for record in chunks.chunked(table):  # assembled from copies of entries read only now
+            chunks.fill(tensors[record["tensor"]], record, into)
     else:  # some tensors live on a GPU: checked on stand-ins first, decoded once their bytes are there
-        decode_tree(doc, tensor_specs(doc))
+        check(doc)
         _verify_torch_rng(storage, name, doc)
         own = {**chosen, **todevice.allocate(entries, readinto.dtypes_of(entries[n.E_DTYPE]), places, chosen)}
         into = readinto.allocate(doc, own)
@@ -217,6 +245,32 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
         read = readinto.read_entries(storage, name, doc, verify=verify, into=into, on_device=on_device)
         tree = _decode_placed(doc, read, places)
     rng.check_values(tree.get(n.TREE_RNG))
+    for rank, own in enumerate(tree.get(n.M_RANKS) or []):
+        try:
+            rng.check_values(own.get(n.TREE_RNG))
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"rank {rank}: {exc}") from None
+    return tree
+
+
+def check_sizes(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
+    """Refuse (CorruptCheckpointError) tensor files shorter than their entries' bytes, by their size alone:
+    call it before allocating what a manifest declares, which may claim a terabyte."""
+    for file, end in zip(doc[n.M_FILES], readinto.file_ends(doc), strict=True):
+        where = f"{storage.root}/{n.file_path(name, file)}"
+        try:
+            size = storage.size(n.file_path(name, file))
+        except StorageError as exc:
+            raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is incomplete") from exc
+        if size < end:
+            raise CorruptCheckpointError(f"{where}: truncated ({size} bytes, its entries need {end})")
+
+
+def _with_ranks(doc: Mapping[str, Any], tree: dict[str, Any], tensors: Sequence[Any],
+                arrays: Sequence[Any] | None = None) -> dict[str, Any]:
+    ranks = decode_ranks(doc, tensors, arrays)
+    if ranks is not None:
+        tree[n.M_RANKS] = ranks
     return tree
 
 
@@ -225,10 +279,12 @@ def _decode_placed(doc: Mapping[str, Any], read: list[torch.Tensor],
     """The tree of tensors ``read`` (per entry), each moved to its place; NumPy arrays from CPU copies."""
     table = doc[n.M_TENSORS]
     if places is None:
-        return decode_tree(doc, layout.tensors_from_entries(table, read))
+        tensors = layout.tensors_from_entries(table, read)
+        return _with_ranks(doc, decode_tree(doc, tensors), tensors)
     placed = [t if place is None or t.device == place else t.to(place) for t, place in zip(read, places, strict=True)]
     arrays = _OnCpu(layout.tensors_from_entries(table, read))
-    return decode_tree(doc, layout.tensors_from_entries(table, placed), arrays=arrays)
+    tensors = layout.tensors_from_entries(table, placed)
+    return _with_ranks(doc, decode_tree(doc, tensors, arrays=arrays), tensors, arrays)
 
 
 class _OnCpu(Sequence[torch.Tensor]):
@@ -291,9 +347,19 @@ def verify_checkpoint(storage: Storage, name: str) -> list[str]:
 
 
 def _verify_torch_rng(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
-    """The torch RNG state's bytes, which restoring checks on a scratch generator (as :func:`read_tree` does)."""
+    """The torch RNG states' bytes (the tree's, and each rank's in a v3 checkpoint), which restoring checks on
+    a scratch generator (as :func:`read_tree` does)."""
     tree = doc.get(n.M_TREE)
-    state = tree.get(n.TREE_RNG) if isinstance(tree, dict) else None
+    _verify_torch_state(storage, name, doc, tree.get(n.TREE_RNG) if isinstance(tree, dict) else None)
+    if n.M_WORLD in doc:  # a distributed job's checkpoint (v3, or v4 with ranks)
+        for rank, own in enumerate(doc[n.M_RANKS]):
+            try:
+                _verify_torch_state(storage, name, doc, own[n.TREE_RNG])
+            except CorruptCheckpointError as exc:
+                raise CorruptCheckpointError(f"rank {rank}: {exc}") from None
+
+
+def _verify_torch_state(storage: Storage, name: str, doc: Mapping[str, Any], state: Any) -> None:
     ref = state.get("torch") if isinstance(state, dict) else None
     table, entries = doc[n.M_TENSORS], doc[n.M_ENTRIES]
     j = ref.get("$t") if isinstance(ref, dict) else None

@@ -14,6 +14,7 @@ Expiry is judged by wall clocks: hosts sharing a run need clocks within a few se
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -21,13 +22,14 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from typing import Any, Protocol
 
 from savegame.errors import RunLockedError, StorageError
 from savegame.format import names as n
 from savegame.run.lock import RunLock
 from savegame.storage.base import Storage
-from savegame.storage.commit import commit_of, write_file_atomic
+from savegame.storage.commit import commit_of, write_file_atomic, write_new_file
 
 log = logging.getLogger("savegame.run")
 
@@ -60,6 +62,7 @@ class RunLease:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lost: str | None = None
+        self._expires = 0.0  # when the lease this process last wrote expires
 
     @property
     def held(self) -> bool:
@@ -79,7 +82,13 @@ class RunLease:
         if current is not None:
             log.warning("taking over the run %s: the lease of %s expired %.0f s ago (its writer stopped renewing it)",
                         self.storage.root, _owner(current), now - _expires(current))
-        self._write()
+        try:
+            self._write(new=current is None)  # no lease yet: created only if still absent, where the store can
+        except StorageError as exc:
+            if exc.errno != errno.EEXIST:
+                raise
+            raise RunLockedError(f"another process took the lease of the run {self.storage.root!r} at the same "
+                                 f"time: {_owner(self._read() or {})}. Stop it, or use a different run") from exc
         mine = self._read()
         if mine is None or mine.get("token") != self.token:  # another writer took it in the same instant
             raise RunLockedError(f"another process took the lease of the run {self.storage.root!r} at the same "
@@ -91,11 +100,14 @@ class RunLease:
             strategy.guard = self.check
         self._thread = threading.Thread(target=self._renew, name="savegame-lease", daemon=True)
         self._thread.start()
+        _LEASES.add(self)
 
     def check(self) -> None:
         """Raise RunLockedError unless this process still holds a fresh lease (called before each commit)."""
         if self._lost is not None:
             raise RunLockedError(self._lost)
+        if time.time() < self._expires - self.seconds / 3:  # nobody takes a lease over before it expires
+            return
         current = self._read()
         if current is None or current.get("token") != self.token:
             self._lost = (f"this process lost the lease of the run {self.storage.root!r} to "
@@ -107,6 +119,7 @@ class RunLease:
         thread, self._thread = self._thread, None
         if thread is None:
             return
+        _LEASES.discard(self)
         self._stop.set()
         thread.join()
         strategy = commit_of(self.storage)
@@ -131,20 +144,44 @@ class RunLease:
             except StorageError as exc:  # transient trouble outlasting the retries: try again at the next tick
                 log.warning("could not renew the lease of %s: %s", self.storage.root, exc)
 
-    def _write(self) -> None:
+    def _write(self, *, new: bool = False) -> None:
+        now = time.time()
         doc = {"owner": f"process {os.getpid()} on host {socket.gethostname()!r}", "pid": os.getpid(),
-               "host": socket.gethostname(), "token": self.token, "expires": time.time() + self.seconds,
+               "host": socket.gethostname(), "token": self.token, "expires": now + self.seconds,
                "seconds": self.seconds}
-        write_file_atomic(self.storage, LEASE_FILE, json.dumps(doc).encode())
+        data = json.dumps(doc).encode()
+        if new:
+            write_new_file(self.storage, LEASE_FILE, data)
+        else:
+            write_file_atomic(self.storage, LEASE_FILE, data)
+        self._expires = now + self.seconds
 
     def _read(self) -> dict[str, Any] | None:
         try:
-            if not self.storage.exists(LEASE_FILE):
-                return None
             doc = json.loads(self.storage.read_bytes(LEASE_FILE))
+        except StorageError as exc:
+            if exc.errno == errno.ENOENT:
+                return None
+            raise
         except (ValueError, UnicodeDecodeError):
             return {}  # a damaged lease: expired (no "expires"), so it is taken over
         return doc if isinstance(doc, dict) else {}
+
+
+# Leases this process holds. A forked child (a DataLoader worker) does not hold them: it must never
+# renew or hand back its parent's lease, so it forgets them at once.
+_LEASES: weakref.WeakSet[RunLease] = weakref.WeakSet()
+
+
+def _forget_in_child() -> None:
+    for lease in list(_LEASES):
+        lease._thread = None
+        lease._lost = "this process is a fork of the lease's holder; only the holder writes the run"
+    _LEASES.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
 
 
 def _expires(doc: dict[str, Any]) -> float:

@@ -54,3 +54,13 @@ class Storage(Protocol):
     def remove_tree(self, path: str) -> None: ...
 
     def fsync_dir(self, path: str) -> None: ...
+
+
+class ObjectStorage(Storage, Protocol):
+    """A store of whole objects (no rename, no append): one PUT replaces an object atomically."""
+
+    lease_seconds: float
+
+    def put(self, path: str, data: bytes) -> None:
+        """Write the whole object ``path``, replacing any, in one atomic request."""
+        ...

@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from savegame.errors import StorageError
 from savegame.format import names as n
-from savegame.storage.base import Storage
+from savegame.storage.base import ObjectStorage, Storage
 
 log = logging.getLogger("savegame.storage.commit")
 
@@ -46,6 +46,8 @@ class CommitStrategy(Protocol):
     def visible(self, storage: Storage, names: list[str]) -> list[str]: ...
 
     def clean_leftovers(self, storage: Storage) -> list[str]: ...
+
+    def replace_file(self, storage: Storage, name: str, data: bytes) -> None: ...
 
 
 def commit_of(storage: Storage) -> CommitStrategy:
@@ -75,6 +77,21 @@ class RenameCommit:
                 storage.remove_tree(tmp)
         except StorageError as exc:
             log.warning("could not remove the leftovers of a failed save %s (%s); the next run removes them", tmp, exc)
+
+    @staticmethod
+    def replace_file(storage: Storage, name: str, data: bytes) -> None:
+        """Write a temporary file next to ``name`` (same directory, hidden prefix) and rename it over ``name``,
+        so the rename never crosses directories; a failed write removes it."""
+        folder, _, base = name.rpartition("/")
+        hidden = f"{n.TMP_PREFIX}{base}-{uuid.uuid4().hex[:8]}"
+        tmp = f"{folder}/{hidden}" if folder else hidden
+        try:
+            write_new_file(storage, tmp, data)
+            storage.rename(tmp, name)
+        except StorageError:
+            _discard(storage, tmp)
+            raise
+        storage.fsync_dir(folder)
 
     def delete(self, storage: Storage, name: str) -> None:
         """Remove a checkpoint: it leaves the visible namespace atomically, then its files go."""
@@ -137,6 +154,11 @@ class ManifestLastCommit:
         except StorageError as exc:
             log.warning("could not remove the objects of a failed save %s (%s); the next run removes them", tmp, exc)
 
+    @staticmethod
+    def replace_file(storage: Storage, name: str, data: bytes) -> None:
+        """One PUT replaces an object whole and atomically: no temporary object, no rename."""
+        cast(ObjectStorage, storage).put(name, data)
+
     def delete(self, storage: Storage, name: str) -> None:
         """The manifest goes first (the checkpoint leaves the listing at once), then the data objects."""
         if storage.exists(f"{name}/{n.MANIFEST}"):
@@ -163,6 +185,12 @@ class ManifestLastCommit:
                     log.warning("could not remove the leftover %s (%s); the next run tries again", name, exc)
                     continue
                 removed.append(name)
+        abort_uploads = getattr(storage, "abort_uploads", None)  # S3: a killed writer's unfinished uploads
+        if callable(abort_uploads):
+            try:
+                removed += [f"unfinished upload of {key}" for key in abort_uploads()]
+            except StorageError as exc:
+                log.warning("could not abort the unfinished uploads under %s (%s)", storage.root, exc)
         return removed
 
 
@@ -178,20 +206,9 @@ def write_new_file(storage: Storage, path: str, data: bytes) -> None:
 
 
 def write_file_atomic(storage: Storage, name: str, data: bytes) -> None:
-    """Replace a small file (an alias pointer, the metrics history) atomically and durably.
-
-    The temporary file sits next to ``name`` (same directory, hidden prefix), so the
-    rename never crosses directories; a failed write removes it.
-    """
-    folder, _, base = name.rpartition("/")
-    tmp = f"{folder}/{n.TMP_PREFIX}{base}-{uuid.uuid4().hex[:8]}" if folder else f"{n.TMP_PREFIX}{base}-{uuid.uuid4().hex[:8]}"
-    try:
-        write_new_file(storage, tmp, data)
-        storage.rename(tmp, name)
-    except StorageError:
-        _discard(storage, tmp)
-        raise
-    storage.fsync_dir(folder)
+    """Replace a small file (an alias pointer, the metrics history, the lease) atomically and durably,
+    as ``storage``'s commit strategy does it (:meth:`RenameCommit.replace_file`, :meth:`ManifestLastCommit.replace_file`)."""
+    commit_of(storage).replace_file(storage, name, data)
 
 
 def _discard(storage: Storage, path: str) -> None:

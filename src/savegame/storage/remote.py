@@ -87,6 +87,8 @@ class RemoteStorage:
         """Whether an object, or any object below the prefix ``path/``, exists; the root always does."""
         if not path:
             return True
+        if self._s3 is not None:
+            return self._s3.exists(self._p(path))
         return bool(self._do("look for", path, lambda: self.fs.exists(self._p(path))))
 
     def list_dir(self, path: str) -> list[str]:
@@ -103,13 +105,14 @@ class RemoteStorage:
 
     # -- writing ----------------------------------------------------------------------------
     def create(self, path: str) -> Any:
-        """A new object, visible only once ``close()`` returns; refused when ``path`` exists."""
+        """A new object, visible only once ``close()`` returns; refused when ``path`` exists (on S3 by the store
+        itself, with ``If-None-Match: *``, when the object is committed)."""
+        if self._s3 is not None:
+            return MultipartWrite(self._s3, self._p(path))
         if self.exists(path):
             err = StorageError(f"could not create {self.url(path)!r}: it exists already")
             err.errno = errno.EEXIST
             raise err
-        if self._s3 is not None:
-            return MultipartWrite(self._s3, self._p(path))
         return _FileWrite(self, path)
 
     def put(self, path: str, data: bytes) -> None:
@@ -152,6 +155,11 @@ class RemoteStorage:
             if files:
                 self.fs.rm(files)
         self._do("remove", path, rm)
+
+    def abort_uploads(self) -> list[str]:
+        """Abort the unfinished uploads a killed writer left under the root (S3; other stores have none
+        that outlive their writer). Only the lease holder calls this."""
+        return [] if self._s3 is None else self._s3.abort_uploads(self._base)
 
     def fsync_dir(self, path: str) -> None:
         """Nothing to do: an object is durable when the request that wrote it returns."""

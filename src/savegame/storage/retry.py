@@ -29,6 +29,8 @@ _TRANSIENT_ERRNO = {errno.EBUSY, getattr(errno, "EREMOTEIO", errno.EIO), errno.E
 _TRANSIENT_NAMES = ("ConnectionClosedError", "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError",
                     "HTTPClientError", "ClientPayloadError", "ServerDisconnectedError", "ClientOSError",
                     "IncompleteRead", "ResponseStreamingError", "ProtocolError")
+_TRANSIENT_CODES = {"500", "502", "503", "504", "InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequestsException"}
 _TRANSIENT_TEXT = ("SlowDown", "reduce your request rate", "ServiceUnavailable", "InternalError", "RequestTimeout",
                    "Throttl", "503", "500 ", "502", "504")
 
@@ -37,6 +39,9 @@ def is_transient(exc: BaseException) -> bool:
     """Whether retrying ``exc`` may succeed: a 5xx, throttling, or a broken connection."""
     if isinstance(exc, (FileNotFoundError, PermissionError, FileExistsError, SavegameError)):
         return False
+    s3code = _code(exc)
+    if s3code is not None:
+        return s3code in _TRANSIENT_CODES
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
     if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(exc).__mro__):
@@ -69,6 +74,11 @@ def translate(exc: BaseException, action: str, url: str, attempts: int = 1) -> S
     bucket = bucket_of(url)
     name = type(exc).__name__
     text = str(exc) or name
+    s3code = _code(exc)
+    if s3code in ("404", "NoSuchKey", "NotFound"):
+        exc = FileNotFoundError(text)
+    elif s3code in ("403", "AccessDenied"):
+        exc = PermissionError(text)
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"):
         code, remedy = errno.EACCES, (
             "no credentials were found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or a "
@@ -83,7 +93,7 @@ def translate(exc: BaseException, action: str, url: str, attempts: int = 1) -> S
         code, remedy = errno.ENOENT, f"the bucket {bucket!r} does not exist: create it, or fix the URL"
     elif isinstance(exc, FileNotFoundError):
         code, remedy = errno.ENOENT, "it does not exist"
-    elif isinstance(exc, FileExistsError):
+    elif isinstance(exc, FileExistsError) or "PreconditionFailed" in text:
         code, remedy = errno.EEXIST, "it exists already"
     elif is_transient(exc):
         code, remedy = errno.EIO, (
@@ -95,6 +105,13 @@ def translate(exc: BaseException, action: str, url: str, attempts: int = 1) -> S
     err = StorageError(f"could not {action} {url!r}: {name}: {text}; {remedy}")
     err.errno = code
     return err
+
+
+def _code(exc: BaseException) -> str | None:
+    """The error code of a botocore ClientError (``"NoSuchBucket"``, ``"404"``...), else None."""
+    response = getattr(exc, "response", None)
+    error = response.get("Error") if isinstance(response, dict) else None
+    return str(error.get("Code")) if isinstance(error, dict) and error.get("Code") is not None else None
 
 
 def bucket_of(url: str) -> str:

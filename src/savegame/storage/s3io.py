@@ -1,11 +1,12 @@
-"""Bulk transfers to and from S3: multipart uploads with parts in parallel, ranged reads in parallel.
+"""Bulk transfers to and from S3: multipart uploads with parts in parallel, streamed ranged reads.
 
-Both run through s3fs's own asynchronous client (its event loop, its credentials), from a
-small thread pool, so several parts are on the wire at once. An upload holds at most
+Both run through a botocore client with s3fs's settings (:class:`S3Client`), from a small
+thread pool, so several parts are on the wire at once. An upload holds at most
 ``PARALLEL + 1`` parts in memory (one being filled, the rest in flight): the tensor bytes go
 from the staging buffers into a part and onto the network, never into a whole-file copy.
 The object appears only when the upload completes (S3 commits a multipart upload atomically),
 and with ``If-None-Match: *`` where the store supports it, so it never replaces another object.
+A file is read back as one ranged GET streamed into the caller's buffer (see :class:`RangedFile`).
 """
 
 from __future__ import annotations
@@ -18,94 +19,177 @@ from typing import Any
 from savegame.storage.retry import retried
 
 PART = 16 << 20  # 10,000 parts (S3's limit) of 16 MB: tensor files up to 160 GB (shards are 1 GB by default)
+CHUNK = 8 << 20  # bytes taken from a download stream at a time
 PARALLEL = 8
 
 
 class S3Client:
-    """Calls of s3fs's asynchronous client from any thread, with retries and translated errors."""
+    """Calls of a botocore S3 client from any thread, with retries and translated errors.
+
+    The client is built from the s3fs file system's own settings (credentials, endpoint,
+    profile, client and config options), so it reaches the same store as s3fs does. Bulk
+    transfers go through it rather than s3fs's asynchronous client: on the same server,
+    botocore (urllib3) moved a 128 MB object 2x faster up and 4x faster down than
+    aiobotocore (aiohttp) did (see BENCHMARKS.md).
+    """
 
     def __init__(self, fs: Any, url_of: Callable[[str], str]) -> None:
         self.fs, self.url_of = fs, url_of
         self.pool = ThreadPoolExecutor(max_workers=PARALLEL, thread_name_prefix="savegame-s3")
-        self.conditional = True  # If-None-Match on new objects, until the store says it does not support it
+        self.conditional = True  # If-None-Match on new objects (S3 and moto refuse to replace then)
+        self.slots = threading.BoundedSemaphore(PARALLEL)
+        self.buffers = BufferPool()
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    @property
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                self._client = sync_client(self.fs)
+            return self._client
 
     def call(self, method: str, action: str, path: str, **kwargs: Any) -> Any:
-        from fsspec.asyn import sync
-        return retried(lambda: sync(self.fs.loop, self.fs._call_s3, method, **kwargs), action, self.url_of(path))
+        return retried(lambda: getattr(self.client, method)(**kwargs), action, self.url_of(path))
 
     def where(self, path: str) -> tuple[str, str]:
         bucket, key, _ = self.fs.split_path(path)
         return bucket, key
 
-    def put_new(self, path: str, data: bytes) -> None:
+    def abort_uploads(self, prefix: str) -> list[str]:
+        """Abort the unfinished multipart uploads under ``prefix/`` (a killed writer's); return their keys."""
+        bucket, key = self.where(prefix)
+        reply = self.call("list_multipart_uploads", "list the unfinished uploads of", prefix, Bucket=bucket,
+                          Prefix=f"{key}/")
+        aborted = []
+        for upload in reply.get("Uploads", ()):
+            self.call("abort_multipart_upload", "abort the upload of", prefix, Bucket=bucket, Key=upload["Key"],
+                      UploadId=upload["UploadId"])
+            aborted.append(str(upload["Key"]))
+        return aborted
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` is an object or a prefix of some (``path/...``): one listing request."""
+        bucket, key = self.where(path)
+        reply = self.call("list_objects_v2", "look for", path, Bucket=bucket, Prefix=key, Delimiter="/")
+        return any(o["Key"] == key for o in reply.get("Contents", ())) or \
+            any(p["Prefix"] == key + "/" for p in reply.get("CommonPrefixes", ()))
+
+    def put_new(self, path: str, data: bytes | bytearray) -> None:
         """Create ``path`` holding ``data``; refused (FileExistsError inside a StorageError) if it exists."""
         bucket, key = self.where(path)
         extra = {"IfNoneMatch": "*"} if self.conditional else {}
         self.call("put_object", "create", path, Bucket=bucket, Key=key, Body=data, **extra)
 
-    def read_range(self, path: str, start: int, end: int) -> bytes:
-        from fsspec.asyn import sync
-        data = retried(lambda: sync(self.fs.loop, self.fs._cat_file, path, start=start, end=end), "read",
-                       self.url_of(path))
-        return bytes(data)
 
-    def read_into(self, path: str, start: int, view: memoryview) -> None:
-        """Fill ``view`` with the bytes of ``path`` from ``start``, in ranged reads of PART bytes in parallel."""
-        def piece(lo: int) -> None:
-            hi = min(lo + PART, view.nbytes)
-            data = self.read_range(path, start + lo, start + hi)
-            if len(data) != hi - lo:
-                raise EOFError(f"{self.url_of(path)}: {len(data)} bytes at offset {start + lo}, {hi - lo} expected")
-            view[lo:hi] = data
-        for future in [self.pool.submit(piece, lo) for lo in range(0, view.nbytes, PART)]:
-            future.result()
+class BufferPool:
+    """Part buffers of PART bytes, reused: a new one only when every earlier one is in use."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        with self._lock:
+            return self._free.pop() if self._free else bytearray(PART)
+
+    def give(self, buffer: bytearray | bytes) -> None:
+        if isinstance(buffer, bytearray) and len(buffer) == PART:
+            with self._lock:
+                self._free.append(buffer)
+
+
+_LOADER: list[Any] = []
+_LOADER_LOCK = threading.Lock()
+
+
+def sync_client(fs: Any) -> Any:
+    """A botocore S3 client with the settings of the s3fs file system ``fs``."""
+    import botocore.session
+    from botocore import UNSIGNED
+    from botocore.config import Config
+    session = botocore.session.Session(**getattr(fs, "kwargs", {}))
+    with _LOADER_LOCK:  # the service models are read once per process (0.1 s each time otherwise)
+        if not _LOADER:
+            _LOADER.append(session.get_component("data_loader"))
+        session.register_component("data_loader", _LOADER[0])
+    init = {"aws_access_key_id": fs.key, "aws_secret_access_key": fs.secret, "aws_session_token": fs.token,
+            "endpoint_url": fs.endpoint_url}
+    init = {k: v for k, v in init.items() if v}
+    config = {"max_pool_connections": 2 * PARALLEL, **fs.config_kwargs}
+    if fs.anon:
+        init = {k: v for k, v in init.items() if k == "endpoint_url"}
+        config["signature_version"] = UNSIGNED
+    return session.create_client("s3", config=Config(**config), **{**init, **fs.client_kwargs})
 
 
 class MultipartWrite:
-    """A new S3 object written in parts, several at once; it exists only after ``close()``."""
+    """A new S3 object written in parts, several at once; it exists only after ``close()``.
+
+    Parts are filled in buffers the client reuses (their pages are touched once per process, not
+    once per save) and uploaded from them; at most PARALLEL parts per client are in flight.
+    """
 
     def __init__(self, client: S3Client, path: str) -> None:
         self._client, self._path = client, path
         self._bucket, self._key = client.where(path)
-        self._buffer = bytearray()
+        self._buffer: bytearray | None = None
+        self._fill = 0
         self._upload: str | None = None
         self._parts: list[Future[str]] = []
-        self._slots = threading.BoundedSemaphore(PARALLEL)
 
     def write(self, data: memoryview) -> None:
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
         while view.nbytes:
-            take = min(PART - len(self._buffer), view.nbytes)
-            self._buffer += view[:take]
+            if self._buffer is None:
+                self._buffer, self._fill = self._client.buffers.take(), 0
+            take = min(PART - self._fill, view.nbytes)
+            self._buffer[self._fill:self._fill + take] = view[:take]
+            self._fill += take
             view = view[take:]
-            if len(self._buffer) == PART:
-                self._send(bytes(self._buffer))
-                self._buffer.clear()
+            if self._fill == PART:
+                part, self._buffer = self._buffer, None
+                self._send(part)
 
-    def _send(self, part: bytes) -> None:
+    def _send(self, part: bytearray | bytes) -> None:
         if self._upload is None:
             reply = self._client.call("create_multipart_upload", "start an upload of", self._path,
                                       Bucket=self._bucket, Key=self._key)
             self._upload = str(reply["UploadId"])
         number = len(self._parts) + 1
-        self._slots.acquire()  # at most PARALLEL parts in flight: memory stays bounded
+        self._client.slots.acquire()  # at most PARALLEL parts in flight: memory stays bounded
+        failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
+        if failed is not None:  # stop at the first failed part: the upload cannot complete
+            self._client.slots.release()
+            self._client.buffers.give(part)
+            failed.result()
         self._parts.append(self._client.pool.submit(self._upload_part, number, part))
 
-    def _upload_part(self, number: int, part: bytes) -> str:
+    def _upload_part(self, number: int, part: bytearray | bytes) -> str:
         try:
             reply = self._client.call("upload_part", "upload a part of", self._path, Bucket=self._bucket,
                                       Key=self._key, UploadId=self._upload, PartNumber=number, Body=part)
             return str(reply["ETag"])
         finally:
-            self._slots.release()
+            self._client.slots.release()
+            self._client.buffers.give(part)
+
+    def _rest(self) -> bytes:
+        """The bytes of the part being filled (a copy: the buffer goes back to the pool)."""
+        buffer, self._buffer = self._buffer, None
+        if buffer is None:
+            return b""
+        rest = bytes(memoryview(buffer)[:self._fill])
+        self._client.buffers.give(buffer)
+        return rest
 
     def close(self) -> None:
         if self._upload is None:  # small: one request
-            self._client.put_new(self._path, bytes(self._buffer))
+            self._client.put_new(self._path, self._rest())
             return
         try:
-            if self._buffer:
-                self._send(bytes(self._buffer))
+            if self._fill and self._buffer is not None:
+                self._send(self._rest())
             tags = [future.result() for future in self._parts]
             parts = [{"PartNumber": k + 1, "ETag": tag} for k, tag in enumerate(tags)]
             extra = {"IfNoneMatch": "*"} if self._client.conditional else {}
@@ -117,6 +201,7 @@ class MultipartWrite:
             raise
 
     def abort(self) -> None:
+        self._rest()
         for future in self._parts:
             future.cancel()
         if self._upload is None:
@@ -130,26 +215,63 @@ class MultipartWrite:
 
 
 class RangedFile:
-    """A read-only file over an object: small reads are one ranged GET each, big ``readinto`` are parallel."""
+    """A read-only file over an object, read as one ranged GET streamed from the current position.
+
+    Reading on from where the last read stopped continues the same response, so reading a tensor
+    file (its header, then its whole data section straight into the caller's buffer) costs one
+    request; a seek elsewhere starts a new ranged GET there. A transient failure mid-stream is
+    retried from the byte it stopped at.
+    """
 
     def __init__(self, client: S3Client, path: str, size: int) -> None:
         self._client, self._path, self._size, self._pos = client, path, size, 0
+        self._body: Any = None
+        self._body_pos = -1
+
+    def _next(self, n: int, into: memoryview | None = None) -> Any:
+        """Up to ``n`` bytes at the current position (fewer only at the end of the object): returned,
+        or, with ``into``, read straight into it from the socket and counted."""
+        def attempt() -> bytes | int:
+            if self._body is None or self._body_pos != self._pos:
+                self._drop()
+                bucket, key = self._client.where(self._path)
+                reply = self._client.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={self._pos}-")
+                self._body, self._body_pos = reply["Body"], self._pos
+            raw: Any = getattr(self._body, "_raw_stream", None)  # urllib3's response: it reads into a buffer
+            try:
+                if into is not None and hasattr(raw, "readinto"):
+                    got: bytes | int = int(raw.readinto(into[:n]))
+                else:
+                    got = bytes(self._body.read(n))
+                    if into is not None:
+                        into[:len(got)] = got
+            except BaseException:
+                self._drop()
+                raise
+            size = got if isinstance(got, int) else len(got)
+            if into is not None and size == 0 and self._body_pos < self._size:
+                self._drop()  # the response ended early: a broken connection, retried from here
+                raise ConnectionError(f"the response ended at byte {self._body_pos} of {self._size}")
+            self._body_pos += size
+            return got
+        got = retried(attempt, "read", self._client.url_of(self._path))
+        self._pos += got if isinstance(got, int) else len(got)
+        return got
 
     def read(self, n: int = -1) -> bytes:
-        end = self._size if n is None or n < 0 else min(self._size, self._pos + n)
-        if end <= self._pos:
-            return b""
-        data = self._client.read_range(self._path, self._pos, end)
-        self._pos += len(data)
-        return data
+        want = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
+        parts = []
+        while want > 0 and (data := self._next(min(want, CHUNK))):
+            parts.append(data)
+            want -= len(data)
+        return b"".join(parts)
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        count = max(0, min(view.nbytes, self._size - self._pos))
-        if count:
-            self._client.read_into(self._path, self._pos, view[:count])
-        self._pos += count
-        return count
+        count, done = max(0, min(view.nbytes, self._size - self._pos)), 0
+        while done < count and (got := self._next(min(count - done, CHUNK), view[done:])):
+            done += got if isinstance(got, int) else len(got)
+        return done
 
     def seek(self, offset: int, whence: int = 0) -> int:
         self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
@@ -158,8 +280,16 @@ class RangedFile:
     def tell(self) -> int:
         return self._pos
 
+    def _drop(self) -> None:
+        body, self._body = self._body, None
+        if body is not None:
+            try:
+                body.close()
+            except Exception:  # the response is abandoned either way
+                pass
+
     def close(self) -> None:
-        pass
+        self._drop()
 
     def __enter__(self) -> RangedFile:
         return self

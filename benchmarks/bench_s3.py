@@ -1,0 +1,117 @@
+"""S3 benchmark: savegame against plain boto3 on the same local S3 server (moto), in the same run.
+
+For each state size it reports, as medians over the repetitions (each after one untimed save, as in a
+run that saves often):
+- savegame's time to durable (``save()`` then ``wait()``) against boto3's ``put_object`` and
+  ``upload_fileobj`` (multipart, 10 threads) of the same bytes; the ratio is throughput against
+  the best of the two (target >= 0.9);
+- the time ``save()`` blocks the caller against ``torch.save`` of the same state to local disk
+  (target <= 0.1);
+- the time to restore into the live tensors against one plain ``get_object`` read of the bytes
+  (target >= 0.9 in throughput).
+Every object is deleted after its measurement, so the server holds one copy at a time.
+
+    python benchmarks/bench_s3.py            # 256 MB and 1 GB (make bench)
+    python benchmarks/bench_s3.py --small    # 32 MB, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.integration.s3server: the same moto fixture the tests use
+
+import savegame  # noqa: E402
+from tests.integration.s3server import aws_environment, moto_server  # noqa: E402
+
+BUCKET = "bench-savegame"
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def empty_bucket(s3: Any) -> None:
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+    for page in pages:
+        keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+        if keys:
+            s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys})
+
+
+def one_round(s3: Any, nbytes: int, rep: int) -> dict[str, float]:
+    module = torch.nn.Module()
+    module.register_buffer("w", torch.randn(nbytes // 4))
+    state = {"model": module}
+    data = module.w.numpy().tobytes()
+    out: dict[str, float] = {}
+    url = f"s3://{BUCKET}/run-{rep}"
+    with savegame.Checkpointer(url, state=state) as ckpt:
+        ckpt.save(0)  # warm: staging buffers allocated, the client connected, as in a run that saves often
+        ckpt.wait()
+        start = time.perf_counter()
+        ckpt.save(1)
+        out["save_blocked"] = time.perf_counter() - start
+        ckpt.wait()
+        out["savegame_durable"] = time.perf_counter() - start
+        module.w.zero_()
+        out["savegame_restore"] = timed(ckpt.restore)  # every byte verified against its checksum
+    assert module.w.numpy().tobytes()[:64] == data[:64]
+    empty_bucket(s3)
+    out["put_object"] = timed(lambda: s3.put_object(Bucket=BUCKET, Key="plain", Body=data))
+    out["get_object"] = timed(lambda: s3.get_object(Bucket=BUCKET, Key="plain")["Body"].read())
+    empty_bucket(s3)
+    out["upload_fileobj"] = timed(lambda: s3.upload_fileobj(io.BytesIO(data), BUCKET, "plain"))
+    empty_bucket(s3)
+    with tempfile.TemporaryDirectory() as tmp:
+        target = Path(tmp) / "state.pt"
+        out["torch_save_local"] = timed(lambda: torch.save(module.state_dict(), target))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="one 32 MB state: a quick check")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args()
+    sizes = [32 << 20] if args.small else [256 << 20, 1 << 30]
+    reps = args.reps or (2 if args.small else 3)
+    import boto3
+    results: dict[str, Any] = {}
+    with moto_server() as endpoint, aws_environment(endpoint):
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket=BUCKET)
+        for nbytes in sizes:
+            rounds = [one_round(s3, nbytes, rep) for rep in range(reps)]
+            med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+            best_upload = min(med["put_object"], med["upload_fileobj"])
+            row = {
+                **{k: round(v, 3) for k, v in med.items()},
+                "MB": nbytes >> 20,
+                "throughput_vs_best_boto3": round(best_upload / med["savegame_durable"], 2),
+                "blocked_vs_torch_save": round(med["save_blocked"] / med["torch_save_local"], 3),
+                "restore_vs_get_object": round(med["get_object"] / med["savegame_restore"], 2),
+            }
+            results[f"{nbytes >> 20}MB"] = row
+            print(json.dumps({f"{nbytes >> 20}MB": row}), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
