@@ -74,7 +74,7 @@ def test_the_guides_examples_run_as_written_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     blocks = guide_blocks()
-    assert len(blocks) == 5, "the guide's examples changed: run the new ones here too"
+    assert len(blocks) == 6, "the guide's examples changed: run the new ones here too"
     scopes = []
     for i, block in enumerate(blocks):
         scope = training_scope()
@@ -91,4 +91,10 @@ def test_the_guides_examples_run_as_written_in_order(tmp_path, monkeypatch):
     assert scopes[2]["weights"]["weight"].equal(best["state"]["model"]["weight"])
     assert scopes[2]["model"].weight.equal(best["state"]["model"]["weight"])  # the fine-tuning example's only=
     assert [c.step for c in savegame.list_checkpoints("runs/exp2")] == [4, 8]
+    incremental = scopes[4]["ckpt"]  # the incremental example opens a Checkpointer; it saves like any other
+    incremental.save(1)
+    incremental.save(2)
+    incremental.close()
+    assert [c.step for c in savegame.list_checkpoints("runs/ft")] == [1, 2]
+    assert len(list((tmp_path / "runs/ft/data").iterdir())) >= 1  # its tensor data lives in the run's packs
     assert [c.step for c in savegame.list_checkpoints("runs/exp3")] == [4, 8]
