@@ -251,6 +251,49 @@ def golden(run_dir: str) -> None:
     dist.destroy_process_group()
 
 
+class Counter:
+    """A state the user marks per rank; it has no rule to be re-split for another number of ranks."""
+
+    def __init__(self, value: int) -> None:
+        self.value = value
+
+    def state_dict(self) -> dict[str, int]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.value = state["value"]
+
+
+def per_rank(run_dir: str) -> None:
+    """2 ranks save a per-rank Counter (rank * 10 + 7); then 1 rank restores, exactly (refused) and approximately."""
+    rank, world = init()
+    net = torch.nn.parallel.DistributedDataParallel(model())
+    if world == 2:
+        ckpt = savegame.Checkpointer(run_dir, {"model": net, "counter": Counter(rank * 10 + 7)}, per_rank=["counter"],
+                                     collective_timeout=20)
+        ckpt.save(1)
+        ckpt.close()
+        print(json.dumps({"rank": rank}), flush=True)
+        return
+    counter = Counter(-1)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.zero_()
+    ckpt = savegame.Checkpointer(run_dir, {"model": net, "counter": counter}, per_rank=["counter"],
+                                 collective_timeout=20)
+    try:
+        ckpt.restore()
+        refused = None
+    except savegame.errors.IncompatibleStateError as exc:
+        refused = str(exc)
+    untouched = all(not p.any() for p in net.parameters())
+    info = ckpt.restore(resplit="approximate")
+    ckpt.close()
+    print(json.dumps({"refused": refused, "untouched": untouched, "step": info.step if info else None,
+                      "counter": counter.value, "loaded": any(p.any() for p in net.parameters())}), flush=True)
+    dist.destroy_process_group()
+
+
 if __name__ == "__main__":
     scenario, *rest = sys.argv[1:]
     if scenario == "ddp":
@@ -261,6 +304,8 @@ if __name__ == "__main__":
         die_mid_save(rest[0])
     elif scenario == "signal":
         signal_stop(rest[0])
+    elif scenario == "per_rank":
+        per_rank(rest[0])
     elif scenario == "golden":
         golden(rest[0])
     elif scenario == "nccl":

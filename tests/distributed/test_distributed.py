@@ -113,6 +113,15 @@ def test_a_signal_on_one_rank_stops_every_rank_after_one_save(tmp_path):
     assert _listed(run) == ["step-0000000005"]
 
 
+def test_a_per_rank_state_without_a_resplit_rule_is_refused_then_taken_approximately(tmp_path):
+    run = str(tmp_path / "run")
+    launch.run(WORKER, 2, "per_rank", run)
+    (res,) = launch.results(launch.run(WORKER, 1, "per_rank", run))
+    assert res["refused"] and "resplit='approximate'" in res["refused"] and "'counter'" in res["refused"]
+    assert res["untouched"], "a refused restore leaves the model as it was"
+    assert res["step"] == 1 and res["counter"] == 7 and res["loaded"]  # new rank 0 takes old rank 0 % 2's state
+
+
 @pytest.mark.cuda
 def test_one_rank_nccl_job_on_a_gpu_saves_and_restores_exactly(tmp_path):
     res = launch.results(launch.run(WORKER, 1, "nccl", str(tmp_path / "run"), timeout=180))
