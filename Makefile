@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --out BENCHMARKS.results.json
 	$(PY) benchmarks/bench_training_loop.py --out BENCHMARKS.loop.json
 	$(PY) benchmarks/bench_run_length.py --out BENCHMARKS.runlength.json
+	$(PY) benchmarks/bench_incremental.py --out BENCHMARKS.incremental.json
 	$(PY) benchmarks/bench_fsdp.py --out BENCHMARKS.fsdp.json
 	$(PY) benchmarks/bench_s3.py --out BENCHMARKS.s3.json
 
@@ -37,6 +38,7 @@ bench-small: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --small
 	$(PY) benchmarks/bench_training_loop.py --small
 	$(PY) benchmarks/bench_run_length.py --small
+	$(PY) benchmarks/bench_incremental.py --small
 	$(PY) benchmarks/bench_fsdp.py --small
 	$(PY) benchmarks/bench_s3.py --small
 

@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from savegame.distributed.job import Job
 from savegame.distributed.job import active as job_active
 from savegame.distributed.ranks import per_rank_names
 from savegame.engine import capture, reader, todevice
+from savegame.engine.dedup import Dedup
 from savegame.engine.finite import refuse_non_finite_metrics, refuse_non_finite_state
 from savegame.engine.keys import KeyReport
 from savegame.engine.writer import (
@@ -31,6 +32,7 @@ from savegame.errors import (
     ConfigurationError,
     CorruptCheckpointError,
     SavegameError,
+    StorageError,
 )
 from savegame.format import codec
 from savegame.format import names as n
@@ -42,7 +44,8 @@ from savegame.run.directory import CheckpointInfo, RunDir
 from savegame.run.lease import WriterLock, writer_lock
 from savegame.run.schedule import SaveSchedule
 from savegame.run.selection import Which
-from savegame.run.tracking import Pending, RunTracker
+from savegame.run.store import ContentStore
+from savegame.run.tracking import Pending, RunTracker, sized
 from savegame.storage.base import Storage
 from savegame.storage.urls import open_storage
 
@@ -103,6 +106,7 @@ class Checkpointer:
         fresh: bool = False,
         per_rank: Sequence[str] = (),
         collective_timeout: float = 300.0,
+        incremental: bool = False,
     ) -> None:
         self._closed = True  # until construction completes
         self._opts = Options(
@@ -110,7 +114,7 @@ class Checkpointer:
             early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
             every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
             shard_bytes=shard_bytes, storage=storage, fresh=fresh, per_rank=per_rank,
-            collective_timeout=collective_timeout)
+            collective_timeout=collective_timeout, incremental=incremental)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
         self._job = Job(self._opts.collective_timeout) if job_active() else None
@@ -141,6 +145,7 @@ class Checkpointer:
             if leftovers:
                 log.info("removed %d leftover(s) of interrupted saves in %s: %s", len(leftovers), self.path,
                          leftovers)
+            self._reclaim()
             if self._opts.fresh:
                 fresh_start.move_run_aside(self._run)
         except BaseException:
@@ -159,6 +164,9 @@ class Checkpointer:
         self._watched = guards.monitored(opts.modes, opts.early_stopping)
         self._continues = opts.fresh  # False until restore() (or fresh=True): guards a new run mixed into an old one
         self._resumed: tuple[int, str] | None = None  # (step, name) restored from this run directory
+        self._store = ContentStore(self._storage)
+        self._dedup = Dedup() if opts.incremental else None
+        self._seeded = False  # whether the content index was taken from the run's newest checkpoint
 
     # -- saving -----------------------------------------------------------------------------
     def save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
@@ -179,12 +187,16 @@ class Checkpointer:
         guards.check_monitored(clean, self._watched)
         guards.check_step(step, self._resumed)
         if self._job is not None:
-            return self._save_in_job(self._job, step, epoch, clean, extra, pin)
+            from savegame.distributed import session
+            return session.save(self, self._job, step, epoch, clean, extra, pin)
         self._wait()
         if not self._continues:
             guards.check_new_run(self._run.names(), self.path)
         started = time.monotonic()
         pending, prepared = self._prepare(step, epoch, clean, extra, pin)
+        if self._dedup is not None:
+            self._seed()
+            prepared.reuse = self._dedup.apply(prepared.plan, self._opts.shard_bytes, self._storage.size)
         shards = snapshot(prepared, self._staging)
         self._tracker.accept(pending)  # accepted: from here on only the write can fail
         self._continues = True
@@ -194,19 +206,45 @@ class Checkpointer:
         def job() -> None:
             try:
                 self._tracker.settle_line(pending)
-                write_checkpoint(self._storage, pending.info.name, prepared, shards, self._run.commit)
+                body = write_checkpoint(self._storage, pending.info.name, prepared, shards, self._run.commit)
             except BaseException:
                 self._tracker.rollback()
+                if self._dedup is not None:
+                    self._dedup.forget()
                 raise
             log.info("saved checkpoint %s (%d bytes, durable %.2f s after save())", where, prepared.nbytes,
                      time.monotonic() - started)
-            self._tracker.committed(_sized(pending, prepared.nbytes))
+            if self._dedup is not None:
+                self._dedup.committed(body)
+            self._store.remember(pending.info.name, body[n.M_FILES])
+            self._tracker.committed(sized(pending, prepared.nbytes))
+            self._reclaim()
 
         if self._opts.async_save:
             self._writer.submit(job)
         else:
             job()
         return os.path.join(self.path, pending.info.name)
+
+    def _seed(self) -> None:
+        """Once: take the content index of the run's newest readable checkpoint (a resumed run references
+        what it already stored)."""
+        if self._seeded or self._dedup is None:
+            return
+        self._seeded = True
+        for name in self._run.newest_first():
+            try:
+                self._dedup.seed(reader.read_manifest(self._storage, name))
+                return
+            except CorruptCheckpointError:
+                continue
+
+    def _reclaim(self) -> None:
+        """Sweep the content store (see :mod:`savegame.run.store`); a failure is logged, the next sweep retries."""
+        try:
+            self._store.sweep()
+        except StorageError as exc:
+            log.warning("the content store of %s could not be swept (%s); the next save retries", self.path, exc)
 
     def _prepare(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
                  pin: bool) -> tuple[Pending, Prepared]:
@@ -231,52 +269,6 @@ class Checkpointer:
         if self._opts.nan_policy == "refuse":
             refuse_non_finite_state(tree[n.TREE_STATE])
         return tree
-
-    def _save_in_job(self, job: Job, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
-                     pin: bool) -> str:
-        """save() in a distributed job: rank 0 names and tracks, every rank writes its share (module
-        :mod:`savegame.distributed.save`). Any rank's refusal is every rank's."""
-        from savegame.distributed import save as job_save
-        started = time.monotonic()
-
-        def local() -> tuple[Pending | None, job_save.Share, dict[str, Any] | None]:
-            self._wait()  # a failed previous save surfaces here, on every rank (the write is collective)
-            if not job.leader:
-                return None, job_save.share_of(self._capture(None), self._per_rank, job.rank), None
-            if not self._continues:
-                guards.check_new_run(self._run.names(), self.path)
-            pending, meta = self._propose(step, epoch, metrics, extra, pin)
-            return pending, job_save.share_of(self._capture(pending.run_state), self._per_rank, job.rank), meta
-
-        (pending, share, meta), names = job.agree(local, job.fg, f"save(step={step})",
-                                                  public=lambda r: r[0].info.name if r[0] else None)
-        snap = job_save.snapshot(share, self._staging) if self._opts.async_save else share
-        if pending is not None:
-            self._tracker.accept(pending)
-        self._job_stop = job.from_leader(lambda: self._tracker.should_stop, job.fg, "early stopping")
-        self._continues = True
-        self._schedule.saved(step)
-        lead = job_save.Leader(names[0], meta, self._run.commit) if pending is not None and meta else None
-
-        def write() -> None:
-            try:
-                if pending is not None:
-                    self._tracker.settle_line(pending)
-                job_save.write(job, self._storage, snap, lead)
-            except BaseException:
-                if pending is not None:
-                    self._tracker.rollback()
-                raise
-            if pending is not None:
-                log.info("saved checkpoint %s of %d ranks (durable %.2f s after save())", names[0], job.world_size,
-                         time.monotonic() - started)
-                self._tracker.committed(_sized(pending, snap.nbytes))
-
-        if self._opts.async_save:
-            self._writer.submit(write)
-        else:
-            write()
-        return os.path.join(self.path, names[0])
 
     def maybe_save(self, step: int, *, epoch: int | None = None, metrics: Mapping[str, Any] | None = None,
                    extra: Any = None) -> str | None:
@@ -372,7 +364,8 @@ class Checkpointer:
                 "model with map_location=None and assign=True")
         objects = guards.only_objects(self._objects, only)
         if self._job is not None:
-            return self._restore_in_job(self._job, which, objects, strict=strict, verify=verify, assign=assign,
+            from savegame.distributed import session
+            return session.restore(self, self._job, which, objects, strict=strict, verify=verify, assign=assign,
                                         only=only, resplit=resplit)
         self._wait()
         candidates = listing.candidates(which, self._run, self._tracker)
@@ -401,64 +394,6 @@ class Checkpointer:
                 continue
             return self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
-
-    def _restore_in_job(self, job: Job, which: Which, objects: Mapping[str, Any], *, strict: bool, verify: bool,
-                        assign: bool, only: Sequence[str] | None, resplit: str) -> RestoreInfo | None:
-        """restore() in a distributed job: every rank the same checkpoint, or every rank falls back together
-        (module :mod:`savegame.distributed.restore`)."""
-        from savegame.distributed import restore as job_restore
-        job.agree(self._wait, job.fg, "finishing the previous save")
-        found = job.from_leader(lambda: [(st.root, name, st is self._storage) for st, name in
-                                         listing.candidates(which, self._run, self._tracker)],
-                                job.fg, f"restore({which!r})")
-        if not found:
-            if which in (None, "latest"):
-                log.info("no checkpoint in %s: starting from scratch", os.path.abspath(self.path))
-                self._continues = True
-                return None
-            raise listing.not_found(which, self.path)
-        for root, name, own in found:
-            storage = self._storage if own else open_storage(root, None)
-
-            def manifest() -> dict[str, Any]:
-                if own:
-                    self._run.info(name)
-                doc = reader.read_manifest(storage, name)
-                if only is None and job.leader:
-                    self._check_early_stopping(doc)
-                return doc
-
-            ok, doc = job_restore.step(job, manifest, f"checkpoint {name}")
-            if not ok:
-                continue
-            ok, planned = job_restore.step(
-                job, lambda: job_restore.plan(job, storage, name, doc, objects, verify=verify), f"reading {name}")
-            if not ok:
-                continue
-            ok, _ = job_restore.step(job, lambda: job_restore.load(job, storage, name, planned, verify=verify),
-                                     f"reading {name}")
-            if not ok:
-                continue
-            ok, loaded = job_restore.step(job, lambda: job_restore.finish(job, planned), f"checking {name}")
-            if not ok:
-                continue
-            info, _ = job.agree(lambda: self._apply_in_job(job, storage, name, loaded, strict=strict,
-                                                           assign=assign, only=only, resplit=resplit),
-                                job.fg, f"restoring {name}")
-            return info
-        raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged for some rank; "
-                                     "see the warnings above")
-
-    def _apply_in_job(self, job: Job, storage: Storage, name: str, loaded: Any, *, strict: bool, assign: bool,
-                      only: Sequence[str] | None, resplit: str) -> RestoreInfo:
-        from savegame.distributed import restore as job_restore
-        objects = self._objects
-        if loaded.others is not None:  # another world size: per-rank states are re-split, not loaded as saved
-            objects = {k: v for k, v in objects.items() if k not in self._per_rank}
-        if loaded.others is not None and only is None:  # first: a refused re-split leaves the model as it was
-            job_restore.resplit(self._objects, loaded.others, job, resplit)
-        return self._apply(storage, name, loaded.meta, loaded.tree, strict=strict, assign=assign, only=only,
-                           objects=objects)
 
     def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
                assign: bool, only: Sequence[str] | None = None,
@@ -517,10 +452,6 @@ def _release(lock: WriterLock, schedule: SaveSchedule) -> None:
         schedule.close()
     finally:
         lock.release()
-
-
-def _sized(pending: Pending, nbytes: int) -> Pending:
-    return replace(pending, info=replace(pending.info, bytes=nbytes))
 
 
 def _no_tensor(tensor: torch.Tensor, path: str) -> int:

@@ -45,11 +45,12 @@ class Options:
     fresh: bool = False
     per_rank: Sequence[str] = ()
     collective_timeout: float = 300.0
+    incremental: bool = False
     modes: dict[str, str] = field(init=False)
     signals: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
-        for arg in ("async_save", "verify", "fresh"):
+        for arg in ("async_save", "verify", "fresh", "incremental"):
             check_bool(getattr(self, arg), arg)
         for arg in ("keep_last", "keep_every", "every_steps"):
             value = getattr(self, arg)

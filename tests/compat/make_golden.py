@@ -13,7 +13,27 @@ from savegame.format import names as n
 from savegame.storage import LocalStorage
 from tests.compat.golden import expected_state
 
+def write_v4(out: Path) -> None:
+    """Format v4 (incremental): step 7 writes a pack, step 8 (the same state) references it, writing nothing."""
+    from savegame.engine.dedup import Dedup
+
+    dedup, storage = Dedup(), LocalStorage(out)
+    for step in (7, 8):
+        tree = {n.TREE_STATE: expected_state(), n.TREE_RNG: {}, n.TREE_RUN: {"best": {}, "early_stopping": None}}
+        prepared = prepare(tree, {n.M_STEP: step, n.M_EPOCH: 1, n.M_METRICS: {"loss": 0.25},
+                                  n.M_EXTRA: {"golden": True}, n.M_TIME: 0.0, n.M_PINNED: False})
+        prepared.reuse = dedup.apply(prepared.plan, 1 << 30)
+        dedup.committed(write_checkpoint(storage, f"step-{step:010d}", prepared, snapshot(prepared, None)))
+
+
 if __name__ == "__main__":
+    if sys.argv[1:] == ["v4"]:
+        target = Path(__file__).with_name("data") / "v4"
+        if target.exists():
+            sys.exit(f"{target} exists: golden files are never regenerated")
+        target.mkdir(parents=True)
+        write_v4(target)
+        sys.exit(f"wrote {target}")
     out = Path(__file__).with_name("data") / f"v{n.FORMAT_VERSION}"
     if out.exists():
         sys.exit(f"{out} exists: golden files are never regenerated")

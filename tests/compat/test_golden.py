@@ -58,3 +58,32 @@ def test_every_format_version_has_a_golden_file():
 
     assert sorted(p.name for p in DATA.iterdir() if p.name.startswith("v")) == \
         [f"v{v}" for v in range(1, READABLE_VERSION + 1)]  # v3 (distributed): test_golden_v3.py
+
+
+@pytest.mark.parametrize("step", [7, 8])
+def test_golden_v4_incremental_checkpoints_load_exactly_from_one_shared_pack(step):
+    from savegame.engine.reader import read_manifest
+    from savegame.format import names as n
+    from savegame.storage import LocalStorage
+
+    name = f"step-{step:010d}"
+    tree = savegame.load(DATA / "v4" / name)
+    assert tree["step"] == step and same(dict(tree["state"]), expected_state())
+    doc = read_manifest(LocalStorage(DATA / "v4"), name)
+    assert doc[n.M_VERSION] == 4 and doc[n.M_FILES] == [f"data/{p.name}" for p in (DATA / "v4" / "data").iterdir()]
+
+
+def test_golden_v4_a_flipped_byte_of_the_shared_pack_is_caught_in_both_checkpoints(tmp_path):
+    import shutil
+
+    from savegame.engine import reader
+    from savegame.storage import LocalStorage
+
+    shutil.copytree(DATA / "v4", tmp_path / "v4")
+    storage = LocalStorage(tmp_path / "v4")
+    assert all(reader.verify_checkpoint(storage, f"step-{s:010d}") == [] for s in (7, 8))
+    pack = next((tmp_path / "v4" / "data").iterdir())
+    raw = bytearray(pack.read_bytes())
+    raw[-1] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    assert all(reader.verify_checkpoint(storage, f"step-{s:010d}") for s in (7, 8))

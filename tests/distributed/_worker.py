@@ -181,6 +181,33 @@ def signal_stop(run_dir: str) -> None:
     dist.destroy_process_group()
 
 
+def frozen(run_dir: str, mode: str) -> None:
+    """Incremental saves of a DDP model whose first layer is frozen (512 KiB): ``train`` saves steps 1-3 and
+    prints the head after each; ``read`` restores the newest and prints what it holds."""
+    rank, _ = init()
+    torch.manual_seed(0)
+    body = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.Linear(512, 4))
+    body[0].requires_grad_(False)
+    net = torch.nn.parallel.DistributedDataParallel(body)
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    ckpt = savegame.Checkpointer(run_dir, {"model": net, "optimizer": opt}, incremental=True, keep_last=2,
+                                 collective_timeout=20)
+    info = ckpt.restore()
+    heads = {}
+    if mode == "train":
+        for step in range(1, 4):
+            net(torch.randn(4, 256, generator=torch.Generator().manual_seed(step))).square().mean().backward()
+            opt.step()
+            opt.zero_grad()
+            ckpt.save(step)
+            heads[step] = body[1].weight.flatten().tolist()
+    ckpt.close()
+    print(json.dumps({"rank": rank, "step": info.step if info else None, "heads": heads,
+                      "head": body[1].weight.flatten().tolist(), "frozen": float(body[0].weight.double().sum())}),
+          flush=True)
+    dist.destroy_process_group()
+
+
 def nccl(run_dir: str) -> None:
     """A DDP model on this rank's GPU with an NCCL group: save, change, restore; report exactness."""
     rank, _ = init("nccl")
@@ -240,5 +267,7 @@ if __name__ == "__main__":
         nccl(rest[0])
     elif scenario == "fsdp":
         fsdp(rest[0], rest[1], int(rest[2]))
+    elif scenario == "frozen":
+        frozen(rest[0], rest[1])
     else:
         raise SystemExit(f"unknown scenario {scenario}")

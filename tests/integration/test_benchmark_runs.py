@@ -53,6 +53,15 @@ def test_gpu_check_script_runs_its_logic_on_the_cpu(tmp_path):
     assert "target <= 1.5x" in out.stdout and "target <= 3%" in out.stdout
 
 
+def test_incremental_benchmark_small_run(tmp_path):
+    out_file = tmp_path / "incremental.json"
+    out = run_script("bench_incremental.py", "--small", "--dir", str(tmp_path), "--out", str(out_file))
+    result = json.loads(out_file.read_text())
+    assert result["frozen"]["within_bound"]
+    assert result["frozen"]["five_incremental"] < result["frozen"]["five_plain"]
+    for key in ("full_big", "full_tiny"):
+        assert result[key]["bytes_ratio"] > 0 and result[key]["save_ratio"] > 0
+    assert "| frozen backbone |" in out.stdout
 def test_s3_benchmark_small_run(tmp_path):
     import pytest
     pytest.importorskip("s3fs", reason="the s3 extra is not installed")

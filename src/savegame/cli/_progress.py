@@ -28,6 +28,7 @@ from rich.progress import (
 
 from savegame.cli._output import console
 from savegame.engine import reader
+from savegame.format import names as n
 from savegame.errors import CorruptCheckpointError
 from savegame.storage.base import Storage
 from savegame.storage.local import LocalStorage
@@ -124,7 +125,7 @@ def verify_bytes(storage: Storage, name: str, bar: ByteProgress) -> None:
         problems = reader.verify_checkpoint(storage, name)
     else:
         where = os.path.join(storage.root, name)
-        bar.phase(f"verifying {name}", sum(_size(os.path.join(where, f)) for f in reader.data_files(doc)))
+        bar.phase(f"verifying {name}", sum(_size(n.file_path(where, f)) for f in reader.data_files(doc)))
         problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
     if problems:
         raise CorruptCheckpointError("; ".join(problems))

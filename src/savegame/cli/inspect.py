@@ -62,7 +62,7 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
     states = ckpt["state"] or {}
     tensors = {name: [tensor_row(k, t) for k, t in walk_tensors(value)] for name, value in states.items()}
     rng = ckpt["rng"] or {}
-    files = [{"name": f, "bytes": _size(os.path.join(where, f))} for f in reader.data_files(doc)]
+    files = [{"name": f, "bytes": _size(n.file_path(where, f))} for f in reader.data_files(doc)]
     run = ckpt["run"] or {}
     types = ckpt.get("types") or {}
     return {

@@ -27,6 +27,7 @@ from savegame.cli._progress import ByteProgress, CountingStorage
 from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
 from savegame.run import settings as run_settings
+from savegame.run import store
 from savegame.run.directory import RunDir, info_from_manifest, parse_step
 from savegame.run.lease import writer_lock
 from savegame.run.listing import checkpoint_path
@@ -51,6 +52,8 @@ class Row:
     problems: list[str] = field(default_factory=list)
     seq: int | None = None
     best: Mapping[str, Any] | None = None
+    own: int = 0  # bytes only this checkpoint uses (its directory, and pack entries no other one references)
+    shared: int = 0  # bytes of pack entries other checkpoints use too
 
     def record(self) -> policies.CheckpointRecord:
         when = self.time if self.time is not None else _mtime(self.path)
@@ -60,7 +63,8 @@ class Row:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "path": self.path, "step": self.step, "epoch": self.epoch,
                 "metrics": self.metrics, "time": self.time, "bytes": self.bytes, "pinned": self.pinned,
-                "aliases": self.aliases, "damaged": bool(self.problems), "problems": self.problems}
+                "aliases": self.aliases, "damaged": bool(self.problems), "problems": self.problems,
+                "own_bytes": self.own, "shared_bytes": self.shared}
 
 
 def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | None = None) -> list[Row]:
@@ -74,12 +78,12 @@ def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | 
     """
     counted = progress is not None and not is_url(run_dir)  # object stores: no byte progress
     storage = CountingStorage(run_dir, progress) if counted and progress else open_storage(run_dir)
-    rows = []
+    rows, docs = [], {}
     for name in RunDir(storage).names():
         path = join(run_dir, name)
         row = Row(name, path, parse_step(name) or 0, bytes=checkpoint_bytes(storage, name))
         try:
-            doc = reader.read_manifest(storage, name)
+            doc = docs[name] = reader.read_manifest(storage, name)
             info = info_from_manifest(f"{storage.root}/{name}", name, doc)
             row.epoch, row.metrics, row.time, row.pinned = info.epoch, dict(info.metrics), info.time, info.pinned
             row.seq, row.best = info.seq, info.best
@@ -89,6 +93,11 @@ def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | 
         if row.problems and not storage.exists(name):
             continue
         rows.append(row)
+    shares = store.usage({row.name: docs[row.name] for row in rows if row.name in docs})
+    for row in rows:
+        own, shared = shares.get(row.name, (0, 0))
+        row.own, row.shared = row.bytes + own, shared
+        row.bytes = row.own + row.shared
     label_aliases(rows, RunDir(storage), run_settings.read(storage))
     return rows
 
@@ -170,13 +179,15 @@ def _print_rows(run_dir: str, rows: list[Row]) -> None:
         if not is_url(run_dir):
             print_abandoned(out, run_dir)
         return
-    table = new_table(f"{run_dir}: {len(rows)} checkpoint(s)", "checkpoint", "step", "epoch", "metrics", "size",
-                      "age", "aliases", "status", right=("step", "epoch", "size", "age"))
+    shared = any(row.shared for row in rows)  # incremental checkpoints: what each one alone holds, and shares
+    columns = ("size", "own", "shared") if shared else ("size",)
+    table = new_table(f"{run_dir}: {len(rows)} checkpoint(s)", "checkpoint", "step", "epoch", "metrics", *columns,
+                      "age", "aliases", "status", right=("step", "epoch", *columns, "age"))
     for row in rows:
         status = Text("DAMAGED", style="bold red") if row.problems else Text("pinned" if row.pinned else "")
+        sizes = (human_bytes(row.bytes), human_bytes(row.own), human_bytes(row.shared))[:len(columns)]
         table.add_row(row.name, str(row.step), number(row.epoch) if row.epoch is not None else "",
-                      metrics_text(row.metrics), human_bytes(row.bytes), human_age(row.time),
-                      ", ".join(row.aliases), status)
+                      metrics_text(row.metrics), *sizes, human_age(row.time), ", ".join(row.aliases), status)
     out.print(table)
     for row in rows:
         for problem in row.problems:
@@ -205,7 +216,7 @@ def verify(path: str) -> None:
         if not names:
             raise CliError(f"{path}: no savegame checkpoint in this directory")
     sizes = {name: checkpoint_bytes(storage, name) for name in names}
-    out, bad, gone = console(), 0, 0
+    out, bad, gone, damaged = console(), 0, 0, []
     with ByteProgress() as bar:
         bar.phase("verifying", sum(sizes.values()))
         counting = storage if is_url(storage.root) else CountingStorage(storage.root, bar.advance)
@@ -217,10 +228,14 @@ def verify(path: str) -> None:
                 out.print(f"gone    {name} (deleted while being checked)")
             elif problems:
                 bad += 1
+                damaged += problems
                 out.print(Text(f"DAMAGED {name}: " + "; ".join(problems), style="bold red"))
             else:
                 out.print(f"ok      {name} ({human_bytes(sizes[name])})")
     checked = len(names) - gone
+    for pack, users in store.users_of(storage, names, damaged).items():
+        out.print(Text(f"shared pack {pack} is damaged: used by {len(users)} checkpoint(s): {', '.join(users)}",
+                       style="bold red"))
     if bad:
         out.print(Text(f"{bad} of {checked} checkpoint(s) damaged", style="bold red"))
         click.get_current_context().exit(FINDING)
@@ -319,7 +334,7 @@ def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
         action = Text("delete", style="red") if row.name in doomed else Text("keep", style="green")
         table.add_row(row.name, str(row.step), human_bytes(row.bytes), action, reasons[row.name])
     out.print(table)
-    freed = sum(row.bytes for row in rows if row.name in doomed)
+    freed = sum(row.own for row in rows if row.name in doomed)
     if dry_run:
         out.print(f"would delete {len(doomed)} checkpoint(s), {human_bytes(freed)}; nothing was deleted (dry run)"
                   if doomed else f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
@@ -328,6 +343,12 @@ def _prune(run_dir: str, keep_last: int, dry_run: bool) -> None:
     for row in rows:
         if row.name in doomed:
             run.commit.delete(storage, row.name)
+    if doomed:
+        try:  # the packs only the deleted checkpoints used (the lock is held: no save is in flight)
+            store.ContentStore(storage).sweep()
+        except StorageError as exc:
+            out.print(Text(f"warning: the content store could not be swept ({exc}); the next writer does it",
+                           style="yellow"))
     out.print(f"deleted {len(doomed)} checkpoint(s), freed {human_bytes(freed)}"
               if doomed else f"nothing to prune: all {len(rows)} checkpoint(s) are kept")
     kept = [row.record() for row in rows if row.name not in doomed and not row.problems]

@@ -13,6 +13,7 @@ Non-tensor values never pass through DCP: they live in the manifest's JSON tree.
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import StorageReader, StorageWriter, WriteResult
 from torch.futures import Future
 
+from savegame.engine.dedup import Dedup, Key, Location, digest, worth_keeping
 from savegame.engine.writer import write_tensor_file
 from savegame.errors import CorruptCheckpointError, SavegameError, StorageError
 from savegame.format import checksum, codec, layout
@@ -48,7 +50,7 @@ from savegame.storage.base import Storage
 class Piece:
     """Where one written chunk lies: file (= rank), dtype, chunk shape, byte range, checksums."""
 
-    file: int
+    file: str  # the rank's tensor file, or (incremental) a pack of the content store
     dtype: str
     shape: list[int]
     start: int
@@ -66,9 +68,12 @@ class SavegameWriter(StorageWriter):
     """Writes this rank's share of a save into ``tmp``; on rank 0, ``finish`` builds the manifest and commits."""
 
     def __init__(self, storage: Storage, tmp: str, rank: int,
-                 finish: Callable[[Metadata, list[list[WriteResult]]], None] | None) -> None:
+                 finish: Callable[[Metadata, list[list[WriteResult]]], None] | None,
+                 dedup: Dedup | None = None) -> None:
         super().__init__()
         self.storage, self.tmp, self.rank, self._finish = storage, tmp, rank, finish
+        self.dedup = dedup  # incremental: pieces whose content an earlier save of this rank stored are referenced
+        self.written: list[tuple[Key, Location]] = []  # this rank's pieces, for the index of the next save
 
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         pass
@@ -95,21 +100,40 @@ class SavegameWriter(StorageWriter):
                                     "its JSON manifest, never through torch.distributed.checkpoint")
             data = planner.resolve_data(item)
             assert isinstance(data, torch.Tensor)
-            items.append((item, data.detach().contiguous()))
-        tensor_plan = layout.TensorPlan()
-        offset = 0
-        for _, tensor in items:
-            e = tensor_plan.add(tensor, tensor.dtype, tuple(tensor.shape))
-            tensor_plan.start.append(offset)
-            tensor_plan.shard.append(0)
-            offset += tensor_plan.sizes[e]
-        tensor_plan.files = [list(range(len(items)))]
+            items.append((item, data.detach().contiguous().cpu()))
+        if self.dedup is not None:
+            return self._write_packed(items, self.dedup)
+        tensor_plan = _one_file([t for _, t in items])
         sums: list[checksum.Value] = [0] * len(items)
-        header = write_tensor_file(self.storage, f"{self.tmp}/{n.tensor_file(self.rank)}", tensor_plan, 0, None, sums)
+        file = n.tensor_file(self.rank)
+        header = write_tensor_file(self.storage, f"{self.tmp}/{file}", tensor_plan, 0, None, sums)
         return [WriteResult(index=item.index, size_in_bytes=tensor_plan.sizes[e], storage_data=Piece(
-                    self.rank, codec.dtype_name(tensor.dtype), list(tensor.shape), tensor_plan.start[e],
+                    file, codec.dtype_name(tensor.dtype), list(tensor.shape), tensor_plan.start[e],
                     tensor_plan.start[e] + tensor_plan.sizes[e], str(sums[e]), str(header)))
                 for e, (item, tensor) in enumerate(items)]
+
+    def _write_packed(self, items: list[tuple[Any, torch.Tensor]], dedup: Dedup) -> list[WriteResult]:
+        """Incremental: every piece is hashed (exact; the pieces are fresh copies, so no version counter
+        says what changed); those the index holds are referenced, the rest go into one new pack."""
+        keys = [(digest(t), t.nbytes) for _, t in items]
+        found = {i: loc for i, key in enumerate(keys) if (loc := dedup.index.get(key))}
+        where: dict[int, Location] = worth_keeping(found, self.storage.size)
+        new = [i for i in range(len(items)) if i not in where]
+        if new:
+            tensor_plan = _one_file([items[i][1] for i in new])
+            sums: list[checksum.Value] = [0] * len(new)
+            pack = n.pack_file(uuid.uuid4().hex)
+            self.storage.makedirs(n.DATA_DIR)
+            header = write_tensor_file(self.storage, pack, tensor_plan, 0, None, sums, checksum.CONTENT)
+            self.storage.fsync_dir(n.DATA_DIR)
+            for e, i in enumerate(new):
+                start = tensor_plan.start[e]
+                where[i] = Location(pack, header, start, start + tensor_plan.sizes[e], sums[e])
+        self.written = [(key, where[i]) for i, key in enumerate(keys)]
+        return [WriteResult(index=item.index, size_in_bytes=tensor.nbytes, storage_data=Piece(
+                    where[i].file, codec.dtype_name(tensor.dtype), list(tensor.shape), where[i].start, where[i].end,
+                    str(where[i].digest), str(where[i].file_sum)))
+                for i, (item, tensor) in enumerate(items)]
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         if self._finish is not None:
@@ -120,21 +144,42 @@ class SavegameWriter(StorageWriter):
         return False  # always handed over explicitly, never found from an id
 
 
+def _one_file(tensors: Sequence[torch.Tensor]) -> layout.TensorPlan:
+    """A plan writing ``tensors`` back to back into one file, in this order."""
+    tensor_plan = layout.TensorPlan()
+    offset = 0
+    for tensor in tensors:
+        e = tensor_plan.add(tensor, tensor.dtype, tuple(tensor.shape))
+        tensor_plan.start.append(offset)
+        tensor_plan.shard.append(0)
+        offset += tensor_plan.sizes[e]
+    tensor_plan.files = [list(range(len(tensors)))]
+    return tensor_plan
+
+
 def tables(metadata: Metadata, results: Sequence[Sequence[WriteResult]], keys: Sequence[str],
-           world_size: int) -> dict[str, Any]:
-    """The manifest's files, file checksums, entries and tensor table for tensors ``keys`` (in tree order)."""
+           world_size: int, *, packed: bool = False) -> dict[str, Any]:
+    """The manifest's files, file checksums, entries and tensor table for tensors ``keys`` (in tree order):
+    one tensor file per rank, or (``packed``) the packs the pieces lie in."""
     entries: dict[str, list[Any]] = {c: [] for c in (n.E_FILE, n.E_DTYPE, n.E_SHAPE, n.E_START, n.E_END, n.E_SUM)}
     where: dict[MetadataIndex, int] = {}
-    headers = [empty_header_checksum()] * world_size
+    files = [] if packed else [n.tensor_file(r) for r in range(world_size)]
+    headers = [empty_header_checksum()] * len(files)
+    position = {f: k for k, f in enumerate(files)}
     for rank_results in results:
         for result in rank_results:
             piece = result.storage_data
             assert isinstance(piece, Piece)
+            k = position.get(piece.file)
+            if k is None:
+                k = position[piece.file] = len(files)
+                files.append(piece.file)
+                headers.append(piece.header)
             where[MetadataIndex(result.index.fqn, result.index.offset)] = len(entries[n.E_FILE])
-            for column, value in zip(entries, (piece.file, piece.dtype, piece.shape, piece.start, piece.end,
+            for column, value in zip(entries, (k, piece.dtype, piece.shape, piece.start, piece.end,
                                                piece.checksum), strict=True):
                 entries[column].append(value)
-            headers[piece.file] = piece.header
+            headers[k] = piece.header
     entry, records = [], []
     for j, key in enumerate(keys):
         meta = metadata.state_dict_metadata.get(key)
@@ -145,7 +190,7 @@ def tables(metadata: Metadata, results: Sequence[Sequence[WriteResult]], keys: S
         if len(pieces) > 1 or list(meta.chunks[0].sizes) != list(meta.size):
             records.append({"tensor": j, "shape": list(meta.size), "chunks": pieces})
     return {
-        n.M_CHECKSUM_ALGO: checksum.CURRENT.name, n.M_FILES: [n.tensor_file(r) for r in range(world_size)],
+        n.M_CHECKSUM_ALGO: (checksum.CONTENT if packed else checksum.CURRENT).name, n.M_FILES: files,
         n.M_FILE_CHECKSUMS: headers, n.M_ENTRIES: entries,
         n.M_TENSORS: {n.T_ENTRY: entry, n.T_DEVICE: ["cpu"] * len(keys), n.T_VIEWS: [], n.T_KEY: list(keys),
                       n.T_CHUNKS: records},
@@ -291,12 +336,12 @@ class EntryReader:
         """(open handle, data start, name for messages) of entry ``e``'s file, which must hold the entry."""
         k = self.entries[n.E_FILE][e]
         file = self.doc[n.M_FILES][k]
-        where = f"{self.storage.root}/{self.name}/{file}"
+        where = f"{self.storage.root}/{n.file_path(self.name, file)}"
         try:
             if k not in self._open:
-                handle = self.storage.open_read(f"{self.name}/{file}")
+                handle = self.storage.open_read(n.file_path(self.name, file))
                 self._open[k] = (handle, 0, 0)
-                size = self.storage.size(f"{self.name}/{file}")
+                size = self.storage.size(n.file_path(self.name, file))
                 start, _ = read_header(handle, size, where, self.doc[n.M_FILE_CHECKSUMS][k], algo=self.algo,
                                        parse=False)
                 self._open[k] = (handle, start, size)

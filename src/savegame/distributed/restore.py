@@ -86,7 +86,7 @@ def plan(job: Job, storage: Storage, name: str, doc: dict[str, Any], objects: Ma
          verify: bool) -> Plan:
     """Check the manifest and make this rank's destinations; local (no collective)."""
     meta = reader.decode_meta(doc)
-    if doc.get(n.M_VERSION, 0) < n.SHARDED_FORMAT_VERSION:  # a single process's checkpoint: every rank reads it
+    if n.M_WORLD not in doc:  # a single process's checkpoint (v1, v2, or v4 without ranks): every rank reads it
         return Plan(doc, meta, {}, [], [], reader.read_tree(storage, name, doc, verify=verify))
     reader.check(doc)
     reader.check_sizes(storage, name, doc)  # before allocating what the manifest declares

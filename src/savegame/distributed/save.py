@@ -28,6 +28,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from savegame.distributed import split
 from savegame.distributed.dcp_storage import SavegameWriter, tables
 from savegame.distributed.job import Job, is_dtensor
+from savegame.engine.dedup import Dedup
 from savegame.engine.staging import Staging
 from savegame.engine.writer import header_fields
 from savegame.errors import RankFailedError, SavegameError, StorageError
@@ -110,9 +111,10 @@ class Leader:
     commit: CommitStrategy
 
 
-def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> None:
+def write(job: Job, storage: Storage, share: Share, leader: Leader | None, dedup: Dedup | None = None) -> None:
     """Write ``share`` as this rank's part of the checkpoint; collective on ``job.bg``. Raises on every rank
-    if any rank failed; then nothing is listed."""
+    if any rank failed; then nothing is listed. With ``dedup`` (incremental, the same on every rank) each
+    rank references the pieces an earlier save of it stored, and writes the rest into a pack."""
     tmp: str | None = job.from_leader(lambda: leader.commit.begin(storage, leader.name) if leader else None,
                                job.bg, "starting the save")
     assert tmp is not None
@@ -124,10 +126,11 @@ def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> No
 
         def finish(metadata: Metadata, results: list[list[WriteResult]]) -> None:
             assert leader is not None
-            body = manifest_body(job.world_size, share.shared, trees, leader.meta, metadata, results)
+            body = manifest_body(job.world_size, share.shared, trees, leader.meta, metadata, results,
+                                 packed=dedup is not None)
             leader.commit.commit(storage, tmp, leader.name, manifest.dumps(manifest.compact(body)))
 
-        writer = SavegameWriter(storage, tmp, job.rank, finish if leader else None)
+        writer = SavegameWriter(storage, tmp, job.rank, finish if leader else None, dedup)
         try:
             dcp_save(flat, storage_writer=writer, planner=DefaultSavePlanner(), process_group=job.bg)
         except CheckpointException as exc:  # a BaseException: never let it past savegame unchanged
@@ -138,20 +141,27 @@ def write(job: Job, storage: Storage, share: Share, leader: Leader | None) -> No
     except BaseException:
         if leader is not None:
             leader.commit.abort(storage, tmp)
+        if dedup is not None:
+            dedup.forget()
         raise
+    if dedup is not None:
+        dedup.keep(writer.written)
 
 
 def manifest_body(world_size: int, shared: split.Encoded, trees: list[tuple[Any, list[str]]],
-                  meta: Mapping[str, Any], metadata: Metadata, results: list[list[WriteResult]]) -> dict[str, Any]:
-    """The v3 manifest: rank 0's merged tree, every rank's own tree, and the tables of every piece."""
+                  meta: Mapping[str, Any], metadata: Metadata, results: list[list[WriteResult]], *,
+                  packed: bool = False) -> dict[str, Any]:
+    """The v3 manifest (v4 when ``packed``: pieces in the content store): rank 0's merged tree, every rank's
+    own tree, and the tables of every piece."""
     keys, ranks, base = list(shared.keys), [], len(shared.keys)
     for tree, rank_keys in trees:
         ranks.append(split.renumber(tree, base))
         keys.extend(rank_keys)
         base += len(rank_keys)
-    return {**header_fields(n.SHARDED_FORMAT_VERSION), **meta, n.M_WORLD: world_size,
+    version = n.PACKED_FORMAT_VERSION if packed else n.SHARDED_FORMAT_VERSION
+    return {**header_fields(version), **meta, n.M_WORLD: world_size,
             n.M_TREE: split.merged(shared.tree, ranks[0]), n.M_RANKS: ranks,
-            **tables(metadata, results, keys, world_size)}
+            **tables(metadata, results, keys, world_size, packed=packed)}
 
 
 def translated(exc: CheckpointException, rank: int) -> SavegameError:

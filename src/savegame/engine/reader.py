@@ -72,7 +72,7 @@ def decode_ranks(doc: Mapping[str, Any], tensors: Sequence[Any],
                  arrays: Sequence[Any] | None = None) -> list[dict[str, Any]] | None:
     """Each rank's own tree of a distributed (v3) checkpoint, ``{"rng", "state"}``, decoded around
     ``tensors`` as :func:`decode_tree` does and checked; None for a single process's checkpoint."""
-    if doc.get(n.M_VERSION, 0) < n.SHARDED_FORMAT_VERSION:
+    if n.M_WORLD not in doc:  # (v4 has ranks only when a distributed job wrote it)
         return None
     out = []
     for rank, encoded in enumerate(doc[n.M_RANKS]):
@@ -164,10 +164,10 @@ def quick_check(storage: Storage, name: str, doc: Mapping[str, Any]) -> list[str
         return [f"{storage.root}/{name}: {exc}"]
     problems, algo, ends = [], checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]), readinto.file_ends(doc)
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-        where = f"{storage.root}/{name}/{file}"
+        where = f"{storage.root}/{n.file_path(name, file)}"
         try:
-            size = storage.size(f"{name}/{file}")
-            with storage.open_read(f"{name}/{file}") as f:
+            size = storage.size(n.file_path(name, file))
+            with storage.open_read(n.file_path(name, file)) as f:
                 start, _ = read_header(f, size, where, expected, algo=algo)
             if start + ends[k] > size:
                 problems.append(f"{where}: truncated ({size} bytes, needs {start + ends[k]})")
@@ -257,9 +257,9 @@ def check_sizes(storage: Storage, name: str, doc: Mapping[str, Any]) -> None:
     """Refuse (CorruptCheckpointError) tensor files shorter than their entries' bytes, by their size alone:
     call it before allocating what a manifest declares, which may claim a terabyte."""
     for file, end in zip(doc[n.M_FILES], readinto.file_ends(doc), strict=True):
-        where = f"{storage.root}/{name}/{file}"
+        where = f"{storage.root}/{n.file_path(name, file)}"
         try:
-            size = storage.size(f"{name}/{file}")
+            size = storage.size(n.file_path(name, file))
         except StorageError as exc:
             raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is incomplete") from exc
         if size < end:
@@ -351,7 +351,7 @@ def _verify_torch_rng(storage: Storage, name: str, doc: Mapping[str, Any]) -> No
     a scratch generator (as :func:`read_tree` does)."""
     tree = doc.get(n.M_TREE)
     _verify_torch_state(storage, name, doc, tree.get(n.TREE_RNG) if isinstance(tree, dict) else None)
-    if doc.get(n.M_VERSION, 0) >= n.SHARDED_FORMAT_VERSION:
+    if n.M_WORLD in doc:  # a distributed job's checkpoint (v3, or v4 with ranks)
         for rank, own in enumerate(doc[n.M_RANKS]):
             try:
                 _verify_torch_state(storage, name, doc, own[n.TREE_RNG])
@@ -368,8 +368,8 @@ def _verify_torch_state(storage: Storage, name: str, doc: Mapping[str, Any], sta
     e = table[n.T_ENTRY][j]
     file = doc[n.M_FILES][entries[n.E_FILE][e]]
     try:
-        with storage.open_read(f"{name}/{file}") as f:
-            start, _ = read_header(f, storage.size(f"{name}/{file}"), file, parse=False)
+        with storage.open_read(n.file_path(name, file)) as f:
+            start, _ = read_header(f, storage.size(n.file_path(name, file)), file, parse=False)
             f.seek(start + entries[n.E_START][e])
             raw = f.read(entries[n.E_END][e] - entries[n.E_START][e])
     except StorageError as exc:
@@ -380,10 +380,10 @@ def _verify_torch_state(storage: Storage, name: str, doc: Mapping[str, Any], sta
 
 def _verify_file(storage: Storage, name: str, file: str, expected: checksum.Value, algo: checksum.Algorithm,
                  entries: Mapping[str, Any], mine: list[int]) -> None:
-    where = f"{storage.root}/{name}/{file}"
+    where = f"{storage.root}/{n.file_path(name, file)}"
     try:
-        size = storage.size(f"{name}/{file}")
-        with storage.open_read(f"{name}/{file}") as f:
+        size = storage.size(n.file_path(name, file))
+        with storage.open_read(n.file_path(name, file)) as f:
             start, _ = read_header(f, size, where, expected, algo=algo)
             for e in sorted(mine, key=lambda e: entries[n.E_START][e]):
                 f.seek(start + entries[n.E_START][e])

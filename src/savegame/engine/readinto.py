@@ -80,11 +80,11 @@ def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify:
     ends = file_ends(doc)
     ranged = not lazy and getattr(storage, "ranged_reads", False)  # an object store: no mapping, reads by range
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-        where = f"{storage.root}/{name}/{file}"
+        where = f"{storage.root}/{n.file_path(name, file)}"
         if ranged and not job.on_device.intersection(by_file[k]):
-            _read_straight(storage, f"{name}/{file}", where, expected, algo, job, by_file[k])
+            _read_straight(storage, n.file_path(name, file), where, expected, algo, job, by_file[k])
             continue
-        with _DataSection(storage, f"{name}/{file}", where, expected, algo, lazy) as data:
+        with _DataSection(storage, n.file_path(name, file), where, expected, algo, lazy) as data:
             if ends[k] > data.length:
                 raise CorruptCheckpointError(f"{where}: truncated ({data.length} data bytes, needs {ends[k]})")
             job.run(by_file[k], data, where)

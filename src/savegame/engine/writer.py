@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ import numpy as np
 import torch
 
 from savegame._version import __version__
+from savegame.engine import packs
+from savegame.engine.dedup import Location
 from savegame.engine.gcpause import never_in_this_thread, pausing
 from savegame.engine.staging import SMALL, Snapshot, Staging, copy_out
 from savegame.format import checksum, codec, layout, manifest
@@ -53,6 +56,7 @@ class Prepared:
 
     body: dict[str, Any]
     plan: layout.TensorPlan
+    reuse: dict[int, Location] | None = None  # incremental (v4): entries the content store holds already
 
     @property
     def nbytes(self) -> int:
@@ -94,7 +98,7 @@ def snapshot(prepared: Prepared, staging: Staging | None) -> Snapshot:
 
 
 def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Snapshot,
-                     commit: CommitStrategy | None = None) -> None:
+                     commit: CommitStrategy | None = None) -> dict[str, Any]:
     """Write the tensor files, then commit them with their manifest as ``final`` (``commit``'s strategy:
     under a temporary name then renamed on file systems, the manifest last on object stores).
 
@@ -102,14 +106,22 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
     long, and in the background writer a pause would stop collection for every thread.
     """
     commit = commit or RenameCommit()
-    plan = prepared.plan
+    plan, packed = prepared.plan, prepared.reuse is not None
+    algo = checksum.CONTENT if packed else checksum.CURRENT
     tmp = commit.begin(storage, final)
     try:
-        names = [n.TENSOR_FILE.format(index=k) for k in range(len(plan.files))]
+        if packed:  # new bytes go into packs of the run's content store, under names never used before
+            names = [n.pack_file(uuid.uuid4().hex) for _ in plan.files]
+            paths = names
+            if names:
+                storage.makedirs(n.DATA_DIR)
+        else:
+            names = [n.TENSOR_FILE.format(index=k) for k in range(len(plan.files))]
+            paths = [f"{tmp}/{name}" for name in names]
 
         def write(k: int) -> str | int:
             buffer = snap[k] if snap is not None else None
-            return write_tensor_file(storage, f"{tmp}/{names[k]}", plan, k, buffer, sums)
+            return write_tensor_file(storage, paths[k], plan, k, buffer, sums, algo)
 
         sums: list[checksum.Value] = [0] * len(plan.sizes)  # not sources: dropped once staged
         if len(names) > 1:
@@ -117,12 +129,15 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
                 file_sums = list(pool.map(write, range(len(names))))
         else:
             file_sums = [write(k) for k in range(len(names))]
-        body = {**prepared.body, n.M_CHECKSUM_ALGO: checksum.CURRENT.name, n.M_FILES: names,
+        body = {**prepared.body, n.M_CHECKSUM_ALGO: algo.name, n.M_FILES: names,
                 n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
+        if prepared.reuse is not None:
+            packs.reference(storage, body, prepared.reuse, fresh=bool(names))
         commit.commit(storage, tmp, final, manifest.dumps(manifest.compact(body)))
     except Exception:  # not BaseException: a crash (or a simulated one) leaves what it leaves
         commit.abort(storage, tmp)
         raise
+    return body
 
 
 def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[str, Any]:
@@ -134,7 +149,7 @@ def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[st
 
 
 def write_tensor_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
-                      sums: list[checksum.Value]) -> checksum.Value:
+                      sums: list[checksum.Value], algo: checksum.Algorithm = checksum.CURRENT) -> checksum.Value:
     """Write tensor file ``k`` (header, then data); fill ``sums`` for its entries; return the header's sum."""
     entries = plan.files[k]
     header = build_header([f"e{e}" for e in entries], [plan.dtypes[e] for e in entries],
@@ -143,21 +158,21 @@ def write_tensor_file(storage: Storage, path: str, plan: layout.TensorPlan, k: i
     try:
         handle.write(memoryview(header))
         if buffer is not None:
-            _write_staged(handle, plan, entries, buffer, sums)
+            _write_staged(handle, plan, entries, buffer, sums, algo)
         else:
-            _write_live(handle, plan, entries, sums)
+            _write_live(handle, plan, entries, sums, algo)
     except Exception:
         handle.abort()
         raise
     handle.close()
-    return checksum.CURRENT.of(header)
+    return algo.of(header)
 
 
 def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int], buffer: torch.Tensor,
-                  sums: list[checksum.Value]) -> None:
+                  sums: list[checksum.Value], algo: checksum.Algorithm) -> None:
     """The data section is already laid out in ``buffer``: checksum each entry, write big chunks."""
     view = buffer.numpy().data
-    of, starts, sizes = checksum.CURRENT.function, plan.start, plan.sizes
+    of, starts, sizes = algo.function, plan.start, plan.sizes
 
     def checksums() -> None:
         for e in entries:
@@ -177,10 +192,10 @@ def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[in
 
 
 def _write_live(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int],
-                sums: list[checksum.Value]) -> None:
+                sums: list[checksum.Value], algo: checksum.Algorithm) -> None:
     """Write straight from the tensors; small ones are gathered into one write per few MB."""
     bounce = _Bounce(handle)
-    of = checksum.CURRENT.function
+    of = algo.function
     for e in entries:
         src, size = plan.sources[e], plan.sizes[e]
         if src.is_cpu and size <= SMALL and src.is_contiguous():
@@ -189,7 +204,7 @@ def _write_live(handle: WriteHandle, plan: layout.TensorPlan, entries: list[int]
         bounce.flush()
         data = src.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
         view = data.numpy().data if size else memoryview(b"")
-        running = checksum.CURRENT.running()
+        running = algo.running()
         for start in range(0, size, WRITE):
             chunk = view[start:start + WRITE]
             running.update(chunk)

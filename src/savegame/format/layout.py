@@ -12,7 +12,7 @@ tensor: a state of 50,000 small tensors must cost microseconds per tensor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,13 +166,18 @@ def _plan_span(out: TensorPlan, group: list[torch.Tensor], members: list[int]) -
                           "stride": list(t.stride()), "offset": lo - base})
 
 
-def _assign_files(out: TensorPlan, shard_bytes: int) -> None:
-    """Largest element size first keeps every entry aligned; storage spans (uint8) go last."""
+def _assign_files(out: TensorPlan, shard_bytes: int, skip: Collection[int] = ()) -> None:
+    """Largest element size first keeps every entry aligned; storage spans (uint8) go last. Entries in
+    ``skip`` go in no file (their shard is -1)."""
     span_entries = {out.tensor_entry[v["tensor"]] for v in out.views}
     sizes = {d: -d.itemsize for d in set(out.dtypes)}
     rank = [0 if e in span_entries else sizes[d] for e, d in enumerate(out.dtypes)]
     order = sorted(range(len(rank)), key=rank.__getitem__)
     out.shard, out.start = [0] * len(order), [0] * len(order)
+    if skip:
+        for e in skip:
+            out.shard[e] = -1
+        order = [e for e in order if out.shard[e] == 0]
     out.files, filled, entry_sizes = ([[]] if order else []), 0, out.sizes
     current = out.files[-1] if order else []
     for e in order:
@@ -183,6 +188,11 @@ def _assign_files(out: TensorPlan, shard_bytes: int) -> None:
         out.shard[e], out.start[e] = len(out.files) - 1, filled
         current.append(e)
         filled += size
+
+
+def leave_out(plan: TensorPlan, entries: Collection[int], shard_bytes: int) -> None:
+    """Lay the files of ``plan`` out again without ``entries`` (stored elsewhere: an incremental save)."""
+    _assign_files(plan, shard_bytes, entries)
 
 
 def tensors_from_entries(table: Mapping[str, Any], entries: Sequence[torch.Tensor]) -> list[torch.Tensor]:

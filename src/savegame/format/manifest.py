@@ -66,7 +66,7 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
         else:
             _expand(doc)
         _check(doc)
-        if version >= n.SHARDED_FORMAT_VERSION:
+        if version == n.SHARDED_FORMAT_VERSION or (version > n.SHARDED_FORMAT_VERSION and n.M_WORLD in doc):
             chunks.check(doc)
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}; the checkpoint is damaged") from None
@@ -95,9 +95,11 @@ def _expand(doc: dict[str, Any]) -> None:
             or type(tensors.get(n.T_ENTRY)) is not list:
         raise CorruptCheckpointError("manifest tables are missing or malformed")
     count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
-    if type(sums) is not str or len(sums) != 16 * count:
+    algo = doc.get(n.M_CHECKSUM_ALGO)
+    width = checksum.WIDTH.get(algo, 16) if type(algo) is str else 16  # (anything else is refused later)
+    if type(sums) is not str or len(sums) != width * count:
         raise CorruptCheckpointError("malformed checksum column in manifest")
-    entries[n.E_SUM] = [sums[i:i + 16] for i in range(0, len(sums), 16)]
+    entries[n.E_SUM] = [sums[i:i + width] for i in range(0, len(sums), width)]
     for table, column, size in ((entries, n.E_FILE, count), (entries, n.E_DTYPE, count),
                                 (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))):
         if type(table.get(column)) is not list:
@@ -112,7 +114,9 @@ def _check(doc: dict[str, Any]) -> None:
     _check_fields(doc)
     algo = checksum.Algorithm(doc.get(n.M_CHECKSUM_ALGO))  # type: ignore[arg-type]
     files = doc[n.M_FILES]
-    if not all(type(f) is str and n.tensor_file_index(f) is not None for f in files) or len(set(files)) < len(files):
+    packed = doc[n.M_VERSION] >= n.PACKED_FORMAT_VERSION  # v4: files may be packs of the run's content store
+    if not all(type(f) is str and (n.tensor_file_index(f) is not None or (packed and n.is_pack_file(f)))
+               for f in files) or len(set(files)) < len(files):
         raise CorruptCheckpointError("manifest names an unexpected data file")
     if len(doc[n.M_FILE_CHECKSUMS]) != len(files) or not all(map(algo.is_value, doc[n.M_FILE_CHECKSUMS])):
         raise CorruptCheckpointError(f"manifest field {n.M_FILE_CHECKSUMS!r} is malformed")
@@ -146,8 +150,8 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
         raise CorruptCheckpointError("malformed entry table in manifest")
     if not all(map(int.__le__, starts, ends)):  # type: ignore[arg-type]
         raise CorruptCheckpointError("malformed entry table in manifest")
-    if algo.name != checksum.XXH3_64 and not all(map(algo.is_value, sums)):  # type: ignore[arg-type]
-        raise CorruptCheckpointError("malformed checksum in manifest")  # (v2 sums are sliced from one string)
+    if algo.name not in checksum.WIDTH and not all(map(algo.is_value, sums)):  # type: ignore[arg-type]
+        raise CorruptCheckpointError("malformed checksum in manifest")  # (v2+ sums are sliced from one string)
     if not all(type(d) is str for d in dtypes):  # type: ignore[union-attr]
         raise CorruptCheckpointError("malformed dtype in manifest")
     itemsize = {name: stored_dtype(name).itemsize for name in set(dtypes)}  # type: ignore[arg-type]

@@ -5,7 +5,8 @@ from __future__ import annotations
 FORMAT_NAME = "savegame"
 FORMAT_VERSION = 2           # what a single process writes
 SHARDED_FORMAT_VERSION = 3   # what a distributed job writes: chunked tensors and per-rank trees
-READABLE_VERSION = SHARDED_FORMAT_VERSION  # the newest version this savegame reads
+PACKED_FORMAT_VERSION = 4    # what an incremental save writes: entries in the run's content store (packs)
+READABLE_VERSION = PACKED_FORMAT_VERSION  # the newest version this savegame reads
 
 MANIFEST = "manifest.json"
 TENSOR_FILE = "tensors-{index:05d}.safetensors"  # index 100000 and up: more digits, never fewer than five
@@ -21,6 +22,8 @@ ALIAS_SUFFIX = ".alias.json"
 HISTORY_FILE = "metrics.jsonl"
 SETTINGS_FILE = "retention.json"    # the retention settings of the run's last writer (for prune)
 ABANDONED_DIR = "abandoned"         # checkpoints of a continuation given up by restoring an older one
+DATA_DIR = "data"                   # the content store: pack files shared by incremental checkpoints (v4)
+PACK_FILE = DATA_DIR + "/{pack}.safetensors"  # pack: 32 lowercase hex digits, random
 
 # Top-level keys of the state tree.
 TREE_STATE = "state"
@@ -69,3 +72,32 @@ def tensor_file_index(name: str) -> int | None:
         return None
     index = int(digits)
     return index if tensor_file(index) == name else None
+
+
+def pack_file(pack: str) -> str:
+    """The name a v4 manifest gives pack ``pack`` (32 hex digits): ``data/<pack>.safetensors``."""
+    return PACK_FILE.format(pack=pack)
+
+
+def is_pack_file(name: str) -> bool:
+    """Whether ``name`` is exactly a pack name :func:`pack_file` writes (no other spelling, no traversal)."""
+    pack = name.removeprefix(DATA_DIR + "/").removesuffix(".safetensors")
+    return len(pack) == 32 and all(c in "0123456789abcdef" for c in pack) and pack_file(pack) == name
+
+
+def run_of(checkpoint: str) -> str:
+    """The run directory (relative to the same root) of the checkpoint at ``checkpoint``: its parent, or for
+    one moved to ``abandoned/<folder>/``, the folder above ``abandoned``."""
+    parts = checkpoint.split("/")[:-1]
+    if len(parts) >= 2 and parts[-2] == ABANDONED_DIR:
+        parts = parts[:-2]
+    return "/".join(parts)
+
+
+def file_path(checkpoint: str, file: str) -> str:
+    """Where data file ``file`` of the checkpoint at ``checkpoint`` lies: in the checkpoint's directory, or a
+    pack (v4) in its run directory's content store."""
+    if is_pack_file(file):
+        run = run_of(checkpoint)
+        return f"{run}/{file}" if run else file
+    return f"{checkpoint}/{file}"

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from savegame import policies
@@ -235,3 +235,8 @@ def _logged(what: str, name: str, task: Callable[[CheckpointInfo], None], info: 
         log.warning("checkpoint %s is saved, but %s could not be updated: %s", name, what, exc)
         return False
     return True
+
+
+def sized(pending: Pending, nbytes: int) -> Pending:
+    """``pending`` with the byte count its write ended up with."""
+    return replace(pending, info=replace(pending.info, bytes=nbytes))

@@ -1,0 +1,45 @@
+"""An incremental save's manifest: its new packs plus the packs of earlier saves it references.
+
+The writer lays out and writes the save's new entries as for any save, into new
+packs of the content store (``data/<id>.safetensors``); :func:`reference` then
+points every reused entry at the pack, byte range and checksum an earlier save
+recorded, and makes the manifest a v4 one. Every pack it names is checked to still
+exist just before the commit, so a content store changed behind the writer's back
+(a pack deleted by hand) fails the save rather than committing a broken checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from savegame.engine.dedup import Location
+from savegame.errors import StorageError
+from savegame.format import names as n
+from savegame.storage.base import Storage
+
+
+def reference(storage: Storage, body: dict[str, Any], reuse: Mapping[int, Location], *, fresh: bool) -> None:
+    """Fill the entries of ``reuse`` into ``body`` (a manifest body the writer built); ``fresh``: new packs
+    were written (their names are made durable here)."""
+    files, file_sums = list(body[n.M_FILES]), list(body[n.M_FILE_CHECKSUMS])
+    new = len(files)
+    table = {column: list(values) for column, values in body[n.M_ENTRIES].items()}
+    position = {f: k for k, f in enumerate(files)}
+    for e, loc in reuse.items():
+        k = position.get(loc.file)
+        if k is None:
+            k = position[loc.file] = len(files)
+            files.append(loc.file)
+            file_sums.append(loc.file_sum)
+        table[n.E_FILE][e], table[n.E_START][e], table[n.E_END][e] = k, loc.start, loc.end
+        table[n.E_SUM][e] = loc.digest
+    for file in files[new:]:
+        if not storage.exists(file):
+            raise StorageError(f"{storage.root}/{file}: a pack this save references has disappeared from the "
+                               "content store (deleted outside savegame?); the save was not committed, and the "
+                               "next one writes every tensor again")
+    if fresh:
+        storage.fsync_dir(n.DATA_DIR)
+    body.update({n.M_VERSION: n.PACKED_FORMAT_VERSION, n.M_FILES: files, n.M_FILE_CHECKSUMS: file_sums,
+                 n.M_ENTRIES: table})
