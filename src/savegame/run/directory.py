@@ -58,6 +58,7 @@ class RunDir:
         self._damaged: dict[str, str] = {}  # name -> why it cannot be read
         self._warned: set[str] = set()  # damaged checkpoints already reported
         self._listed: set[str] | None = None
+        self._named: set[str] = set()  # names unique_name() gave out (a failed save's objects may remain)
         self._sorted: list[str] | None = None
         self._readable: list[CheckpointInfo] | None = None
         self._records: list[CheckpointRecord] | None = None
@@ -102,10 +103,19 @@ class RunDir:
         """A name for a new checkpoint of ``step`` that no entry has (``freed`` ones are about to go)."""
         base = checkpoint_name(step, fields)
         name, k = base, 0
-        while name not in freed and self.storage.exists(name):
+        while name not in freed and (name in self._named or self._taken(name)):
             k += 1
             name = f"{base}.{k}"
+        self._named.add(name)
         return name
+
+    def _taken(self, name: str) -> bool:
+        """On an object store whose listing this object holds, the answer needs no request (so save() sends
+        none on the caller's thread): the lease holder removed every uncommitted leftover when it took the
+        run, and no other process writes while it holds the lease."""
+        if self.commit.name == "manifest-last" and self._listed is not None:
+            return name in self._listed
+        return self.storage.exists(name)
 
     def next_seq(self) -> int:
         """The commit sequence of the next save: above that of every readable checkpoint."""

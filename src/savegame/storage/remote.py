@@ -32,7 +32,7 @@ T = TypeVar("T")
 DEFAULT_LEASE_SECONDS = 60.0
 """How long a writer's lease lasts without renewal: a dead writer's run is taken over this long after it died."""
 
-_OWN_OPTIONS = ("lease_seconds",)
+_OWN_OPTIONS = ("lease_seconds", "multipart_threshold")
 
 
 class RemoteStorage:
@@ -45,6 +45,7 @@ class RemoteStorage:
             raise StorageError(f"{url!r} needs fsspec: pip install 'savegame[s3]'") from exc
         options = dict(storage_options or {})
         self.lease_seconds = _lease_seconds(options.pop("lease_seconds", DEFAULT_LEASE_SECONDS))
+        threshold = _threshold(options.pop("multipart_threshold", None))
         self.root = url.rstrip("/")
         self.commit = ManifestLastCommit()
         options.setdefault("use_listings_cache", False)  # other processes change the run: never list from a cache
@@ -58,6 +59,9 @@ class RemoteStorage:
             raise ConfigurationError(f"{url!r} with storage_options {sorted(options)}: {exc}") from exc
         self._base = self._base.rstrip("/")
         self._s3 = S3Client(self.fs, self.url) if hasattr(self.fs, "_call_s3") else None
+        self.ranged_reads = self._s3 is not None  # restores read each entry by range into its tensor
+        if self._s3 is not None and threshold is not None:
+            self._s3.single_put = threshold
 
     def url(self, path: str) -> str:
         """The URL of ``path`` (relative to the root), or of a full store path."""
@@ -76,6 +80,13 @@ class RemoteStorage:
         if self._s3 is not None:
             return cast(BinaryIO, RangedFile(self._s3, self._p(path), self.size(path)))
         return cast(BinaryIO, self._do("read", path, lambda: self.fs.open(self._p(path), "rb")))
+
+    def read_through(self, path: str, size: int) -> BinaryIO:
+        """The object ``path`` of ``size`` bytes, to be read from start to end: on S3, one GET for all of it
+        (on the local moto server every GET costs time in proportion to the object's size, whatever the range)."""
+        if self._s3 is not None:
+            return cast(BinaryIO, RangedFile(self._s3, self._p(path), size, ahead=size))
+        return self.open_read(path)
 
     def size(self, path: str) -> int:
         return int(self._do("stat", path, lambda: self.fs.size(self._p(path))))
@@ -190,6 +201,15 @@ class _FileWrite:
             discard() if callable(discard) else self._file.close()
         except Exception:  # the object is being discarded; the error that led here is what matters
             pass
+
+
+def _threshold(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 5 << 30:
+        raise ConfigurationError("storage_options['multipart_threshold'] must be a number of bytes from 0 to 5 GiB "
+                                 f"(S3's largest single PUT), got {value!r}")
+    return value
 
 
 def _lease_seconds(value: object) -> float:

@@ -21,6 +21,13 @@ from savegame.storage.retry import retried
 PART = 16 << 20  # 10,000 parts (S3's limit) of 16 MB: tensor files up to 160 GB (shards are 1 GB by default)
 CHUNK = 8 << 20  # bytes taken from a download stream at a time
 PARALLEL = 8
+SINGLE_PUT = (1 << 30) + (1 << 20)
+"""Files up to this size (a default 1 GB shard and its header) go up in one PUT, larger ones as parallel
+multipart uploads. On the local moto server one PUT beat multipart at every size measured (32 MB to 1 GB:
+the server joins the parts again on completion, and parallel parts only contend for its CPU); on S3 proper
+parallel parts can beat one connection, so the store option ``multipart_threshold`` lowers this."""
+WINDOW = 1 << 20  # the least a ranged GET asks for: a small read never makes the server send the whole file
+SKIP = 1 << 16  # a seek this far forward inside the current response reads through rather than starts a new GET
 
 
 class S3Client:
@@ -39,6 +46,8 @@ class S3Client:
         self.conditional = True  # If-None-Match on new objects (S3 and moto refuse to replace then)
         self.slots = threading.BoundedSemaphore(PARALLEL)
         self.buffers = BufferPool()
+        self.single_put = SINGLE_PUT
+        self.whole = WholePool()
         self._client: Any = None
         self._lock = threading.Lock()
 
@@ -75,11 +84,16 @@ class S3Client:
         return any(o["Key"] == key for o in reply.get("Contents", ())) or \
             any(p["Prefix"] == key + "/" for p in reply.get("CommonPrefixes", ()))
 
-    def put_new(self, path: str, data: bytes | bytearray) -> None:
-        """Create ``path`` holding ``data``; refused (FileExistsError inside a StorageError) if it exists."""
+    def put_new(self, path: str, data: bytes | bytearray | memoryview) -> None:
+        """Create ``path`` holding ``data``; refused (FileExistsError inside a StorageError) if it exists.
+        A memoryview is sent as it is, no copy (a fresh reader per attempt, so a retry sends it whole)."""
         bucket, key = self.where(path)
         extra = {"IfNoneMatch": "*"} if self.conditional else {}
-        self.call("put_object", "create", path, Bucket=bucket, Key=key, Body=data, **extra)
+
+        def put() -> Any:
+            body = ViewBody(data) if isinstance(data, memoryview) else data
+            return self.client.put_object(Bucket=bucket, Key=key, Body=body, **extra)
+        retried(put, "create", self.url_of(path))
 
 
 class BufferPool:
@@ -97,6 +111,45 @@ class BufferPool:
         if isinstance(buffer, bytearray) and len(buffer) == PART:
             with self._lock:
                 self._free.append(buffer)
+
+
+class WholePool:
+    """Buffers holding a whole small-enough file until its one PUT, reused from save to save (a buffer is
+    grown when a file does not fit, so after the first save no page is touched for the first time)."""
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self) -> bytearray:
+        with self._lock:
+            return self._free.pop() if self._free else bytearray()
+
+    def give(self, buffer: bytearray) -> None:
+        with self._lock:
+            self._free.append(buffer)
+
+
+class ViewBody:
+    """A read-only file over a memoryview for botocore's ``Body``: reads return views, not copies."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._view, self._pos = view, 0
+
+    def read(self, n: int | None = -1) -> memoryview:
+        end = self._view.nbytes if n is None or n < 0 else min(self._view.nbytes, self._pos + n)
+        start, self._pos = self._pos, max(self._pos, end)
+        return self._view[start:end]
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._view.nbytes + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def __len__(self) -> int:
+        return self._view.nbytes
 
 
 _LOADER: list[Any] = []
@@ -137,9 +190,31 @@ class MultipartWrite:
         self._fill = 0
         self._upload: str | None = None
         self._parts: list[Future[str]] = []
+        self._whole: bytearray | None = client.whole.take()  # the file so far, while it may still go in one PUT
+        self._size = 0
 
     def write(self, data: memoryview) -> None:
         view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        if self._whole is not None:
+            if self._size + view.nbytes <= self._client.single_put:
+                self._keep(view)
+                return
+            whole, self._whole = self._whole, None  # too large for one PUT: what came so far becomes parts
+            self._write_parts(memoryview(whole)[:self._size])
+            self._client.whole.give(whole)
+        self._write_parts(view)
+
+    def _keep(self, view: memoryview) -> None:
+        assert self._whole is not None
+        end = self._size + view.nbytes
+        if end > len(self._whole):  # only until the pooled buffer has grown to the files' size
+            grown = bytearray(max(end, min(2 * len(self._whole), self._client.single_put)))
+            grown[:self._size] = memoryview(self._whole)[:self._size]
+            self._whole = grown
+        self._whole[self._size:end] = view
+        self._size = end
+
+    def _write_parts(self, view: memoryview) -> None:
         while view.nbytes:
             if self._buffer is None:
                 self._buffer, self._fill = self._client.buffers.take(), 0
@@ -184,6 +259,13 @@ class MultipartWrite:
         return rest
 
     def close(self) -> None:
+        if self._whole is not None:  # up to SINGLE_PUT: one request, straight from the buffer
+            whole, self._whole = self._whole, None
+            try:
+                self._client.put_new(self._path, memoryview(whole)[:self._size])
+            finally:
+                self._client.whole.give(whole)
+            return
         if self._upload is None:  # small: one request
             self._client.put_new(self._path, self._rest())
             return
@@ -201,6 +283,9 @@ class MultipartWrite:
             raise
 
     def abort(self) -> None:
+        whole, self._whole = self._whole, None
+        if whole is not None:
+            self._client.whole.give(whole)
         self._rest()
         for future in self._parts:
             future.cancel()
@@ -223,20 +308,25 @@ class RangedFile:
     retried from the byte it stopped at.
     """
 
-    def __init__(self, client: S3Client, path: str, size: int) -> None:
+    def __init__(self, client: S3Client, path: str, size: int, ahead: int = WINDOW) -> None:
         self._client, self._path, self._size, self._pos = client, path, size, 0
+        self._ahead = ahead  # the least a new GET asks for
         self._body: Any = None
-        self._body_pos = -1
+        self._body_pos = self._body_end = -1
 
-    def _next(self, n: int, into: memoryview | None = None) -> Any:
+    def _next(self, n: int, into: memoryview | None = None, want: int = 0) -> Any:
         """Up to ``n`` bytes at the current position (fewer only at the end of the object): returned,
-        or, with ``into``, read straight into it from the socket and counted."""
+        or, with ``into``, read straight into it from the socket and counted. A new GET asks for the
+        ``want`` bytes the caller is after (at least WINDOW), not the rest of the object."""
         def attempt() -> bytes | int:
-            if self._body is None or self._body_pos != self._pos:
+            if self._body is not None and self._body_pos < self._pos <= min(self._body_pos + SKIP, self._body_end):
+                self._body_pos += len(self._body.read(self._pos - self._body_pos))  # a short skip: read through
+            if self._body is None or self._body_pos != self._pos or self._body_pos >= self._body_end:
                 self._drop()
                 bucket, key = self._client.where(self._path)
-                reply = self._client.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={self._pos}-")
-                self._body, self._body_pos = reply["Body"], self._pos
+                end = min(self._size, self._pos + max(want, n, self._ahead))
+                reply = self._client.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={self._pos}-{end - 1}")
+                self._body, self._body_pos, self._body_end = reply["Body"], self._pos, end
             raw: Any = getattr(self._body, "_raw_stream", None)  # urllib3's response: it reads into a buffer
             try:
                 if into is not None and hasattr(raw, "readinto"):
@@ -249,7 +339,7 @@ class RangedFile:
                 self._drop()
                 raise
             size = got if isinstance(got, int) else len(got)
-            if into is not None and size == 0 and self._body_pos < self._size:
+            if into is not None and size == 0 and self._body_pos < self._body_end:
                 self._drop()  # the response ended early: a broken connection, retried from here
                 raise ConnectionError(f"the response ended at byte {self._body_pos} of {self._size}")
             self._body_pos += size
@@ -261,7 +351,7 @@ class RangedFile:
     def read(self, n: int = -1) -> bytes:
         want = self._size - self._pos if n is None or n < 0 else min(n, self._size - self._pos)
         parts = []
-        while want > 0 and (data := self._next(min(want, CHUNK))):
+        while want > 0 and (data := self._next(min(want, CHUNK), want=want)):
             parts.append(data)
             want -= len(data)
         return b"".join(parts)
@@ -269,7 +359,7 @@ class RangedFile:
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
         count, done = max(0, min(view.nbytes, self._size - self._pos)), 0
-        while done < count and (got := self._next(min(count - done, CHUNK), view[done:])):
+        while done < count and (got := self._next(min(count - done, CHUNK), view[done:], count - done)):
             done += got if isinstance(got, int) else len(got)
         return done
 
