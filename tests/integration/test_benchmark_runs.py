@@ -61,6 +61,8 @@ def test_incremental_benchmark_small_run(tmp_path):
     assert result["frozen"]["five_incremental"] < result["frozen"]["five_plain"]
     for key in ("full_big", "full_tiny"):
         assert result[key]["bytes_ratio"] > 0 and result[key]["save_ratio"] > 0
+        assert result[key]["bytes_ratio"] <= 1.01  # issue 17: full training, at most 1% more bytes
+        assert result[key]["save_paired_ratio"] > 0
     assert "| frozen backbone |" in out.stdout
 def test_s3_benchmark_small_run(tmp_path):
     import pytest

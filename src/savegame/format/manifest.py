@@ -15,6 +15,8 @@ whatever version the file has, so readers handle one layout.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import itertools
 import json
 import math
@@ -75,7 +77,9 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
 
 def compact(body: dict[str, Any]) -> dict[str, Any]:
     """The on-disk form of a v2 body: a column whose values are all equal is stored once, as that
-    value, and checksums (16 hex digits each) as one string. :func:`loads` undoes both."""
+    value, and checksums as one string: 16 hex digits each, or for xxh3-128 (v4) the base64 of their
+    16 bytes each, concatenated (21.3 characters an entry instead of 32). A v4 body also leaves out
+    ``end``, which is always ``start`` plus the entry's size (dtype and shape). :func:`loads` undoes all."""
     out = dict(body)
     entries, tensors = dict(body[n.M_ENTRIES]), dict(body[n.M_TENSORS])
     for table, columns in ((entries, (n.E_FILE, n.E_DTYPE)), (tensors, (n.T_DEVICE,))):
@@ -84,6 +88,10 @@ def compact(body: dict[str, Any]) -> dict[str, Any]:
             if values and values.count(values[0]) == len(values):
                 table[column] = values[0]
     entries[n.E_SUM] = "".join(entries[n.E_SUM])
+    if body.get(n.M_CHECKSUM_ALGO) == checksum.XXH3_128:
+        entries[n.E_SUM] = base64.b64encode(bytes.fromhex(entries[n.E_SUM])).decode()
+    if body.get(n.M_VERSION, 0) >= n.PACKED_FORMAT_VERSION:
+        del entries[n.E_END]
     out[n.M_ENTRIES], out[n.M_TENSORS] = entries, tensors
     return out
 
@@ -97,6 +105,8 @@ def _expand(doc: dict[str, Any]) -> None:
     count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
     algo = doc.get(n.M_CHECKSUM_ALGO)
     width = checksum.WIDTH.get(algo, 16) if type(algo) is str else 16  # (anything else is refused later)
+    if algo == checksum.XXH3_128 and type(sums) is str and len(sums) != width * count:
+        sums = _unpack_base64(sums, count)  # (32 hex digits an entry: the first v4 form, read as well)
     if type(sums) is not str or len(sums) != width * count:
         raise CorruptCheckpointError("malformed checksum column in manifest")
     entries[n.E_SUM] = [sums[i:i + width] for i in range(0, len(sums), width)]
@@ -104,6 +114,28 @@ def _expand(doc: dict[str, Any]) -> None:
                                 (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))):
         if type(table.get(column)) is not list:
             table[column] = [table.get(column)] * size
+    if n.E_END not in entries and type(doc.get(n.M_VERSION)) is int and doc[n.M_VERSION] >= n.PACKED_FORMAT_VERSION:
+        entries[n.E_END] = _ends(entries)  # (the first v4 form stored it: read as well)
+
+
+def _ends(entries: dict[str, Any]) -> list[int]:
+    """The ``end`` column a v4 manifest leaves out: each entry's start plus its size (validation follows)."""
+    starts, dtypes, shapes = entries[n.E_START], entries[n.E_DTYPE], entries.get(n.E_SHAPE)
+    if type(shapes) is not list or len(shapes) != len(starts) or len(dtypes) != len(starts) \
+            or not all(type(s) is list for s in shapes) or not _ints(starts) \
+            or not _ints(list(itertools.chain.from_iterable(shapes))) or not all(type(d) is str for d in dtypes):
+        raise CorruptCheckpointError("malformed entry table in manifest")
+    itemsize = {name: stored_dtype(name).itemsize for name in set(dtypes)}
+    return list(map(operator.add, starts, map(operator.mul, map(math.prod, shapes), map(itemsize.__getitem__, dtypes))))
+
+
+def _unpack_base64(sums: str, count: int) -> str:
+    """A v4 checksum column (base64 of 16 bytes an entry) as 32 hex digits an entry; malformed: ``""``."""
+    try:
+        raw = base64.b64decode(sums, validate=True)
+    except (binascii.Error, ValueError):
+        raise CorruptCheckpointError("malformed checksum column in manifest") from None
+    return raw.hex() if len(raw) == 16 * count else ""
 
 
 def _check(doc: dict[str, Any]) -> None:
