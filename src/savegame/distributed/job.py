@@ -63,12 +63,8 @@ class Job:
             raise ConfigurationError("no torch.distributed process group is initialised")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         wait = datetime.timedelta(seconds=timeout)
-        try:  # every rank creates both groups, in the same order (new_group is collective)
-            self.fg = dist.new_group(backend="gloo", timeout=wait)
-            self.bg = dist.new_group(backend="gloo", timeout=wait)
-        except (RuntimeError, ValueError) as exc:
-            raise SavegameError(f"could not create savegame's gloo process groups: {exc}; savegame needs "
-                                "torch.distributed with the gloo backend (it ships with every torch)") from exc
+        self.fg = _gloo_group(wait)  # every rank creates both groups, in the same order (new_group is collective)
+        self.bg = _gloo_group(wait)
         self.timeout = timeout
 
     @property
@@ -122,6 +118,23 @@ class Job:
                 dist.destroy_process_group(group)
             except (RuntimeError, ValueError, AssertionError) as exc:  # the job's group may already be gone
                 log.debug("could not destroy a savegame process group: %s", exc)
+
+
+def _gloo_group(wait: datetime.timedelta, attempts: int = 2) -> Any:
+    """A new gloo group of every rank. A connection reset while the ranks connect (seen once in many
+    torchrun starts on a loaded machine, on every rank at once) is retried once, by every rank alike."""
+    for attempt in range(attempts):
+        try:
+            return dist.new_group(backend="gloo", timeout=wait)
+        except (RuntimeError, ValueError) as exc:
+            network = type(exc).__name__ == "DistNetworkError"
+            if network and attempt + 1 < attempts:
+                log.warning("creating savegame's gloo process group failed (%s); trying once more", exc)
+                continue
+            raise SavegameError(f"could not create savegame's gloo process groups: {exc}; savegame needs "
+                                "torch.distributed with the gloo backend (it ships with every torch) and the "
+                                "ranks must reach each other over TCP") from exc
+    raise AssertionError("unreachable")
 
 
 def is_dtensor(value: Any) -> bool:
