@@ -250,7 +250,8 @@ class Checkpointer:
                  pin: bool) -> tuple[Pending, Prepared]:
         """Name the checkpoint, work out its run state and encode everything; raises before any change."""
         pending, meta = self._propose(step, epoch, metrics, extra, pin)
-        return pending, prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes)
+        return pending, prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes,
+                                rng_apart=not self._opts.incremental)
 
     def _propose(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
                  pin: bool) -> tuple[Pending, dict[str, Any]]:

@@ -8,6 +8,7 @@ anything loads.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -142,8 +143,11 @@ def test_bits_dtypes_are_stored_and_compared_without_error(base, tmp_path):
 def test_a_tensor_file_past_five_digits_is_read(base, tmp_path):
     """Checkpoints of 100,000 files and more name them with six digits or more; readers accept them."""
     run = shutil.copytree(base[0], tmp_path / "run")
-    (run / h.NEW / "tensors-00000.safetensors").rename(run / h.NEW / "tensors-100000.safetensors")
-    rewrite_manifest(run / h.NEW, lambda doc: doc.__setitem__(n.M_FILES, ["tensors-100000.safetensors"]))
+    files = json.loads((run / h.NEW / n.MANIFEST).read_text())[n.M_FILES]
+    renamed = [f"tensors-{100000 + k}.safetensors" for k in range(len(files))]
+    for old, new in zip(files, renamed, strict=True):
+        (run / h.NEW / old).rename(run / h.NEW / new)
+    rewrite_manifest(run / h.NEW, lambda doc: doc.__setitem__(n.M_FILES, renamed))
     assert savegame.load(run / h.NEW)["step"] == 2
     assert verify_checkpoint(LocalStorage(str(run)), h.NEW) == []
 

@@ -167,7 +167,7 @@ def test_inspect_json_fields(base_run):
     assert report["rng"] == {"python": True, "numpy": True, "torch": True, "cuda": cuda}
     assert report["data"] == {"loader": {"epoch": 3, "position": 120, "seed": 7}}
     assert report["run"]["best"]["val_loss"]["entries"][0] == [0.2, 20]
-    assert report["bytes"] > 0 and report["files"][0]["bytes"] > report["bytes"]
+    assert report["bytes"] > 0 and sum(f["bytes"] for f in report["files"]) > report["bytes"]
 
     one = json.loads(cli("inspect", "--json", "--tree", os.path.join(base_run, name(10))).stdout)
     assert one["step"] == 10 and one["tree"]["state"]["model"]["0.bias"] == {"dtype": "float32", "shape": [8]}

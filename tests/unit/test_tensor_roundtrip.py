@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import savegame
 from savegame.engine.reader import read_manifest, read_tree
 from savegame.engine.writer import Staging, prepare, snapshot, write_checkpoint
 from savegame.errors import UnsupportedValueError
+from savegame.format import layout
 from savegame.format import names as n
 from savegame.storage import LocalStorage
 
@@ -137,3 +141,38 @@ def test_an_expanded_tensor_is_stored_by_its_storage_not_every_element(tmp_path)
     assert prepared.nbytes == 16
     out = save_and_read(tmp_path, {"x": expanded}, staged=True)
     assert torch.equal(out["x"], expanded) and out["x"].stride() == (0, 1)
+
+
+def numbers(tree):
+    """The tensor numbers a manifest tree refers to."""
+    if isinstance(tree, dict):
+        found = [tree[k] for k in ("$t", "$nd") if isinstance(tree.get(k), int)]
+        return found + [x for v in tree.values() for x in numbers(v)]
+    return [x for v in tree for x in numbers(v)] if isinstance(tree, list) else []
+
+
+def test_rng_states_go_in_a_last_small_file_of_their_own(tmp_path):
+    """Restoring checks the RNG states' bytes before any byte reaches the model; in a small file of their own,
+    that check is one cheap request on an object store instead of a range of a large file."""
+    model = torch.nn.Linear(64, 64)
+    with savegame.Checkpointer(tmp_path / "run", {"model": model}, async_save=False) as ckpt:
+        ckpt.save(1)
+    manifest = json.loads(next((tmp_path / "run").glob("step-*/manifest.json")).read_text())
+    entry_of, file_of = manifest["tensors"]["entry"], manifest["entries"]["file"]
+    rng_tensors = numbers(manifest["tree"]["rng"])
+    assert len(rng_tensors) == 2 and len(manifest["files"]) == 2  # NumPy's and torch's states
+    assert [j for j in range(len(entry_of)) if file_of[entry_of[j]] == 1] == sorted(rng_tensors)
+    plan = layout.plan([torch.ones(4), torch.zeros(3, dtype=torch.uint8)], 1 << 30, apart=[1])
+    assert plan.files == [[0], [1]]
+    shared = torch.zeros(3, dtype=torch.uint8)
+    plan = layout.plan([torch.ones(4), shared, shared], 1 << 30, apart=[1])  # another tensor shares it: stays
+    assert plan.files == [[0, 1]]
+    assert layout.plan([torch.zeros(3, dtype=torch.uint8)], 1 << 30, apart=[0]).files == [[0]]  # nothing else
+
+
+def test_incremental_saves_keep_the_rng_states_in_their_one_pack(tmp_path):
+    model = torch.nn.Linear(8, 8)
+    with savegame.Checkpointer(tmp_path / "run", {"model": model}, incremental=True, async_save=False) as ckpt:
+        ckpt.save(1)
+    manifest = json.loads(next((tmp_path / "run").glob("step-*/manifest.json")).read_text())
+    assert len(manifest["files"]) == 1

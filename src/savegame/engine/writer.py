@@ -63,18 +63,29 @@ class Prepared:
         return self.plan.nbytes
 
 
+_RNG_PATH = n.TREE_RNG + "."
+
+
 @pausing
-def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD_BYTES) -> Prepared:
-    """Encode ``tree``; raises UnsupportedValueError naming the key path of a bad value."""
+def prepare(tree: Any, meta: Mapping[str, Any], shard_bytes: int = DEFAULT_SHARD_BYTES, *,
+            rng_apart: bool = True) -> Prepared:
+    """Encode ``tree``; raises UnsupportedValueError naming the key path of a bad value.
+
+    ``rng_apart``: the RNG states go into a small tensor file of their own (see :func:`layout.plan`);
+    an incremental save (one pack per save) keeps them in its pack.
+    """
     tensors: list[torch.Tensor] = []
+    rng_tensors: list[int] = []
 
     def sink(tensor: torch.Tensor, path: str) -> int:
         layout.check_supported(tensor, path)
+        if rng_apart and path.startswith(_RNG_PATH):
+            rng_tensors.append(len(tensors))
         tensors.append(tensor)
         return len(tensors) - 1
 
     encoded = codec.encode(tree, sink)
-    plan = layout.plan(tensors, shard_bytes)
+    plan = layout.plan(tensors, shard_bytes, apart=rng_tensors)
     body = {**header_fields(n.FORMAT_VERSION), **meta, n.M_TREE: encoded, n.M_TENSORS: plan.table()}
     return Prepared(body, plan)
 

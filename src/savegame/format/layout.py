@@ -12,6 +12,7 @@ tensor: a state of 50,000 small tensors must cost microseconds per tensor.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,7 @@ class TensorPlan:
     tensor_entry: list[int] = field(default_factory=list)
     tensor_device: list[str] = field(default_factory=list)
     views: list[dict[str, Any]] = field(default_factory=list)
+    apart: set[int] = field(default_factory=set)  # entries laid out in a small file of their own (see plan)
 
     @property
     def nbytes(self) -> int:
@@ -93,8 +95,14 @@ def check_supported(tensor: torch.Tensor, path: str) -> None:
         raise UnsupportedValueError(f"cannot store the tensor at {path or '<root>'!r}: {problem}")
 
 
-def plan(tensors: Sequence[torch.Tensor], shard_bytes: int) -> TensorPlan:
-    """Decide entries and records for ``tensors`` (indexed as the codec numbered them)."""
+def plan(tensors: Sequence[torch.Tensor], shard_bytes: int, apart: Collection[int] = ()) -> TensorPlan:
+    """Decide entries and records for ``tensors`` (indexed as the codec numbered them).
+
+    The entries of the tensors in ``apart`` (the RNG states) go into a last file of their own,
+    unless another tensor shares them: a restore checks those bytes before any byte reaches
+    the model, and on an object store reading a few KB of a small object is one cheap request,
+    where a range of a large one is not.
+    """
     out = TensorPlan(tensor_entry=[0] * len(tensors), tensor_device=["cpu"] * len(tensors))
     groups: dict[Any, list[int]] = {}
     for i, t in enumerate(tensors):
@@ -126,6 +134,10 @@ def plan(tensors: Sequence[torch.Tensor], shard_bytes: int) -> TensorPlan:
         dtypes.append(t.dtype)
         shapes.append(tuple(t.shape))
         sizes.append(t.nbytes)
+    if apart:
+        wanted = {entry_of[i] for i in apart} - {entry_of[v["tensor"]] for v in out.views}
+        users = Counter(e for e in entry_of if e in wanted)
+        out.apart = {e for e in wanted if users[e] == 1}
     _assign_files(out, shard_bytes)
     return out
 
@@ -167,8 +179,8 @@ def _plan_span(out: TensorPlan, group: list[torch.Tensor], members: list[int]) -
 
 
 def _assign_files(out: TensorPlan, shard_bytes: int, skip: Collection[int] = ()) -> None:
-    """Largest element size first keeps every entry aligned; storage spans (uint8) go last. Entries in
-    ``skip`` go in no file (their shard is -1)."""
+    """Largest element size first keeps every entry aligned; storage spans (uint8) go last, and the plan's
+    ``apart`` entries in a last file of their own. Entries in ``skip`` go in no file (their shard is -1)."""
     span_entries = {out.tensor_entry[v["tensor"]] for v in out.views}
     sizes = {d: -d.itemsize for d in set(out.dtypes)}
     rank = [0 if e in span_entries else sizes[d] for e, d in enumerate(out.dtypes)]
@@ -180,7 +192,14 @@ def _assign_files(out: TensorPlan, shard_bytes: int, skip: Collection[int] = ())
         order = [e for e in order if out.shard[e] == 0]
     out.files, filled, entry_sizes = ([[]] if order else []), 0, out.sizes
     current = out.files[-1] if order else []
+    apart = [e for e in order if e in out.apart] if out.apart else []
+    if apart and len(apart) < len(order):
+        order = [e for e in order if e not in out.apart] + [-1] + apart  # -1: start the file of its own
     for e in order:
+        if e < 0:
+            current, filled = [], 0
+            out.files.append(current)
+            continue
         size = entry_sizes[e]
         if filled and filled + size > shard_bytes:
             current, filled = [], 0
