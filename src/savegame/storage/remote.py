@@ -25,7 +25,7 @@ from savegame.errors import ConfigurationError, StorageError
 from savegame.format import names as n
 from savegame.storage.commit import ManifestLastCommit
 from savegame.storage.retry import retried, translate
-from savegame.storage.s3io import MultipartWrite, RangedFile, S3Client
+from savegame.storage.s3io import MultipartWrite, RangedFile, S3Client, unknown_options
 
 T = TypeVar("T")
 
@@ -59,6 +59,12 @@ class RemoteStorage:
             raise ConfigurationError(f"{url!r} with storage_options {sorted(options)}: {exc}") from exc
         self._base = self._base.rstrip("/")
         self._s3 = S3Client(self.fs, self.url) if hasattr(self.fs, "_call_s3") else None
+        unknown = unknown_options(self.fs) if self._s3 is not None else []
+        if unknown:
+            raise ConfigurationError(
+                f"{url!r}: unknown storage_options {unknown}; for s3:// they are s3fs's (key, secret, token, "
+                "endpoint_url, profile, anon, client_kwargs, config_kwargs, ...) and savegame's own "
+                f"({', '.join(_OWN_OPTIONS)}); see docs/storage.md")
         self.ranged_reads = self._s3 is not None  # restores read each entry by range into its tensor
         if self._s3 is not None and threshold is not None:
             self._s3.single_put = threshold

@@ -11,6 +11,7 @@ A file is read back as one ranged GET streamed into the caller's buffer (see :cl
 
 from __future__ import annotations
 
+import inspect
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -154,6 +155,14 @@ class ViewBody:
 
 _LOADER: list[Any] = []
 _LOADER_LOCK = threading.Lock()
+
+
+def unknown_options(fs: Any) -> list[str]:
+    """The options of the s3fs file system ``fs`` that neither s3fs nor botocore knows: s3fs passes the ones it
+    does not take itself on to botocore's session, which would refuse them only at the first request."""
+    import botocore.session
+    known = inspect.signature(botocore.session.Session).parameters
+    return sorted(str(k) for k in getattr(fs, "kwargs", {}) if k not in known)
 
 
 def sync_client(fs: Any) -> Any:
