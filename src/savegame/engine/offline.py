@@ -16,6 +16,7 @@ from savegame.format import codec
 from savegame.format import names as n
 from savegame.run.directory import RunDir, RunLock
 from savegame.run.history import History
+from savegame.storage.counting import CountingStorage
 from savegame.storage.local import LocalStorage
 
 log = logging.getLogger("savegame.engine.offline")
@@ -52,7 +53,7 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(dict(metrics or {}), _refuse),
                 n.M_EXTRA: codec.encode(extra, _refuse), n.M_TIME: now, n.M_PINNED: False, n.M_SEQ: run.next_seq()}
         prepared = prepare(dict(tree), meta)
-        target = _Reporting(storage.root, progress) if progress is not None else storage
+        target = CountingStorage(storage, on_write=progress) if progress is not None else storage
         write_checkpoint(target, name, prepared, snapshot(prepared, None), run.commit)
         run.refresh()  # the listing read for next_seq() predates this checkpoint
         if lines:
@@ -88,32 +89,6 @@ def _ends_torn(storage: LocalStorage) -> bool:
     with storage.open_read(n.HISTORY_FILE) as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
-
-
-class _Reporting(LocalStorage):
-    """Local storage whose new files report each write's size (progress of a large write)."""
-
-    def __init__(self, root: str, progress: Progress) -> None:
-        super().__init__(root)
-        self._progress = progress
-
-    def create(self, path: str) -> Any:
-        return _ReportingWrite(super().create(path), self._progress)
-
-
-class _ReportingWrite:
-    def __init__(self, inner: Any, progress: Progress) -> None:
-        self._inner, self._progress = inner, progress
-
-    def write(self, data: memoryview) -> None:
-        self._inner.write(data)
-        self._progress(data.nbytes)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def abort(self) -> None:
-        self._inner.abort()
 
 
 def _refuse(tensor: Any, path: str) -> int:
