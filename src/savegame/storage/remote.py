@@ -43,6 +43,7 @@ class RemoteStorage:
             import fsspec
         except ImportError as exc:  # pragma: no cover - fsspec comes with torch
             raise StorageError(f"{url!r} needs fsspec: pip install 'savegame[s3]'") from exc
+        _check_url(url)
         options = dict(storage_options or {})
         self.lease_seconds = _lease_seconds(options.pop("lease_seconds", DEFAULT_LEASE_SECONDS))
         threshold = _threshold(options.pop("multipart_threshold", None))
@@ -207,6 +208,17 @@ class _FileWrite:
             discard() if callable(discard) else self._file.close()
         except Exception:  # the object is being discarded; the error that led here is what matters
             pass
+
+
+_BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL that names no place in the store (``s3://``, ``s3:///run``): fsspec would take what is
+    left for a local path."""
+    scheme, _, rest = url.partition("://")
+    if not rest.strip("/") or (scheme.lower() in _BUCKET_STORES and rest.startswith("/")):
+        raise ConfigurationError(f"{url!r} names no bucket: write {scheme}://BUCKET/path/to/run")
 
 
 def _threshold(value: object) -> int | None:
