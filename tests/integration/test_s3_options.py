@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import boto3
 import pytest
 import torch
 
@@ -50,8 +51,15 @@ def test_save_restore_list_and_load_with_options_only(no_aws_env: str, s3_endpoi
 
     state = blob_state(0)
     train_steps(state, 2)
-    with savegame.Checkpointer(url, state=state, storage_options=top_level) as ckpt:
+    # s3fs's per-request options reach every request too: here, encryption at rest (a bucket policy may demand it)
+    encrypted = {**top_level, "s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}
+    with savegame.Checkpointer(url, state=state, storage_options=encrypted) as ckpt:
         ckpt.save(2, metrics={"loss": 0.25})
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=KEY, aws_secret_access_key=SECRET,
+                      region_name="us-east-1")
+    for file in ("manifest.json", "tensors-00000.safetensors"):
+        head = s3.head_object(Bucket=no_aws_env, Key=f"runs/opts/step-0000000002/{file}")
+        assert head.get("ServerSideEncryption") == "AES256", file
     for options in (top_level, in_client):
         assert [(e.step, e.metrics) for e in savegame.list_checkpoints(url, storage_options=options)] == \
             [(2, {"loss": 0.25})]
