@@ -11,6 +11,7 @@ commit strategy, the lease length, ranged reads), is the wrapped storage's own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Self, cast
 
@@ -26,6 +27,7 @@ class CountingStorage:
         self.inner, self._on_read, self._on_write = inner, on_read, on_write
         self.root = inner.root
         self._reached: dict[str, int] = {}  # path -> the furthest byte read so far
+        self._lock = threading.Lock()  # files may be read from several threads
 
     def __getattr__(self, name: str) -> Any:
         """What only some storages have (``commit``, ``lease_seconds``, ``ranged_reads``, ``put`` ...), as theirs;
@@ -42,9 +44,11 @@ class CountingStorage:
         return f if self._on_read is None else cast(BinaryIO, _CountingFile(f, lambda end: self._reach(path, end)))
 
     def _reach(self, path: str, end: int) -> None:
-        past = end - self._reached.get(path, 0)
+        with self._lock:
+            past = end - self._reached.get(path, 0)
+            if past > 0:
+                self._reached[path] = end
         if past > 0 and self._on_read is not None:
-            self._reached[path] = end
             self._on_read(past)
 
     def create(self, path: str) -> WriteHandle:
