@@ -1,11 +1,12 @@
 """A Storage that reports the bytes moved through it: the progress of a long read or write, by bytes.
 
-:class:`CountingStorage` wraps any storage (local, object store, fault-injecting). Reading,
-it calls ``on_read`` with how much further into a file (read whole by ``read_bytes``, or
-opened by ``open_read``, or ``read_through`` where the store has it) each read got: a file read to its end counts its
-size once, whatever was skipped on the way (alignment padding) or read again (a reader
-checking a part twice), so the counts add up to the sizes of the files read. Writing, it
-calls ``on_write`` with the size of every write into a file it created. Everything else, including what only some stores have (the
+:class:`CountingStorage` wraps any storage (local, object store, fault-injecting).
+Reading, it calls ``on_read`` with how much further into a file each read got (a file
+read whole by ``read_bytes``, or opened by ``open_read``, or by ``read_through`` where the
+store has it): a file read to its end counts its size once, whatever was skipped on the
+way (alignment padding) or read again (a reader checking a part twice), so the counts add
+up to the sizes of the files read. Writing, it calls ``on_write`` with the size of every
+write into a file it created. Everything else, including what only some stores have (the
 commit strategy, the lease length, ranged reads), is the wrapped storage's own.
 """
 
