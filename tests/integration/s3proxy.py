@@ -1,9 +1,13 @@
 """A loopback HTTP proxy in front of the S3 server that injects faults: 503 SlowDown, a connection reset,
-or 403 AccessDenied, for the requests a test picks. The client under test talks to the proxy as its endpoint."""
+or 403 AccessDenied, for the requests a test picks. The client under test talks to the proxy as its endpoint.
+
+With ``keys`` set, it also checks credentials as S3 does and moto does not: a request signed with any
+other access key gets 403 InvalidAccessKeyId."""
 
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +20,10 @@ Fault = Callable[[str, str], str | None]
 _BODIES = {
     "503": b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>",
     "403": b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>",
+    "403-key": b"<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not exist "
+               b"in our records.</Message></Error>",
 }
+_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/")
 
 
 class FaultProxy:
@@ -24,11 +31,16 @@ class FaultProxy:
         self.upstream = urlsplit(upstream)
         self.fault: Fault = lambda method, path: None
         self.injected: list[tuple[str, str, str]] = []
+        self.keys: set[str] | None = None  # the access keys the store knows; None: any
         self.lock = threading.Lock()
 
-    def decide(self, method: str, path: str) -> str | None:
+    def decide(self, method: str, path: str, authorization: str = "") -> str | None:
         with self.lock:
-            kind = self.fault(method, path)
+            signed = _CREDENTIAL.search(authorization)
+            if self.keys is not None and (signed is None or signed.group(1) not in self.keys):
+                kind: str | None = "403-key"
+            else:
+                kind = self.fault(method, path)
             if kind is not None:
                 self.injected.append((kind, method, path))
             return kind
@@ -44,14 +56,14 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
         def _any(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
-            kind = proxy.decide(self.command, self.path)
+            kind = proxy.decide(self.command, self.path, self.headers.get("Authorization") or "")
             if kind == "reset":
                 self.close_connection = True
                 self.connection.close()
                 return
             if kind is not None:
                 data = _BODIES[kind]
-                self.send_response(int(kind))
+                self.send_response(int(kind[:3]))
                 self.send_header("Content-Type", "application/xml")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -3,16 +3,15 @@
 :class:`ByteProgress` draws a rich bar on stderr, only when stderr is a terminal
 and only once the job has run for :data:`DELAY` seconds, so fast jobs never
 flicker and pipes and logs stay clean. The library never prints: it reports
-bytes through callbacks, and :class:`CountingStorage` turns a reader's file
-reads into such callbacks.
+bytes through callbacks, and :class:`~savegame.storage.counting.CountingStorage`
+turns a reader's file reads into such callbacks, on any storage (local or object store).
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO, Self
+from typing import Self
 
 from rich.console import Console
 from rich.progress import (
@@ -28,11 +27,10 @@ from rich.progress import (
 
 from savegame.cli._output import console
 from savegame.engine import reader
+from savegame.errors import CorruptCheckpointError, StorageError
 from savegame.format import names as n
-from savegame.errors import CorruptCheckpointError
 from savegame.storage.base import Storage
-from savegame.storage.local import LocalStorage
-from savegame.storage.urls import is_url
+from savegame.storage.counting import CountingStorage
 
 DELAY = 1.0  # seconds a job runs before its bar appears
 
@@ -81,58 +79,18 @@ class ByteProgress:
             self.shown = True
 
 
-class CountingStorage(LocalStorage):
-    """Local storage whose reads report their sizes: a reader's progress, by bytes."""
-
-    def __init__(self, root: str, progress: Callable[[int], None]) -> None:
-        super().__init__(root)
-        self._progress = progress
-
-    def open_read(self, path: str) -> BinaryIO:
-        return _CountingFile(super().open_read(path), self._progress)  # type: ignore[return-value]
-
-
-class _CountingFile:
-    """A file opened for reading that reports every read's size; everything else goes to the file."""
-
-    def __init__(self, inner: BinaryIO, progress: Callable[[int], None]) -> None:
-        self._inner, self._progress = inner, progress
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._inner.read(n)
-        self._progress(len(data))
-        return data
-
-    def readinto(self, buffer: Any) -> int:
-        count = self._inner.readinto(buffer)  # type: ignore[attr-defined]
-        self._progress(count or 0)
-        return int(count or 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._inner.close()
-
-
 def verify_bytes(storage: Storage, name: str, bar: ByteProgress) -> None:
-    """Check every byte of checkpoint ``name`` as a progress phase (local ones); CorruptCheckpointError if damaged."""
+    """Check every byte of checkpoint ``name`` as a progress phase; CorruptCheckpointError if damaged."""
     doc = reader.read_manifest(storage, name)
-    if is_url(storage.root):
-        problems = reader.verify_checkpoint(storage, name)
-    else:
-        where = os.path.join(storage.root, name)
-        bar.phase(f"verifying {name}", sum(_size(n.file_path(where, f)) for f in reader.data_files(doc)))
-        problems = reader.verify_checkpoint(CountingStorage(storage.root, bar.advance), name)
+    files = [f"{name}/{n.MANIFEST}", *(n.file_path(name, f) for f in reader.data_files(doc))]
+    bar.phase(f"verifying {name}", sum(_size(storage, f) for f in files))  # what verifying reads, once each
+    problems = reader.verify_checkpoint(CountingStorage(storage, on_read=bar.advance), name)
     if problems:
         raise CorruptCheckpointError("; ".join(problems))
 
 
-def _size(path: str) -> int:
+def _size(storage: Storage, path: str) -> int:
     try:
-        return os.path.getsize(path)
-    except OSError:
+        return storage.size(path)
+    except StorageError:  # a missing file: verifying reports it
         return 0

@@ -13,7 +13,7 @@ from rich.text import Text
 from savegame.cli._output import console, human_bytes, metrics_text, new_table
 from savegame.cli._progress import ByteProgress
 from savegame.run.directory import RunDir, parse_step
-from savegame.storage.local import LocalStorage
+from savegame.storage.urls import is_url, open_storage
 
 TRUST_WARNING = (
     "--trust: the classes this file names will be IMPORTED, and their constructors and __setstate__ RUN, while it "
@@ -21,6 +21,16 @@ TRUST_WARNING = (
     "on this machine. Only use --trust for files you would also run as a script."
 )
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)", re.IGNORECASE)
+
+
+class RunTarget(click.Path):
+    """Where an import goes: a run directory (created if needed), or the URL of a run on an object store."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return value if is_url(value) else super().convert(value, param, ctx)
 
 
 class ByteSize(click.ParamType[int]):
@@ -40,8 +50,9 @@ class ByteSize(click.ParamType[int]):
 
 @click.command("migrate")
 @click.argument("src", type=click.Path(exists=True))
-@click.option("--to", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory to write the imported checkpoint into (created if needed).")
+@click.option("--to", "run_dir", required=True, type=RunTarget(), metavar="RUN_DIR|URL",
+              help="Run directory to write the imported checkpoint into (created if needed), or the URL of a run "
+                   "on an object store (s3://bucket/runs/x).")
 @click.option("--step", type=click.IntRange(min=0), help="Step to record (default: the step the file records).")
 @click.option("--drop-unsafe", is_flag=True,
               help="Drop objects that need refused globals, when the import does not need them.")
@@ -52,7 +63,7 @@ class ByteSize(click.ParamType[int]):
               help="Give an imported state another name, e.g. optimizer_1=disc_optimizer (repeatable).")
 def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: bool, max_bytes: int | None,
             renames: tuple[str, ...]) -> None:
-    """Import the foreign checkpoint SRC (a file or a directory) as a checkpoint of RUN_DIR.
+    """Import the foreign checkpoint SRC (a file or a directory) as a checkpoint of the run given by --to.
 
     Loading never runs code from SRC unless --trust is given. Prints the layout detected,
     where each foreign key went, what was left out, and what to do to resume.
@@ -68,7 +79,10 @@ def migrate(src: str, run_dir: str, step: int | None, drop_unsafe: bool, trust: 
     if trust:
         # wrapped inside the panel: the console's soft wrap would cut the panel's lines at its border
         err.print(Panel(TRUST_WARNING, title="WARNING", style="bold red"), soft_wrap=False)
-    existing = RunDir(LocalStorage(run_dir)).names()
+    target = open_storage(run_dir)
+    if is_url(run_dir):  # the bucket exists and is reachable: known before a large file is read
+        target.makedirs("")
+    existing = RunDir(target).names()
     with ByteProgress(err) as bar:
         bar.phase(f"reading {src}", input_bytes(src))
         fc = import_checkpoint(src, trust=trust, drop_unsafe=drop_unsafe, step=step, max_bytes=max_bytes,

@@ -23,7 +23,7 @@ from savegame.cli._output import (
 )
 from savegame.cli._overview import print_abandoned, print_child_runs
 from savegame.cli._paths import RUN_DIR, CheckpointArg, checkpoint_bytes, is_checkpoint_dir, require_run_dir
-from savegame.cli._progress import ByteProgress, CountingStorage
+from savegame.cli._progress import ByteProgress
 from savegame.engine import reader
 from savegame.errors import CorruptCheckpointError, RunLockedError, StorageError
 from savegame.run import settings as run_settings
@@ -33,6 +33,7 @@ from savegame.run.lease import writer_lock
 from savegame.run.listing import checkpoint_path
 from savegame.run.settings import RunSettings
 from savegame.storage.base import Storage
+from savegame.storage.counting import CountingStorage
 from savegame.storage.urls import is_url, join, open_storage, split_url
 
 
@@ -76,18 +77,18 @@ def scan(run_dir: str, *, full: bool = False, progress: Callable[[int], None] | 
     read (a trainer's retention deleted it) is gone, not damaged: it is left out.
     ``aliases`` are derived from the manifests (see :func:`label_aliases`).
     """
-    counted = progress is not None and not is_url(run_dir)  # object stores: no byte progress
-    storage = CountingStorage(run_dir, progress) if counted and progress else open_storage(run_dir)
+    storage = open_storage(run_dir)
+    reading = storage if progress is None else CountingStorage(storage, on_read=progress)  # checkpoints' bytes only
     rows, docs = [], {}
     for name in RunDir(storage).names():
         path = join(run_dir, name)
         row = Row(name, path, parse_step(name) or 0, bytes=checkpoint_bytes(storage, name))
         try:
-            doc = docs[name] = reader.read_manifest(storage, name)
+            doc = docs[name] = reader.read_manifest(reading, name)
             info = info_from_manifest(f"{storage.root}/{name}", name, doc)
             row.epoch, row.metrics, row.time, row.pinned = info.epoch, dict(info.metrics), info.time, info.pinned
             row.seq, row.best = info.seq, info.best
-            row.problems = reader.verify_checkpoint(storage, name) if full else reader.quick_check(storage, name, doc)
+            row.problems = reader.verify_checkpoint(reading, name) if full else reader.quick_check(reading, name, doc)
         except CorruptCheckpointError as exc:
             row.problems = [str(exc)]
         if row.problems and not storage.exists(name):
@@ -219,7 +220,7 @@ def verify(path: str) -> None:
     out, bad, gone, damaged = console(), 0, 0, []
     with ByteProgress() as bar:
         bar.phase("verifying", sum(sizes.values()))
-        counting = storage if is_url(storage.root) else CountingStorage(storage.root, bar.advance)
+        counting = CountingStorage(storage, on_read=bar.advance)
         for name in names:
             bar.describe(f"verifying {name}")
             problems = reader.verify_checkpoint(counting, name)

@@ -14,9 +14,12 @@ from savegame.engine.writer import prepare, snapshot, write_checkpoint
 from savegame.errors import ConfigurationError
 from savegame.format import codec
 from savegame.format import names as n
-from savegame.run.directory import RunDir, RunLock
+from savegame.run.directory import RunDir
 from savegame.run.history import History
-from savegame.storage.local import LocalStorage
+from savegame.run.lease import writer_lock
+from savegame.storage.base import Storage
+from savegame.storage.counting import CountingStorage
+from savegame.storage.urls import join, open_storage
 
 log = logging.getLogger("savegame.engine.offline")
 
@@ -25,22 +28,25 @@ Progress = Callable[[int], None]  # called with the number of bytes just written
 
 def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step: int, epoch: int | None = None,
                metrics: Mapping[str, float] | None = None, extra: Any = None,
-               history: Iterable[Mapping[str, Any]] = (), progress: Progress | None = None) -> str:
-    """Commit ``tree`` ({"state", "rng", "run"}) as a checkpoint of ``run_dir``; return its path.
+               history: Iterable[Mapping[str, Any]] = (), progress: Progress | None = None,
+               storage_options: Mapping[str, Any] | None = None) -> str:
+    """Commit ``tree`` ({"state", "rng", "run"}) as a checkpoint of ``run_dir``; return its path (or URL).
 
-    Takes the run directory's writer lock for the duration, so it cannot race a
-    training process writing to the same directory, and first removes what a
-    writer killed mid-save left there (hidden temporary checkpoints, as a
-    Checkpointer does when it opens the run). After the commit, the run's
-    metrics history (``metrics.jsonl``) gets the ``history`` lines (``{"step",
+    ``run_dir`` is a path or the URL of a run on an object store (``s3://bucket/runs/x``,
+    with ``storage_options`` as a Checkpointer takes them); the checkpoint is committed
+    as a Checkpointer commits it there. Takes the run's writer lock (a lease on object
+    stores) for the duration, so it cannot race a training process writing to the same
+    run, and first removes what a writer killed mid-save left there (hidden temporary
+    checkpoints, unfinished uploads), as a Checkpointer does when it opens the run.
+    After the commit, the run's metrics history (``metrics.jsonl``) gets the ``history`` lines (``{"step",
     "epoch", "metrics"}``, e.g. what a foreign tool logged; their ``time`` is null)
     and then this checkpoint's own line, as a Checkpointer writes it. The ``latest``
     alias moves to the new checkpoint only if it is the run's newest (highest step).
     """
     lines = [_history_line(line.get("step"), line.get("epoch"), line.get("metrics") or {}) for line in history]
-    storage = LocalStorage(run_dir)
+    storage = open_storage(run_dir, storage_options)
     storage.makedirs("")
-    lock = RunLock(storage.root)
+    lock = writer_lock(storage)
     lock.acquire()
     try:
         run = RunDir(storage)
@@ -52,7 +58,7 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
         meta = {n.M_STEP: step, n.M_EPOCH: epoch, n.M_METRICS: codec.encode(dict(metrics or {}), _refuse),
                 n.M_EXTRA: codec.encode(extra, _refuse), n.M_TIME: now, n.M_PINNED: False, n.M_SEQ: run.next_seq()}
         prepared = prepare(dict(tree), meta)
-        target = _Reporting(storage.root, progress) if progress is not None else storage
+        target = CountingStorage(storage, on_write=progress) if progress is not None else storage
         write_checkpoint(target, name, prepared, snapshot(prepared, None), run.commit)
         run.refresh()  # the listing read for next_seq() predates this checkpoint
         if lines:
@@ -61,7 +67,7 @@ def write_tree(run_dir: str | os.PathLike[str], tree: Mapping[str, Any], *, step
         History(storage).append(step, epoch, {k: float(v) for k, v in (metrics or {}).items()}, now)
         if run.names()[-1] == name:
             run.write_alias("latest", name)
-        return os.path.join(storage.root, name)
+        return join(storage.root, name)
     finally:
         lock.release()
 
@@ -81,39 +87,13 @@ def _history_line(step: Any, epoch: Any, metrics: Mapping[str, Any]) -> dict[str
     return {"step": step, "epoch": epoch, "time": None, "metrics": values}
 
 
-def _ends_torn(storage: LocalStorage) -> bool:
+def _ends_torn(storage: Storage) -> bool:
     """Whether the history file ends without a newline (a write torn by a crash)."""
     if not storage.exists(n.HISTORY_FILE) or storage.size(n.HISTORY_FILE) == 0:
         return False
     with storage.open_read(n.HISTORY_FILE) as f:
         f.seek(-1, os.SEEK_END)
         return f.read(1) != b"\n"
-
-
-class _Reporting(LocalStorage):
-    """Local storage whose new files report each write's size (progress of a large write)."""
-
-    def __init__(self, root: str, progress: Progress) -> None:
-        super().__init__(root)
-        self._progress = progress
-
-    def create(self, path: str) -> Any:
-        return _ReportingWrite(super().create(path), self._progress)
-
-
-class _ReportingWrite:
-    def __init__(self, inner: Any, progress: Progress) -> None:
-        self._inner, self._progress = inner, progress
-
-    def write(self, data: memoryview) -> None:
-        self._inner.write(data)
-        self._progress(data.nbytes)
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def abort(self) -> None:
-        self._inner.abort()
 
 
 def _refuse(tensor: Any, path: str) -> int:

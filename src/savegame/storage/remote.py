@@ -25,7 +25,7 @@ from savegame.errors import ConfigurationError, StorageError
 from savegame.format import names as n
 from savegame.storage.commit import ManifestLastCommit
 from savegame.storage.retry import retried, translate
-from savegame.storage.s3io import MultipartWrite, RangedFile, S3Client
+from savegame.storage.s3io import MultipartWrite, RangedFile, S3Client, unknown_options
 
 T = TypeVar("T")
 
@@ -43,6 +43,7 @@ class RemoteStorage:
             import fsspec
         except ImportError as exc:  # pragma: no cover - fsspec comes with torch
             raise StorageError(f"{url!r} needs fsspec: pip install 'savegame[s3]'") from exc
+        _check_url(url)
         options = dict(storage_options or {})
         self.lease_seconds = _lease_seconds(options.pop("lease_seconds", DEFAULT_LEASE_SECONDS))
         threshold = _threshold(options.pop("multipart_threshold", None))
@@ -59,6 +60,12 @@ class RemoteStorage:
             raise ConfigurationError(f"{url!r} with storage_options {sorted(options)}: {exc}") from exc
         self._base = self._base.rstrip("/")
         self._s3 = S3Client(self.fs, self.url) if hasattr(self.fs, "_call_s3") else None
+        unknown = unknown_options(self.fs) if self._s3 is not None else []
+        if unknown:
+            raise ConfigurationError(
+                f"{url!r}: unknown storage_options {unknown}; for s3:// they are s3fs's (key, secret, token, "
+                "endpoint_url, profile, anon, client_kwargs, config_kwargs, ...) and savegame's own "
+                f"({', '.join(_OWN_OPTIONS)}); see docs/storage.md")
         self.ranged_reads = self._s3 is not None  # restores read each entry by range into its tensor
         if self._s3 is not None and threshold is not None:
             self._s3.single_put = threshold
@@ -201,6 +208,17 @@ class _FileWrite:
             discard() if callable(discard) else self._file.close()
         except Exception:  # the object is being discarded; the error that led here is what matters
             pass
+
+
+_BUCKET_STORES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "oss", "r2")
+
+
+def _check_url(url: str) -> None:
+    """Refuse a URL that names no place in the store (``s3://``, ``s3:///run``): fsspec would take what is
+    left for a local path."""
+    scheme, _, rest = url.partition("://")
+    if not rest.strip("/") or (scheme.lower() in _BUCKET_STORES and rest.startswith("/")):
+        raise ConfigurationError(f"{url!r} names no bucket: write {scheme}://BUCKET/path/to/run")
 
 
 def _threshold(value: object) -> int | None:

@@ -87,7 +87,8 @@ def translate(exc: BaseException, action: str, url: str, attempts: int = 1) -> S
             or "SignatureDoesNotMatch" in text:
         code, remedy = errno.EACCES, (
             f"access denied: check that the credentials in use may list, read, write and delete objects in "
-            f"{bucket!r} (AWS_PROFILE, AWS_ACCESS_KEY_ID, storage_options)")
+            f"{bucket!r} (AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or storage_options' key and "
+            "secret)")
     elif "NoSuchBucket" in text or "bucket does not exist" in text.lower() or (
             isinstance(exc, FileNotFoundError) and action == "open the bucket of"):
         code, remedy = errno.ENOENT, f"the bucket {bucket!r} does not exist: create it, or fix the URL"
