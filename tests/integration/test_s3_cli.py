@@ -88,13 +88,13 @@ def test_verify_ls_and_export_progress_count_every_byte_of_an_s3_checkpoint(
     for module in (runs, export):
         monkeypatch.setattr(module, "ByteProgress", Recorded)
     monkeypatch.setattr(Recorded, "phases", [])
-    model = torch.nn.Linear(256, 256)  # 257 KiB of weights: two tensor files of at most 200 KiB
+    model = torch.nn.Linear(256, 256)  # 257 KiB of weights: two tensor files of at most 200 KiB, and the RNG's
     with savegame.Checkpointer(run_url, state={"model": model}, shard_bytes=200 << 10) as ckpt:
         ckpt.save(1)
         ckpt.save(2)
     files = {n: size for n, size in sizes(bucket, "runs/exp1/").items() if n.startswith("step-")}
     newest = {n: size for n, size in files.items() if n.startswith("step-0000000002/")}
-    assert sum(n.endswith(".safetensors") for n in newest) == 2
+    assert sum(n.endswith(".safetensors") for n in newest) == 3
 
     assert cli("verify", run_url).exit_code == 0
     assert cli("ls", "--verify", run_url).exit_code == 0
