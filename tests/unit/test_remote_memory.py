@@ -90,3 +90,17 @@ def test_fresh_moves_the_old_run_aside_on_an_object_store(url: str) -> None:
     assert storage.exists(f"abandoned/{folder}/step-0000000002/manifest.json")
     assert not storage.exists("step-0000000001") and not storage.exists("metrics.jsonl")
 
+
+
+def test_a_file_that_outgrows_its_upload_buffer_trades_it_for_a_grown_free_one() -> None:
+    """Files are uploaded side by side; when the RNG states' small file took the buffer the large file grew
+    at the last save, the large one trades for it rather than allocating (and touching) a new one."""
+    from savegame.storage.s3io import WholePool
+    pool = WholePool()
+    big, small = bytearray(1000), bytearray(10)
+    pool.give(big)
+    pool.give(small)
+    taken = pool.take()
+    assert taken is small
+    assert pool.trade(taken, 500) is big
+    assert pool.take() is small and pool.trade(small, 2000) is None

@@ -144,6 +144,16 @@ class WholePool:
         with self._lock:
             return self._free.pop() if self._free else bytearray()
 
+    def trade(self, buffer: bytearray, need: int) -> bytearray | None:
+        """A free buffer of at least ``need`` bytes in exchange for ``buffer``, or None: files are written side
+        by side, and a small one (the RNG states') may have taken the buffer a large one grew before."""
+        with self._lock:
+            for i, free in enumerate(self._free):
+                if len(free) >= need:
+                    self._free[i] = buffer
+                    return free
+        return None
+
     def give(self, buffer: bytearray) -> None:
         with self._lock:
             self._free.append(buffer)
@@ -234,8 +244,10 @@ class MultipartWrite:
     def _keep(self, view: memoryview) -> None:
         assert self._whole is not None
         end = self._size + view.nbytes
-        if end > len(self._whole):  # only until the pooled buffer has grown to the files' size
-            grown = bytearray(max(end, min(2 * len(self._whole), self._client.single_put)))
+        if end > len(self._whole):  # only until the pooled buffers have grown to the files' sizes
+            grown = self._client.whole.trade(self._whole, end)
+            if grown is None:
+                grown = bytearray(max(end, min(2 * len(self._whole), self._client.single_put)))
             grown[:self._size] = memoryview(self._whole)[:self._size]
             self._whole = grown
         self._whole[self._size:end] = view
