@@ -22,7 +22,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ from savegame.storage.commit import CommitStrategy, RenameCommit
 
 log = logging.getLogger("savegame.engine.writer")
 
+T = TypeVar("T")
 DEFAULT_SHARD_BYTES = 1 << 30
 BOUNCE = 4 << 20  # small entries written without staging are gathered into writes of this size
 # Writes of 4-16 MB went into the page cache at a steady ~5 GB/s on the development VM; 64 MB and
@@ -135,11 +136,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             return write_tensor_file(storage, paths[k], plan, k, buffer, sums, algo)
 
         sums: list[checksum.Value] = [0] * len(plan.sizes)  # not sources: dropped once staged
-        if len(names) > 1:
-            with ThreadPoolExecutor(max_workers=min(4, len(names))) as pool:
-                file_sums = list(pool.map(write, range(len(names))))
-        else:
-            file_sums = [write(k) for k in range(len(names))]
+        file_sums = _each(write, len(names))
         body = {**prepared.body, n.M_CHECKSUM_ALGO: algo.name, n.M_FILES: names,
                 n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
         if prepared.reuse is not None:
@@ -149,6 +146,23 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
         commit.abort(storage, tmp)
         raise
     return body
+
+
+def _each(fn: Callable[[int], T], count: int) -> list[T]:
+    """``[fn(0), ..., fn(count - 1)]``, side by side. Once the interpreter is exiting no thread pool takes
+    work (a process that saves and then ends still completes its save from an atexit handler): what a
+    pool refuses runs here, one after another."""
+    if count < 2:
+        return [fn(k) for k in range(count)]
+    futures = []
+    with ThreadPoolExecutor(max_workers=min(4, count)) as pool:
+        for k in range(count):
+            try:
+                futures.append(pool.submit(fn, k))
+            except RuntimeError:  # "cannot schedule new futures after interpreter shutdown"
+                break
+        rest = [fn(k) for k in range(len(futures), count)]
+        return [f.result() for f in futures] + rest
 
 
 def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[str, Any]:
