@@ -107,6 +107,7 @@ class Checkpointer:
         per_rank: Sequence[str] = (),
         collective_timeout: float = 300.0,
         incremental: bool = False,
+        compression: str | None = None,
     ) -> None:
         self._closed = True  # until construction completes
         self._opts = Options(
@@ -114,10 +115,13 @@ class Checkpointer:
             early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
             every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
             shard_bytes=shard_bytes, storage=storage, fresh=fresh, per_rank=per_rank,
-            collective_timeout=collective_timeout, incremental=incremental)
+            collective_timeout=collective_timeout, incremental=incremental, compression=compression)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
         self._job = Job(self._opts.collective_timeout) if job_active() else None
+        if self._job is not None and compression is not None:
+            raise ConfigurationError("compression is not supported for distributed jobs yet; "
+                                     "leave compression=None under torchrun")
         self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
         self._storage: Storage = self._opts.storage or open_storage(self.path, storage_options)
         self._lock = writer_lock(self._storage)  # a file lock, or a lease on object stores
@@ -250,7 +254,9 @@ class Checkpointer:
                  pin: bool) -> tuple[Pending, Prepared]:
         """Name the checkpoint, work out its run state and encode everything; raises before any change."""
         pending, meta = self._propose(step, epoch, metrics, extra, pin)
-        return pending, prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes)
+        prepared = prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes)
+        prepared.compression = self._opts.compression
+        return pending, prepared
 
     def _propose(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
                  pin: bool) -> tuple[Pending, dict[str, Any]]:

@@ -32,7 +32,7 @@ from savegame.engine import packs
 from savegame.engine.dedup import Location
 from savegame.engine.gcpause import never_in_this_thread, pausing
 from savegame.engine.staging import SMALL, Snapshot, Staging, copy_out
-from savegame.format import checksum, codec, layout, manifest
+from savegame.format import checksum, codec, compression, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import build_header
 from savegame.storage.base import Storage, WriteHandle
@@ -57,6 +57,7 @@ class Prepared:
     body: dict[str, Any]
     plan: layout.TensorPlan
     reuse: dict[int, Location] | None = None  # incremental (v4): entries the content store holds already
+    compression: str | None = None  # "zstd": entries stored compressed where it pays (v5)
 
     @property
     def nbytes(self) -> int:
@@ -119,8 +120,12 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             names = [n.TENSOR_FILE.format(index=k) for k in range(len(plan.files))]
             paths = [f"{tmp}/{name}" for name in names]
 
+        coded = _Coded(len(plan.sizes)) if prepared.compression else None
+
         def write(k: int) -> str | int:
             buffer = snap[k] if snap is not None else None
+            if coded is not None:
+                return write_compressed_file(storage, paths[k], plan, k, buffer, sums, algo, coded)
             return write_tensor_file(storage, paths[k], plan, k, buffer, sums, algo)
 
         sums: list[checksum.Value] = [0] * len(plan.sizes)  # not sources: dropped once staged
@@ -131,6 +136,9 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             file_sums = [write(k) for k in range(len(names))]
         body = {**prepared.body, n.M_CHECKSUM_ALGO: algo.name, n.M_FILES: names,
                 n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
+        if coded is not None and coded.any():  # nothing compressed: the plain format, which any reader reads
+            body[n.M_VERSION] = n.COMPRESSED_FORMAT_VERSION
+            body[n.M_ENTRIES] = coded.table(body[n.M_ENTRIES], plan)
         if prepared.reuse is not None:
             packs.reference(storage, body, prepared.reuse, fresh=bool(names))
         commit.commit(storage, tmp, final, manifest.dumps(manifest.compact(body)))
@@ -146,6 +154,67 @@ def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[st
     return {n.E_FILE: plan.shard, n.E_DTYPE: dtypes, n.E_SHAPE: plan.shapes,
             n.E_START: plan.start, n.E_END: [s + z for s, z in zip(plan.start, plan.sizes, strict=True)],
             n.E_SUM: sums}
+
+
+class _Coded:
+    """Per entry, how a compressed save stored it: codec, offset and size of the stored bytes."""
+
+    def __init__(self, count: int) -> None:
+        self.codec, self.start, self.size = [n.CODEC_RAW] * count, [0] * count, [0] * count
+
+    def any(self) -> bool:
+        return any(c != n.CODEC_RAW for c in self.codec)
+
+    def table(self, entries: dict[str, Any], plan: layout.TensorPlan) -> dict[str, Any]:
+        """The entry table of a v5 manifest: stored ranges, each entry's codec and raw size."""
+        ends = [s + z for s, z in zip(self.start, self.size, strict=True)]
+        return {**entries, n.E_START: self.start, n.E_END: ends, n.E_CODEC: self.codec, n.E_RAW: plan.sizes}
+
+
+def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
+                          sums: list[checksum.Value], algo: checksum.Algorithm, coded: _Coded) -> checksum.Value:
+    """Tensor file ``k`` with each entry compressed where it pays (``coded`` records how); return the header's sum.
+
+    Entries stored raw come first, in the plan's order (so they stay aligned); compressed ones follow
+    as ``U8`` byte strings. The compressed bytes of the whole file are held in memory until the header,
+    which needs their sizes, is written. Checksums cover the stored bytes.
+    """
+    packer, blobs = compression.Packer(), {}
+    for e in plan.files[k]:
+        data = _entry_bytes(plan, e, buffer)
+        coded.codec[e], blobs[e] = packer.pack(data, plan.dtypes[e].itemsize)
+        sums[e] = algo.of(blobs[e])
+    order = sorted(plan.files[k], key=lambda e: coded.codec[e] != n.CODEC_RAW)
+    offset = 0
+    for e in order:
+        coded.start[e], coded.size[e] = offset, len(blobs[e])
+        offset += len(blobs[e])
+    raw = [coded.codec[e] == n.CODEC_RAW for e in order]
+    header = build_header([f"e{e}" for e in order], [plan.dtypes[e] if r else torch.uint8 for e, r in zip(order, raw)],
+                          [plan.shapes[e] if r else (coded.size[e],) for e, r in zip(order, raw)],
+                          [coded.size[e] for e in order])
+    handle = storage.create(path)
+    try:
+        handle.write(memoryview(header))
+        for e in order:
+            blob = memoryview(blobs[e])
+            for start in range(0, len(blob), WRITE):
+                handle.write(blob[start:start + WRITE])
+    except Exception:
+        handle.abort()
+        raise
+    handle.close()
+    return algo.of(header)
+
+
+def _entry_bytes(plan: layout.TensorPlan, e: int, buffer: torch.Tensor | None) -> memoryview:
+    """Entry ``e``'s bytes: a slice of its staged buffer, or of (a CPU copy of) the live tensor."""
+    if buffer is not None:
+        start = plan.start[e]
+        return buffer.numpy().data[start:start + plan.sizes[e]]
+    if not plan.sizes[e]:
+        return memoryview(b"")
+    return plan.sources[e].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def write_tensor_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
