@@ -1,0 +1,173 @@
+"""compression="zstd" end to end: exact round trips, smaller files, the CLI, mmap loads, S3."""
+
+from __future__ import annotations
+
+import json
+import pytest
+import torch
+from click.testing import CliRunner
+
+import savegame
+from savegame.cli import main
+from savegame.engine.reader import read_manifest
+from savegame.format import names as n
+from savegame.storage import LocalStorage
+
+STEP = "step-0000000001"
+
+
+class Extras:
+    """Tensors of every kind a compressed save must keep exactly."""
+
+    def __init__(self) -> None:
+        base = torch.arange(4096, dtype=torch.float32) / 64
+        self.value = {"ids": torch.arange(8192) % 97, "i32": torch.arange(4096, dtype=torch.int32) % 5,
+                      "empty": torch.empty(0, 16), "empty_bf16": torch.empty(3, 0, dtype=torch.bfloat16),
+                      "base": base, "view": base[100:300], "strided": base.reshape(64, 64).t(),
+                      "noise": torch.randint(0, 256, (8192,), dtype=torch.uint8), "flags": torch.arange(5000) % 2 == 0,
+                      "scalar": torch.tensor(3.5, dtype=torch.float64)}
+
+    def state_dict(self) -> dict:
+        return self.value
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = dict(state)
+
+
+def objects(seed: int = 0, dtype: torch.dtype = torch.float32) -> dict:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32)).to(dtype)
+    with torch.no_grad():  # trained-like weights: N(0, 0.02)
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(8, 64, dtype=dtype)).pow(2).mean().backward()
+        opt.step()
+    return {"model": model, "optimizer": opt, "extras": Extras()}
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def state_of(objs: dict) -> dict:
+    return {"model": objs["model"].state_dict(), "optimizer": objs["optimizer"].state_dict(),
+            "extras": objs["extras"].state_dict()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("async_save", [True, False])
+def test_model_adamw_and_every_tensor_kind_round_trip_exactly(tmp_path, dtype, async_save):
+    objs = objects(0, dtype)
+    with savegame.Checkpointer(tmp_path, objs, compression="zstd", async_save=async_save) as ckpt:
+        ckpt.save(1)
+    expected = {k: _clone(v) for k, v in state_of(objs).items()}
+    codecs = read_manifest(LocalStorage(tmp_path), STEP)[n.M_ENTRIES][n.E_CODEC]
+    assert {"raw", "zstd+bytegroup"} <= set(codecs)  # mixed entries in one checkpoint
+    fresh = objects(1, dtype)
+    with savegame.Checkpointer(tmp_path, fresh, compression="zstd") as ckpt:
+        assert ckpt.restore().step == 1
+    assert same(state_of(fresh), expected)
+    extras = fresh["extras"].value
+    assert extras["view"].untyped_storage().data_ptr() == extras["base"].untyped_storage().data_ptr()
+    extras["base"][150] = -1.0  # the view still shares the restored storage
+    assert extras["view"][50].item() == -1.0
+    for mmap in (False, True):
+        loaded = savegame.load(tmp_path / STEP, mmap=mmap)
+        assert same(dict(loaded["state"]["model"]), expected["model"])
+        assert same(dict(loaded["state"]["extras"]), expected["extras"])
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clone(v) for v in value]
+    return value
+
+
+def test_compressible_state_is_smaller_on_disk_and_restores_the_same(tmp_path):
+    sizes = {}
+    for comp in (None, "zstd"):
+        objs = objects(0, torch.bfloat16)
+        with savegame.Checkpointer(tmp_path / str(comp), objs, compression=comp) as ckpt:
+            ckpt.save(1)
+        sizes[comp] = sum(p.stat().st_size for p in (tmp_path / str(comp) / STEP).iterdir())
+    assert sizes["zstd"] < 0.8 * sizes[None]
+    plain = savegame.load(tmp_path / "None" / STEP)
+    packed = savegame.load(tmp_path / "zstd" / STEP)
+    assert same(dict(plain["state"]), dict(packed["state"]))
+
+
+def test_a_save_in_which_nothing_pays_is_byte_for_byte_the_plain_format(tmp_path):
+    from savegame.engine.writer import prepare, snapshot, write_checkpoint
+
+    noise = torch.randint(0, 256, (1 << 16,), dtype=torch.uint8)
+    for comp in (None, "zstd"):
+        tree = {n.TREE_STATE: {"x": {"noise": noise, "small": torch.zeros(10)}}, n.TREE_RNG: {}}
+        prepared = prepare(tree, {n.M_STEP: 1, n.M_METRICS: {}, n.M_TIME: 0.0, n.M_PINNED: False})
+        prepared.compression = comp
+        (tmp_path / str(comp)).mkdir()
+        write_checkpoint(LocalStorage(tmp_path / str(comp)), STEP, prepared, snapshot(prepared, None))
+    for name in (n.MANIFEST, "tensors-00000.safetensors"):
+        assert (tmp_path / "None" / STEP / name).read_bytes() == (tmp_path / "zstd" / STEP / name).read_bytes()
+    assert json.loads((tmp_path / "zstd" / STEP / n.MANIFEST).read_bytes())["format_version"] == 2
+
+
+def test_cli_verify_inspect_export_and_ls_read_compressed_checkpoints(tmp_path):
+    objs = objects()
+    with savegame.Checkpointer(tmp_path / "run", objs, compression="zstd") as ckpt:
+        ckpt.save(1)
+    ckpt_dir = str(tmp_path / "run" / STEP)
+    runner = CliRunner()
+    for args in (["verify", str(tmp_path / "run")], ["inspect", ckpt_dir], ["inspect", "--json", "--tree", ckpt_dir],
+                 ["ls", "--verify", str(tmp_path / "run")],
+                 ["export", ckpt_dir, "--to", str(tmp_path / "w.safetensors")]):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 0, (args, result.output)
+    from safetensors.torch import load_file
+
+    exported = load_file(str(tmp_path / "w.safetensors"))
+    assert same(exported, {k: v for k, v in objs["model"].state_dict().items()})
+
+
+def test_restore_of_a_damaged_compressed_checkpoint_falls_back(tmp_path):
+    from tests.damage import flip_data_byte
+
+    objs = objects()
+    with savegame.Checkpointer(tmp_path, objs, compression="zstd", async_save=False) as ckpt:
+        ckpt.save(1)
+        old = {k: v.clone() for k, v in objs["model"].state_dict().items()}
+        with torch.no_grad():
+            objs["model"][0].weight.add_(1.0)
+        ckpt.save(2)
+    doc = read_manifest(LocalStorage(tmp_path), "step-0000000002")
+    entry = doc[n.M_ENTRIES][n.E_CODEC].index("zstd+bytegroup")
+    flip_data_byte(tmp_path / "step-0000000002", entry)
+    assert CliRunner().invoke(main, ["verify", str(tmp_path)]).exit_code == 1
+    fresh = objects(1)
+    with savegame.Checkpointer(tmp_path, fresh) as ckpt:
+        assert ckpt.restore().step == 1
+    assert same(dict(fresh["model"].state_dict()), old)
+
+
+def test_compressed_checkpoints_on_s3(run_url):
+    objs = objects()
+    with savegame.Checkpointer(run_url, objs, compression="zstd") as ckpt:
+        ckpt.save(1)
+    expected = {k: v.clone() for k, v in objs["model"].state_dict().items()}
+    fresh = objects(1)
+    with savegame.Checkpointer(run_url, fresh) as ckpt:
+        assert ckpt.restore().step == 1
+    assert same(dict(fresh["model"].state_dict()), expected)
+    assert same(dict(savegame.load(f"{run_url}/{STEP}")["state"]["model"]), expected)
+
