@@ -62,8 +62,7 @@ def state_of(objs: dict) -> dict:
             "extras": objs["extras"].state_dict()}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("async_save", [True, False])
+@pytest.mark.parametrize("dtype, async_save", [(torch.float32, True), (torch.bfloat16, False)])
 def test_model_adamw_and_every_tensor_kind_round_trip_exactly(tmp_path, dtype, async_save):
     objs = objects(0, dtype)
     with savegame.Checkpointer(tmp_path, objs, compression="zstd", async_save=async_save) as ckpt:
