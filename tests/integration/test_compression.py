@@ -133,6 +133,10 @@ def test_cli_verify_inspect_export_and_ls_read_compressed_checkpoints(tmp_path):
                  ["export", ckpt_dir, "--to", str(tmp_path / "w.safetensors")]):
         result = runner.invoke(main, args)
         assert result.exit_code == 0, (args, result.output)
+    shown = runner.invoke(main, ["inspect", "--json", ckpt_dir]).output
+    packed = json.loads(shown)["compressed"]
+    assert packed["entries"] > 0 and packed["stored_bytes"] < packed["raw_bytes"]
+    assert "compressed" in runner.invoke(main, ["inspect", ckpt_dir]).output
     from safetensors.torch import load_file
 
     exported = load_file(str(tmp_path / "w.safetensors"))
