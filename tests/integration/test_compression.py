@@ -174,3 +174,42 @@ def test_compressed_checkpoints_on_s3(run_url):
     assert same(dict(fresh["model"].state_dict()), expected)
     assert same(dict(savegame.load(f"{run_url}/{STEP}")["state"]["model"]), expected)
 
+
+
+def test_a_crash_at_any_operation_of_a_compressed_save_leaves_the_older_checkpoint_restorable(tmp_path):
+    from savegame.run.directory import RunDir
+    from savegame.storage import FaultyStorage, InjectedFault
+
+    def model() -> torch.nn.Linear:
+        m = torch.nn.Linear(64, 64)
+        with torch.no_grad():
+            m.weight.copy_((torch.arange(4096).reshape(64, 64) % 13) / 16)
+        return m
+
+    probe = FaultyStorage(LocalStorage(tmp_path / "probe"))
+    with savegame.Checkpointer(tmp_path / "probe", {"m": model()}, storage=probe, compression="zstd",
+                               async_save=False) as ckpt:
+        ckpt.save(1)
+        start = len(probe.ops)
+        ckpt.save(2)
+        total = len(probe.ops) - start
+    for op in range(total):
+        run, m = tmp_path / f"run{op}", model()
+        with savegame.Checkpointer(run, {"m": m}, compression="zstd", async_save=False) as ckpt:
+            ckpt.save(1)
+        first = m.weight.detach().clone()
+        faulty = FaultyStorage(LocalStorage(run), crash=True)
+        ckpt = savegame.Checkpointer(run, {"m": m}, storage=faulty, compression="zstd", async_save=False)
+        ckpt.restore()
+        faulty.fail_at = len(faulty.ops) + op
+        with torch.no_grad():
+            m.weight.add_(1.0)
+        with pytest.raises(InjectedFault):
+            ckpt.save(2)
+        ckpt._lock.release()  # the "dead" process's lock goes with it
+        fresh = model()
+        with savegame.Checkpointer(run, {"m": fresh}) as again:
+            step = again.restore().step
+        assert step in (1, 2), op
+        assert torch.equal(fresh.weight, first if step == 1 else first + 1.0), op
+        assert "step-0000000001" in RunDir(LocalStorage(run)).names()
