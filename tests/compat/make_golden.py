@@ -13,6 +13,7 @@ from savegame.format import names as n
 from savegame.storage import LocalStorage
 from tests.compat.golden import expected_state
 
+
 def write_v4(out: Path) -> None:
     """Format v4 (incremental): step 7 writes a pack, step 8 (the same state) references it, writing nothing."""
     from savegame.engine.dedup import Dedup

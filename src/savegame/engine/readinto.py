@@ -21,7 +21,7 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from savegame.engine import todevice
+from savegame.engine import inflate, todevice
 from savegame.engine.staging import SMALL
 from savegame.errors import CorruptCheckpointError, StorageError
 from savegame.format import checksum, codec, compression
@@ -85,8 +85,8 @@ def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify:
     spans = {doc[n.M_TENSORS][n.T_ENTRY][v["tensor"]] for v in doc[n.M_TENSORS][n.T_VIEWS]}
     lazy = into is None
     job = _Job(entries, dtypes_of(entries[n.E_DTYPE]), algo if verify else None, into, spans, on_device or set())
-    later = inflate(storage, name, doc, sorted(packed), job.out, algo if verify else None,
-                    set(live) | job.on_device, lazy) if packed else {}
+    later = inflate.inflate(storage, name, doc, sorted(packed), job.out, algo if verify else None,
+                            set(live) | job.on_device, lazy) if packed else {}
     ends = file_ends(doc)
     ranged = not lazy and getattr(storage, "ranged_reads", False)  # an object store: no mapping, reads by range
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
@@ -104,48 +104,6 @@ def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify:
         for e, tensor in later.items():
             job.out[e].copy_(tensor)
     return job.out
-
-
-def inflate(storage: Storage, name: str, doc: Mapping[str, Any], packed: list[int], out: list[torch.Tensor],
-            algo: checksum.Algorithm | None, hold: set[int], lazy: bool) -> dict[int, torch.Tensor]:
-    """Read, check (``algo``) and decompress the compressed entries ``packed`` into ``out`` (by entry).
-
-    Entries in ``hold`` (live or GPU tensors) are decompressed into CPU tensors returned for the
-    caller to copy once everything has been read; with ``lazy`` every entry gets a new tensor.
-    """
-    entries = doc[n.M_ENTRIES]
-    files, starts, ends = entries[n.E_FILE], entries[n.E_START], entries[n.E_END]
-    dtypes, later = dtypes_of(entries[n.E_DTYPE]), {}
-    for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
-        mine = sorted((e for e in packed if files[e] == k), key=starts.__getitem__)
-        if not mine:
-            continue
-        path = n.file_path(name, file)
-        where = f"{storage.root}/{path}"
-        try:
-            size = storage.size(path)
-            with storage.open_read(path) as f:
-                start, _ = read_header(f, size, where, expected, algo=checksum.Algorithm(doc[n.M_CHECKSUM_ALGO]),
-                                       parse=False)
-                for e in mine:
-                    f.seek(start + starts[e])
-                    blob = f.read(ends[e] - starts[e])
-                    if len(blob) != ends[e] - starts[e]:
-                        raise CorruptCheckpointError(f"{where}: truncated (entry {e} incomplete); the checkpoint is damaged")
-                    if algo is not None and algo.of(blob) != entries[n.E_SUM][e]:
-                        raise CorruptCheckpointError(f"{where}: checksum mismatch in entry {e}; the data is damaged")
-                    dest = out[e]
-                    if lazy or e in hold:
-                        dest = torch.empty(entries[n.E_SHAPE][e], dtype=dtypes[e])
-                    compression.unpack_into(entries[n.E_CODEC][e], blob, entries[n.E_RAW][e], dtypes[e].itemsize,
-                                            dest.data_ptr(), f"{where}: entry {e}")
-                    if e in hold and not lazy:
-                        later[e] = dest
-                    else:
-                        out[e] = dest
-        except StorageError as exc:
-            raise CorruptCheckpointError(f"{where}: cannot be read ({exc}); the checkpoint is incomplete") from exc
-    return later
 
 
 def _read_straight(storage: Storage, path: str, where: str, expected: checksum.Value | None,

@@ -45,6 +45,7 @@ BOUNCE = 4 << 20  # small entries written without staging are gathered into writ
 # Writes of 4-16 MB went into the page cache at a steady ~5 GB/s on the development VM; 64 MB and
 # larger ones sometimes stalled for seconds, and 1 MB ones were 10x slower (benchmarks/, BENCHMARKS.md).
 WRITE = 8 << 20
+PACKERS = min(4, os.cpu_count() or 1)  # threads compressing the entries of one file (compression="zstd")
 WRITER_NICE = 19  # the background writer's nice value on Linux: the lowest priority (see _yield_to_training)
 
 __all__ = ["BackgroundWriter", "Prepared", "Staging", "prepare", "snapshot", "write_checkpoint"]
@@ -179,11 +180,16 @@ def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, 
     as ``U8`` byte strings. The compressed bytes of the whole file are held in memory until the header,
     which needs their sizes, is written. Checksums cover the stored bytes.
     """
-    packer, blobs = compression.Packer(), {}
-    for e in plan.files[k]:
-        data = _entry_bytes(plan, e, buffer)
-        coded.codec[e], blobs[e] = packer.pack(data, plan.dtypes[e].itemsize)
+    local, blobs = threading.local(), {}
+
+    def pack(e: int) -> None:  # in a few threads: zstd and the checksum release the GIL
+        packer = getattr(local, "packer", None) or compression.Packer()
+        local.packer = packer
+        coded.codec[e], blobs[e] = packer.pack(_entry_bytes(plan, e, buffer), plan.dtypes[e].itemsize)
         sums[e] = algo.of(blobs[e])
+
+    with ThreadPoolExecutor(max_workers=PACKERS) as pool:
+        list(pool.map(pack, plan.files[k]))
     order = sorted(plan.files[k], key=lambda e: coded.codec[e] != n.CODEC_RAW)
     offset = 0
     for e in order:
