@@ -135,6 +135,9 @@ def test_hostile_compressed_entry_is_a_damaged_checkpoint_and_restore_falls_back
         assert ckpt.restore().step == 1  # "latest" falls back past it
     assert all(torch.equal(v, base[1][k]) for k, v in objs["model"].state_dict().items())
     assert verify_checkpoint(LocalStorage(run), h.OLD) == []
+    (tmp_path / "out").mkdir()
+    for args in h.cli_commands(run, tmp_path / "out"):  # exit 0, 1 or 2 with one error line, never a traceback
+        h.run_cli(args)
     if case in ("corrupt frame", "corrupt frame body", "frame of fewer bytes", "frame of fewer bytes, no size",
                 "frame declaring more"):
         return  # checksums hold: verify (which never decompresses) passes, as documented
