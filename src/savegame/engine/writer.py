@@ -188,8 +188,12 @@ def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, 
         coded.codec[e], blobs[e] = packer.pack(_entry_bytes(plan, e, buffer), plan.dtypes[e].itemsize)
         sums[e] = algo.of(blobs[e])
 
+    small = [e for e in plan.files[k] if plan.sizes[e] < compression.MIN_BYTES]  # stored raw: no thread needed
+    for e in small:
+        blobs[e] = _entry_bytes(plan, e, buffer)
+        sums[e] = algo.of(blobs[e])
     with ThreadPoolExecutor(max_workers=PACKERS) as pool:
-        list(pool.map(pack, plan.files[k]))
+        list(pool.map(pack, [e for e in plan.files[k] if plan.sizes[e] >= compression.MIN_BYTES]))
     order = sorted(plan.files[k], key=lambda e: coded.codec[e] != n.CODEC_RAW)
     offset = 0
     for e in order:
