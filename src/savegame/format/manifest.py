@@ -28,7 +28,7 @@ from typing import Any
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum, chunks
 from savegame.format import names as n
-from savegame.format.codec import stored_dtype
+from savegame.format.codec import brief, stored_dtype
 from savegame.format.compression import check_bound
 
 MAX_BYTES = 2**63
@@ -230,7 +230,8 @@ def _raw_sizes(entries: dict[str, Any], stored: list[int], coded: bool) -> list[
             if size != held:
                 raise CorruptCheckpointError(f"raw entry {e} holds {held} bytes, not {size}")
         elif codec not in n.CODECS:
-            raise CorruptCheckpointError(f"entry {e} has an unknown codec {codec!r} (this savegame knows {n.CODECS})")
+            raise CorruptCheckpointError(f"entry {e} has an unknown codec {brief(codec)} (this savegame knows "
+                                         f"{', '.join(n.CODECS)})")
         elif not check_bound(held, size):
             raise CorruptCheckpointError(f"compressed entry {e} declares {size} bytes from {held}: more than zstd "
                                          "can produce")
