@@ -132,3 +132,13 @@ def test_compression_without_zstandard_says_how_to_install_it(tmp_path, monkeypa
     with pytest.raises(ConfigurationError, match=r"pip install 'savegame\[zstd\]'"):
         savegame.Checkpointer(tmp_path, {}, compression="zstd")
     savegame.Checkpointer(tmp_path, {}).close()  # the default needs nothing
+
+
+def test_reading_a_compressed_checkpoint_without_zstandard_says_how_to_install_it(monkeypatch):
+    from pathlib import Path
+
+    golden = Path(__file__).parents[1] / "compat" / "data" / "v5" / "step-0000000007"
+    monkeypatch.setitem(sys.modules, "zstandard", None)
+    with pytest.raises(ConfigurationError, match=r"reading compressed checkpoints, need .*pip install 'savegame\[zstd\]'"):
+        savegame.load(golden)
+    savegame.load(golden.parents[1] / "v2" / "step-0000000007")  # plain checkpoints need nothing

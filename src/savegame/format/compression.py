@@ -39,7 +39,8 @@ def zstd() -> ModuleType:
     try:
         import zstandard
     except ImportError as exc:
-        raise ConfigurationError(f"compression='zstd' needs the zstandard package: {INSTALL}") from exc
+        raise ConfigurationError(f"compression='zstd', and reading compressed checkpoints, need the zstandard "
+                                 f"package: {INSTALL}") from exc
     return zstandard
 
 
