@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import savegame
 from savegame.cli import main
@@ -214,3 +216,35 @@ def test_a_crash_at_any_operation_of_a_compressed_save_leaves_the_older_checkpoi
         assert step in (1, 2), op
         assert torch.equal(fresh.weight, first if step == 1 else first + 1.0), op
         assert "step-0000000001" in RunDir(LocalStorage(run)).names()
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.int64, torch.int16, torch.uint8,
+          torch.bool, torch.complex64, torch.float8_e4m3fn]
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(specs=st.lists(st.tuples(st.sampled_from(DTYPES), st.lists(st.integers(0, 40), max_size=3), st.booleans()),
+                      min_size=1, max_size=6), seed=st.integers(0, 2**16))
+def test_random_tensors_round_trip_exactly_through_a_compressed_checkpoint(tmp_path_factory, specs, seed):
+    from savegame.engine.writer import prepare, snapshot, write_checkpoint
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for i, (dtype, shape, smooth) in enumerate(specs):
+        count = 1
+        for dim in shape:
+            count *= dim
+        raw = (torch.arange(count * dtype.itemsize) % 5).to(torch.uint8) if smooth else \
+            torch.randint(0, 256, (count * dtype.itemsize,), dtype=torch.uint8, generator=gen)
+        tensors[f"t{i}"] = raw.view(dtype).reshape(shape)
+    root = tmp_path_factory.mktemp("prop")
+    tree = {n.TREE_STATE: {"x": tensors}, n.TREE_RNG: {}}
+    prepared = prepare(tree, {n.M_STEP: 1, n.M_METRICS: {}, n.M_TIME: 0.0, n.M_PINNED: False})
+    prepared.compression = "zstd"
+    write_checkpoint(LocalStorage(root), STEP, prepared, snapshot(prepared, None))
+    for mmap in (False, True):
+        back = savegame.load(root / STEP, mmap=mmap)["state"]["x"]
+        for key, t in tensors.items():
+            got = back[key]
+            assert got.dtype == t.dtype and got.shape == t.shape
+            assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), key
