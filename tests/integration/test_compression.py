@@ -248,3 +248,29 @@ def test_random_tensors_round_trip_exactly_through_a_compressed_checkpoint(tmp_p
             got = back[key]
             assert got.dtype == t.dtype and got.shape == t.shape
             assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), key
+
+
+def test_one_run_can_switch_between_incremental_and_compressed_saves(tmp_path):
+    """The two are refused together, not in one run directory: each save is read as what it is."""
+    from savegame.engine.reader import verify_checkpoint
+    from savegame.run.directory import RunDir
+
+    objs = objects()
+    expected = {}
+    for step, options in enumerate(({"incremental": True}, {"compression": "zstd"}, {"incremental": True}), 1):
+        with savegame.Checkpointer(tmp_path, objs, **options) as ckpt:
+            if step > 1:
+                ckpt.restore()
+            with torch.no_grad():
+                objs["model"][0].weight.add_(1.0)
+            ckpt.save(step)
+        expected[step] = {k: v.clone() for k, v in objs["model"].state_dict().items()}
+    storage = LocalStorage(tmp_path)
+    versions = [read_manifest(storage, f"step-{s:010d}")[n.M_VERSION] for s in (1, 2, 3)]
+    assert versions == [4, 5, 4]
+    assert all(verify_checkpoint(storage, name) == [] for name in RunDir(storage).names())
+    for step in (1, 2, 3):
+        fresh = objects(1)
+        with savegame.Checkpointer(tmp_path, fresh) as ckpt:
+            assert ckpt.restore(step).step == step
+        assert same(dict(fresh["model"].state_dict()), expected[step])
