@@ -123,10 +123,10 @@ class Checkpointer:
             collective_timeout=collective_timeout, incremental=incremental, compression=compression)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
-        self._job = Job(self._opts.collective_timeout) if job_active() else None
-        if self._job is not None and compression is not None:
+        if compression is not None and job_active():
             raise ConfigurationError("compression is not supported for distributed jobs yet; "
                                      "leave compression=None under torchrun")
+        self._job = Job(self._opts.collective_timeout) if job_active() else None
         self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
         self._storage: Storage = self._opts.storage or open_storage(self.path, storage_options)
         self._lock = writer_lock(self._storage)  # a file lock, or a lease on object stores

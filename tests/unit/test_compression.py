@@ -142,3 +142,12 @@ def test_reading_a_compressed_checkpoint_without_zstandard_says_how_to_install_i
     with pytest.raises(ConfigurationError, match=r"reading compressed checkpoints, need .*pip install 'savegame\[zstd\]'"):
         savegame.load(golden)
     savegame.load(golden.parents[1] / "v2" / "step-0000000007")  # plain checkpoints need nothing
+
+
+def test_compression_in_a_distributed_job_is_refused_before_anything_else(tmp_path, monkeypatch):
+    import savegame.checkpointer
+
+    monkeypatch.setattr(savegame.checkpointer, "job_active", lambda: True)
+    with pytest.raises(ConfigurationError, match="not supported for distributed jobs yet"):
+        savegame.Checkpointer(tmp_path, {}, compression="zstd")
+    assert not any(tmp_path.iterdir())
