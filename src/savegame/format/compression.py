@@ -63,16 +63,19 @@ class Packer:
         size = len(data)
         if size < MIN_BYTES:
             return n.CODEC_RAW, data
-        grouped = itemsize > 1 and size % itemsize == 0 and self._groups_better(data, itemsize)
-        codec = n.CODEC_ZSTD_GROUPED if grouped else n.CODEC_ZSTD
-        blob = self._c.compress(group(data, itemsize) if grouped else data)
+        codec, blob = n.CODEC_ZSTD, None
+        if itemsize > 1 and size % itemsize == 0:  # byte grouping, where a sample compresses better with it
+            sample = data[:SAMPLE - SAMPLE % itemsize]
+            plain, grouped = self._c.compress(sample), self._c.compress(group(sample, itemsize))
+            if len(grouped) < len(plain):
+                codec = n.CODEC_ZSTD_GROUPED
+            if len(sample) == size:  # the sample was the whole entry
+                blob = grouped if codec == n.CODEC_ZSTD_GROUPED else plain
+        if blob is None:
+            blob = self._c.compress(group(data, itemsize) if codec == n.CODEC_ZSTD_GROUPED else data)
         if len(blob) >= PAYS * size:
             return n.CODEC_RAW, data
         return codec, blob
-
-    def _groups_better(self, data: memoryview, itemsize: int) -> bool:
-        sample = data[:SAMPLE - SAMPLE % itemsize]
-        return len(self._c.compress(group(sample, itemsize))) < len(self._c.compress(sample))
 
 
 def group(data: memoryview | bytes, itemsize: int) -> memoryview:
