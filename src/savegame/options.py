@@ -70,7 +70,7 @@ class Options:
         _check_name_format(self.name_format)
         _check_storage(self.storage)
         _check_per_rank(self.per_rank)
-        _check_compression(self.compression, self.incremental)
+        _check_compression(self.compression)
         _check_seconds(self.collective_timeout, "collective_timeout")
         if self.collective_timeout is None:
             raise ConfigurationError("collective_timeout must be a number of seconds > 0, got None")
@@ -212,13 +212,9 @@ def _check_per_rank(names: object) -> None:
 COMPRESSIONS = (None, "zstd")
 
 
-def _check_compression(compression: object, incremental: bool) -> None:
+def _check_compression(compression: object) -> None:
     if compression is not None and (not isinstance(compression, str) or compression not in COMPRESSIONS):
         raise ConfigurationError(f"compression must be None or 'zstd', got {_brief(compression)}")
     if compression is None:
         return
-    if incremental:
-        raise ConfigurationError(
-            "compression='zstd' cannot be combined with incremental=True yet; choose one (incremental saves "
-            "less when few tensors change between saves, compression when most do)")
     compression_module.zstd()  # ConfigurationError naming pip install 'savegame[zstd]' when it is missing

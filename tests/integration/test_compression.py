@@ -274,3 +274,57 @@ def test_one_run_can_switch_between_incremental_and_compressed_saves(tmp_path):
         with savegame.Checkpointer(tmp_path, fresh) as ckpt:
             assert ckpt.restore(step).step == step
         assert same(dict(fresh["model"].state_dict()), expected[step])
+
+
+def test_incremental_compressed_saves_store_frozen_weights_once_and_share_them_with_plain_saves(tmp_path):
+    """An entry is known by the digest of its raw bytes, so incremental saves reference what an earlier save
+    stored whether either was compressed: a frozen backbone is stored once across both kinds."""
+    from savegame.engine.reader import verify_checkpoint
+
+    torch.manual_seed(0)
+    backbone, head = torch.nn.Linear(128, 128), torch.nn.Linear(128, 4)
+    with torch.no_grad():
+        backbone.weight.copy_(torch.randn(128, 128).mul(16).round().div(64))  # compressible, frozen
+    backbone.requires_grad_(False)
+    model = torch.nn.Sequential(backbone, head)
+    opt = torch.optim.AdamW(head.parameters())
+    plans = [{"compression": "zstd"}, {"compression": "zstd"}, {}, {"compression": "zstd"}, {}]
+    expected, storage = {}, LocalStorage(tmp_path)
+    for step, options in enumerate(plans, 1):
+        with savegame.Checkpointer(tmp_path, {"model": model, "optimizer": opt}, incremental=True, **options) as ckpt:
+            if step > 1:
+                ckpt.restore()
+            model(torch.randn(2, 128)).sum().backward()
+            opt.step()
+            ckpt.save(step)
+        expected[step] = {k: v.clone() for k, v in model.state_dict().items()}
+    docs = {s: read_manifest(storage, f"step-{s:010d}") for s in expected}
+    weight = docs[1][n.M_TENSORS][n.T_ENTRY][docs[1][n.M_TREE][n.TREE_STATE]["model"]["0.weight"]["$t"]]
+    first = docs[1][n.M_FILES][docs[1][n.M_ENTRIES][n.E_FILE][weight]]
+    assert docs[1][n.M_ENTRIES][n.E_CODEC][weight] == "zstd+bytegroup"
+    for doc in docs.values():  # every later save references the first save's compressed backbone
+        assert doc[n.M_VERSION] == 5 and first in doc[n.M_FILES]
+    packs = sorted((tmp_path / "data").iterdir(), key=lambda p: p.stat().st_size)
+    assert packs[-1].name == first.split("/")[1] and sum(p.stat().st_size for p in packs[:-1]) < 4 * 128 * 128
+    for step, state in expected.items():
+        assert verify_checkpoint(storage, f"step-{step:010d}") == []
+        fresh = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.Linear(128, 4))
+        with savegame.Checkpointer(tmp_path, {"model": fresh}) as ckpt:
+            ckpt.restore(step, only=["model"])
+        assert same(dict(fresh.state_dict()), state)
+
+
+def test_an_incremental_save_references_raw_entries_a_plain_save_stored(tmp_path):
+    torch.manual_seed(0)
+    frozen = {"w": torch.arange(64 * 64, dtype=torch.float32).reshape(64, 64) / 7}
+    holder = Extras()
+    holder.value = frozen
+    for step, options in enumerate(({}, {"compression": "zstd"}), 1):
+        with savegame.Checkpointer(tmp_path, {"x": holder}, incremental=True, **options) as ckpt:
+            if step > 1:
+                ckpt.restore()
+            ckpt.save(step)
+    one, two = (read_manifest(LocalStorage(tmp_path), f"step-{s:010d}") for s in (1, 2))
+    assert one[n.M_VERSION] == 4 and set(one[n.M_FILES]) <= set(two[n.M_FILES])  # the raw entry, referenced
+    assert len(list((tmp_path / "data").iterdir())) <= 2
+    assert same(dict(savegame.load(tmp_path / "step-0000000002")["state"]["x"]), frozen)

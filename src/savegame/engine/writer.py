@@ -121,7 +121,7 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             names = [n.TENSOR_FILE.format(index=k) for k in range(len(plan.files))]
             paths = [f"{tmp}/{name}" for name in names]
 
-        coded = _Coded(len(plan.sizes)) if prepared.compression else None
+        coded = _Coded(len(plan.sizes), packed) if prepared.compression else None
 
         def write(k: int) -> str | int:
             buffer = snap[k] if snap is not None else None
@@ -160,16 +160,23 @@ def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[st
 class _Coded:
     """Per entry, how a compressed save stored it: codec, offset and size of the stored bytes."""
 
-    def __init__(self, count: int) -> None:
+    def __init__(self, count: int, identify: bool) -> None:
         self.codec, self.start, self.size = [n.CODEC_RAW] * count, [0] * count, [0] * count
+        self.content: list[checksum.Value] | None = [""] * count if identify else None  # incremental: identities
 
     def any(self) -> bool:
         return any(c != n.CODEC_RAW for c in self.codec)
 
     def table(self, entries: dict[str, Any], plan: layout.TensorPlan) -> dict[str, Any]:
-        """The entry table of a v5 manifest: stored ranges, each entry's codec and raw size."""
+        """The entry table of a v5 manifest: stored ranges, each entry's codec and raw size (and, for an
+        incremental save, its content identity: the digest of its raw bytes, which is the checksum of an
+        entry stored raw)."""
         ends = [s + z for s, z in zip(self.start, self.size, strict=True)]
-        return {**entries, n.E_START: self.start, n.E_END: ends, n.E_CODEC: self.codec, n.E_RAW: plan.sizes}
+        table = {**entries, n.E_START: self.start, n.E_END: ends, n.E_CODEC: self.codec, n.E_RAW: plan.sizes}
+        if self.content is not None:
+            table[n.E_CONTENT] = [c if codec != n.CODEC_RAW else s
+                                  for c, codec, s in zip(self.content, self.codec, entries[n.E_SUM], strict=True)]
+        return table
 
 
 def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
@@ -185,8 +192,11 @@ def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, 
     def pack(e: int) -> None:  # in a few threads: zstd and the checksum release the GIL
         packer = getattr(local, "packer", None) or compression.Packer()
         local.packer = packer
-        coded.codec[e], blobs[e] = packer.pack(_entry_bytes(plan, e, buffer), plan.dtypes[e].itemsize)
+        data = _entry_bytes(plan, e, buffer)
+        coded.codec[e], blobs[e] = packer.pack(data, plan.dtypes[e].itemsize)
         sums[e] = algo.of(blobs[e])
+        if coded.content is not None and coded.codec[e] != n.CODEC_RAW:
+            coded.content[e] = algo.of(data)
 
     small = [e for e in plan.files[k] if plan.sizes[e] < compression.MIN_BYTES]  # stored raw: no thread needed
     for e in small:

@@ -94,9 +94,11 @@ def compact(body: dict[str, Any]) -> dict[str, Any]:
         codecs = entries[n.E_CODEC]
         if codecs and codecs.count(codecs[0]) == len(codecs):
             entries[n.E_CODEC] = codecs[0]
-    entries[n.E_SUM] = "".join(entries[n.E_SUM])
-    if body.get(n.M_CHECKSUM_ALGO) == checksum.XXH3_128:
-        entries[n.E_SUM] = base64.b64encode(bytes.fromhex(entries[n.E_SUM])).decode()
+    for column in (n.E_SUM, n.E_CONTENT):  # (content: v5 incremental saves, digests like the checksums)
+        if column in entries:
+            entries[column] = "".join(entries[column])
+            if body.get(n.M_CHECKSUM_ALGO) == checksum.XXH3_128:
+                entries[column] = base64.b64encode(bytes.fromhex(entries[column])).decode()
     if body.get(n.M_VERSION, 0) == n.PACKED_FORMAT_VERSION:
         del entries[n.E_END]
     out[n.M_ENTRIES], out[n.M_TENSORS] = entries, tensors
@@ -109,14 +111,9 @@ def _expand(doc: dict[str, Any]) -> None:
     if type(entries) is not dict or type(tensors) is not dict or type(entries.get(n.E_START)) is not list \
             or type(tensors.get(n.T_ENTRY)) is not list:
         raise CorruptCheckpointError("manifest tables are missing or malformed")
-    count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
-    algo = doc.get(n.M_CHECKSUM_ALGO)
-    width = checksum.WIDTH.get(algo, 16) if type(algo) is str else 16  # (anything else is refused later)
-    if algo == checksum.XXH3_128 and type(sums) is str and len(sums) != width * count:
-        sums = _unpack_base64(sums, count)  # (32 hex digits an entry: the first v4 form, read as well)
-    if type(sums) is not str or len(sums) != width * count:
-        raise CorruptCheckpointError("malformed checksum column in manifest")
-    entries[n.E_SUM] = [sums[i:i + width] for i in range(0, len(sums), width)]
+    count = len(entries[n.E_START])
+    for column in (n.E_SUM, n.E_CONTENT) if n.E_CONTENT in entries else (n.E_SUM,):
+        entries[column] = _digests(entries.get(column), count, doc.get(n.M_CHECKSUM_ALGO))
     columns = [(entries, n.E_FILE, count), (entries, n.E_DTYPE, count), (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))]
     if n.E_CODEC in entries:
         columns.append((entries, n.E_CODEC, count))
@@ -125,6 +122,16 @@ def _expand(doc: dict[str, Any]) -> None:
             table[column] = [table.get(column)] * size
     if n.E_END not in entries and doc.get(n.M_VERSION) == n.PACKED_FORMAT_VERSION:
         entries[n.E_END] = _ends(entries)  # (the first v4 form stored it: read as well)
+
+
+def _digests(sums: Any, count: int, algo: Any) -> list[str]:
+    """A column of checksums (or content digests) as stored, one string, as a list of hex strings."""
+    width = checksum.WIDTH.get(algo, 16) if type(algo) is str else 16  # (anything else is refused later)
+    if algo == checksum.XXH3_128 and type(sums) is str and len(sums) != width * count:
+        sums = _unpack_base64(sums, count)  # (32 hex digits an entry: the first v4 form, read as well)
+    if type(sums) is not str or len(sums) != width * count:
+        raise CorruptCheckpointError("malformed checksum column in manifest")
+    return [sums[i:i + width] for i in range(0, len(sums), width)]
 
 
 def _ends(entries: dict[str, Any]) -> list[int]:
@@ -155,13 +162,17 @@ def _check(doc: dict[str, Any]) -> None:
     _check_fields(doc)
     algo = checksum.Algorithm(doc.get(n.M_CHECKSUM_ALGO))  # type: ignore[arg-type]
     files = doc[n.M_FILES]
-    packed = doc[n.M_VERSION] == n.PACKED_FORMAT_VERSION  # v4: files may be packs of the run's content store
+    packed = doc[n.M_VERSION] >= n.PACKED_FORMAT_VERSION  # v4, v5: files may be packs of the run's content store
     if not all(type(f) is str and (n.tensor_file_index(f) is not None or (packed and n.is_pack_file(f)))
                for f in files) or len(set(files)) < len(files):
         raise CorruptCheckpointError("manifest names an unexpected data file")
     if len(doc[n.M_FILE_CHECKSUMS]) != len(files) or not all(map(algo.is_value, doc[n.M_FILE_CHECKSUMS])):
         raise CorruptCheckpointError(f"manifest field {n.M_FILE_CHECKSUMS!r} is malformed")
     _check_entries(doc[n.M_ENTRIES], len(files), algo, doc[n.M_VERSION] == n.COMPRESSED_FORMAT_VERSION)
+    content = doc[n.M_ENTRIES].get(n.E_CONTENT)
+    if content is not None and (doc[n.M_VERSION] != n.COMPRESSED_FORMAT_VERSION or algo.name != checksum.XXH3_128
+                                or not all(map(algo.is_value, content))):
+        raise CorruptCheckpointError("malformed content column in manifest")
     _check_tensors(doc[n.M_TENSORS], doc[n.M_ENTRIES])
 
 

@@ -64,6 +64,7 @@ M_RANKS = "ranks"                      # v3: per rank, {"rng": ..., "state": {pe
 # Columns of the manifest's entry and tensor tables (v2).
 E_FILE, E_DTYPE, E_SHAPE, E_START, E_END, E_SUM = "file", "dtype", "shape", "start", "end", "checksum"
 E_CODEC, E_RAW = "codec", "raw"  # v5: each entry's codec, and its size before compression (bytes)
+E_CONTENT = "content"  # v5 with packs: each entry's content identity, the xxh3-128 of its bytes before compression
 T_ENTRY, T_DEVICE, T_VIEWS = "entry", "device", "views"
 T_KEY, T_CHUNKS = "key", "chunks"  # v3: each tensor's key in the job, and the records of tensors stored in chunks
 
