@@ -81,8 +81,7 @@ class Checkpointer:
 
     ``compression="zstd"`` (``pip install 'savegame[zstd]'``) stores each tensor zstd-compressed
     where that saves space, losslessly; off by default, since on a local disk it makes a save
-    durable later (docs/guide.md, BENCHMARKS.md). Not with ``incremental=True`` or in
-    distributed jobs yet.
+    durable later (docs/guide.md, BENCHMARKS.md). Not in distributed jobs yet.
 
     ``run_dir`` may be the URL of an object store (``s3://bucket/runs/x``, any fsspec URL), with
     ``storage_options`` for fsspec and ``lease_seconds`` for the writer's lease (docs/storage.md).
