@@ -130,3 +130,20 @@ def test_readers_of_versions_1_to_4_refuse_a_v5_checkpoint_by_its_version(monkey
     monkeypatch.setattr(n, "READABLE_VERSION", 4)  # the rule as savegame 1..4 apply it
     with pytest.raises(CorruptCheckpointError, match="format version 5 is not supported"):
         manifest.loads(raw, "v5")
+
+
+@pytest.mark.parametrize("step", [7, 8])
+def test_golden_v5_incremental_compressed_checkpoints_load_exactly_from_one_shared_pack(step):
+    from savegame.engine.reader import read_manifest
+    from savegame.format import names as n
+    from savegame.storage import LocalStorage
+    from tests.compat.golden import expected_compressed_state
+
+    run = DATA / "v5" / "incremental"
+    name = f"step-{step:010d}"
+    for mmap in (False, True):
+        tree = savegame.load(run / name, mmap=mmap)
+        assert tree["step"] == step and same(dict(tree["state"]), expected_compressed_state())
+    doc = read_manifest(LocalStorage(run), name)
+    assert doc[n.M_VERSION] == 5 and doc[n.M_FILES] == [f"data/{p.name}" for p in (run / "data").iterdir()]
+    assert len(doc[n.M_ENTRIES][n.E_CONTENT]) == len(doc[n.M_ENTRIES][n.E_START])
