@@ -3,7 +3,9 @@
 An incremental checkpoint (format v4) writes only its new bytes, into a pack file of
 the run's content store (``data/<id>.safetensors``), and references every other
 entry where an earlier save put it. An entry's identity is its xxh3-128 digest and
-size (its checksum in a v4 manifest, so nothing is hashed twice).
+size (its checksum in a v4 manifest, so nothing is hashed twice); for an entry stored
+compressed (v5), the digest and size of its raw bytes, which the manifest's ``content``
+and ``raw`` columns record, so compressed and plain saves share entries.
 
 :class:`Dedup` decides, in the training thread before the snapshot, which entries
 can be referenced, so unchanged tensors are neither copied nor written. It compares

@@ -3,7 +3,8 @@
 The writer lays out and writes the save's new entries as for any save, into new
 packs of the content store (``data/<id>.safetensors``); :func:`reference` then
 points every reused entry at the pack, byte range and checksum an earlier save
-recorded, and makes the manifest a v4 one. Every pack it names is checked to still
+recorded, and makes the manifest a v4 one (v5 when it holds compressed entries, its own or
+referenced: their codec, raw size and content identity come along). Every pack it names is checked to still
 exist just before the commit, so a content store changed behind the writer's back
 (a pack deleted by hand) fails the save rather than committing a broken checkpoint.
 """
