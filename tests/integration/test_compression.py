@@ -251,7 +251,7 @@ def test_random_tensors_round_trip_exactly_through_a_compressed_checkpoint(tmp_p
 
 
 def test_one_run_can_switch_between_incremental_and_compressed_saves(tmp_path):
-    """The two are refused together, not in one run directory: each save is read as what it is."""
+    """Non-incremental compressed saves between incremental ones: each save is read as what it is."""
     from savegame.engine.reader import verify_checkpoint
     from savegame.run.directory import RunDir
 
