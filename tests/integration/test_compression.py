@@ -328,3 +328,26 @@ def test_an_incremental_save_references_raw_entries_a_plain_save_stored(tmp_path
     assert one[n.M_VERSION] == 4 and set(one[n.M_FILES]) <= set(two[n.M_FILES])  # the raw entry, referenced
     assert len(list((tmp_path / "data").iterdir())) <= 2
     assert same(dict(savegame.load(tmp_path / "step-0000000002")["state"]["x"]), frozen)
+
+
+@pytest.mark.slow  # a child process (imports torch): a few seconds
+def test_sigkill_during_compressed_saves_leaves_the_newest_durable_checkpoint_restorable(tmp_path):
+    from pathlib import Path
+
+    from savegame.engine.reader import verify_checkpoint
+    from savegame.run.directory import RunDir
+    from tests.integration._zstd_save_child import fill
+    from tests.integration.procs import run
+
+    child = Path(__file__).with_name("_zstd_save_child.py")
+    assert run(child, str(tmp_path), "50", kill_on="step 4") == -9  # step 4's write is in flight (or done)
+    storage = LocalStorage(tmp_path)
+    names = RunDir(storage).names()
+    assert names and all(verify_checkpoint(storage, name) == [] for name in names)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256))
+    with savegame.Checkpointer(tmp_path, {"model": model}) as ckpt:
+        step = ckpt.restore().step
+    assert step >= 3  # step 3 was durable when step 4's save() began
+    expected = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.Linear(1024, 256))
+    fill(expected, step)
+    assert same(dict(model.state_dict()), dict(expected.state_dict()))
