@@ -65,10 +65,13 @@ def state_of(objs: dict) -> dict:
             "extras": objs["extras"].state_dict()}
 
 
-@pytest.mark.parametrize("dtype, async_save", [(torch.float32, True), (torch.bfloat16, False)])
-def test_model_adamw_and_every_tensor_kind_round_trip_exactly(tmp_path, dtype, async_save):
+@pytest.mark.parametrize("dtype, async_save, shard_bytes", [(torch.float32, True, 1 << 30),
+                                                             (torch.bfloat16, False, 1 << 30),
+                                                             (torch.float32, True, 20_000)])  # many files
+def test_model_adamw_and_every_tensor_kind_round_trip_exactly(tmp_path, dtype, async_save, shard_bytes):
     objs = objects(0, dtype)
-    with savegame.Checkpointer(tmp_path, objs, compression="zstd", async_save=async_save) as ckpt:
+    with savegame.Checkpointer(tmp_path, objs, compression="zstd", async_save=async_save,
+                               shard_bytes=shard_bytes) as ckpt:
         ckpt.save(1)
     expected = {k: _clone(v) for k, v in state_of(objs).items()}
     codecs = read_manifest(LocalStorage(tmp_path), STEP)[n.M_ENTRIES][n.E_CODEC]
