@@ -103,6 +103,8 @@ CASES = {
     "frame of fewer bytes, no size": lambda run, e: replace_stored(
         run, e, zstandard.ZstdCompressor(write_content_size=False).compress(bytes(RAW - 4))),
     "frame declaring more": frame_declares_more,
+    "stored range far past the file": lambda run, e: rewrite_manifest(
+        run / h.NEW, lambda doc: set_entry(doc, n.E_END, e, 2**56)),
     "grouped codec on a plain frame of other bytes": lambda run, e: replace_stored(
         run, e, zstandard.ZstdCompressor().compress(bytes(RAW))),
 }

@@ -60,6 +60,9 @@ class _Inflater:
             size = storage.size(path)
             with storage.open_read(path) as f:
                 start, _ = read_header(f, size, where, expected, algo=self.header_algo, parse=False)
+                need = max(self.entries[n.E_END][e] for e in mine)
+                if start + need > size:  # before reading (and allocating) what the manifest claims
+                    raise CorruptCheckpointError(f"{where}: truncated ({size - start} data bytes, needs {need})")
                 for e in sorted(mine, key=starts.__getitem__):
                     pending.append(pool.submit(self._decode, e, self._read(f, start, e, where), where))
                     if len(pending) > 2 * THREADS:
