@@ -16,6 +16,8 @@ import pytest
 import torch
 import xxhash
 import zstandard
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import savegame
 from savegame.engine.reader import read_manifest, verify_checkpoint
@@ -24,6 +26,7 @@ from savegame.format import names as n
 from savegame.storage.local import LocalStorage
 from tests.damage import data_byte, rewrite_manifest, set_entry
 from tests.security import _hostile as h
+from tests.security import test_fuzz_structure as fuzz
 
 
 def objects() -> dict:
@@ -145,3 +148,18 @@ def test_hostile_compressed_entry_is_a_damaged_checkpoint_and_restore_falls_back
         return  # checksums hold: verify (which never decompresses) passes, as documented
     assert verify_checkpoint(LocalStorage(run), h.NEW)
     assert h.run_cli(["verify", str(run)]).exit_code == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                HealthCheck.too_slow])
+@given(moves=st.lists(st.tuples(st.integers(min_value=0), fuzz.action), min_size=1, max_size=3))
+def test_fuzzed_entry_tables_of_compressed_checkpoints_give_savegame_errors_only(base, tmp_path_factory, moves):
+    """The structure fuzzer of test_fuzz_structure.py, aimed at the entry table (codec, raw, ranges, sums)."""
+    run = shutil.copytree(base[0], tmp_path_factory.mktemp("case") / "run")
+    rewrite_manifest(run / h.NEW, lambda doc: fuzz.mutate(doc[n.M_ENTRIES], moves))
+    verify_checkpoint(LocalStorage(run), h.NEW)
+    for mmap in (False, True):
+        h.attempt(lambda mmap=mmap: savegame.load(run / h.NEW, mmap=mmap))  # a result or a SavegameError only
+    objs = objects()
+    with savegame.Checkpointer(run, objs) as ckpt:
+        assert ckpt.restore().step in (1, 2)  # at worst the intact older checkpoint
