@@ -234,12 +234,17 @@ class Checkpointer:
             job()
         return os.path.join(self.path, pending.info.name)
 
-    def _seed(self) -> None:
-        """Once: take the content index of the run's newest readable checkpoint (a resumed run references
-        what it already stored)."""
+    def _seed(self, restored: Mapping[str, Any] | None = None) -> None:
+        """Once: take the content index of the checkpoint ``restored`` from this run, else of the run's newest
+        readable checkpoint (a resumed run references what it already stored). Never a checkpoint restore()
+        skipped as damaged: a later save would reference its damaged bytes (say, after training reproduced
+        them exactly from the older checkpoint)."""
         if self._seeded or self._dedup is None:
             return
         self._seeded = True
+        if restored is not None:
+            self._dedup.seed(restored)
+            return
         for name in self._run.newest_first():
             try:
                 self._dedup.seed(reader.read_manifest(self._storage, name))
@@ -402,7 +407,10 @@ class Checkpointer:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))
                 continue
-            return self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
+            info = self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
+            if storage is self._storage and only is None:
+                self._seed(doc)  # the checkpoint just read and checked, not a newer one that was skipped as damaged
+            return info
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
 
     def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,
