@@ -53,7 +53,7 @@ def compressed(entries: Mapping[str, Any]) -> list[int]:
 
 
 class Packer:
-    """Compresses entries for one tensor file (zstandard's compressors are not shared between threads)."""
+    """Compresses entries, in one thread (zstandard's compressors are not shared between threads)."""
 
     def __init__(self) -> None:
         self._c = zstd().ZstdCompressor(level=LEVEL)  # writes the content size: readers check it
