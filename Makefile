@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_incremental.py --out BENCHMARKS.incremental.json
 	$(PY) benchmarks/bench_fsdp.py --out BENCHMARKS.fsdp.json
 	$(PY) benchmarks/bench_s3.py --out BENCHMARKS.s3.json
+	$(PY) benchmarks/bench_zstd.py --out BENCHMARKS.zstd.json
 
 bench-small: $(STAMP)
 	$(PY) benchmarks/bench_save_restore.py --small
@@ -41,6 +42,7 @@ bench-small: $(STAMP)
 	$(PY) benchmarks/bench_incremental.py --small
 	$(PY) benchmarks/bench_fsdp.py --small
 	$(PY) benchmarks/bench_s3.py --small
+	$(PY) benchmarks/bench_zstd.py --small
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .hypothesis

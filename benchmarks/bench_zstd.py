@@ -1,13 +1,18 @@
-"""Would lossless compression (zstd, optionally after byte grouping) pay for checkpoints? Measured, not built.
+"""Lossless compression (zstd, optionally after byte grouping) for checkpoints: codec figures and end to end.
 
-For fp32 and bf16 weights (a trained-like init, N(0, 0.02)), AdamW moments after 50
-steps of random gradients, and an int64 token buffer: the compression ratio and single-core
-compress / decompress speed of zstd levels 1 and 3, on the raw bytes and after byte
-grouping (byte k of every element together, which puts the exponent bytes side by
-side), against writing the raw bytes to this disk with fsync. "end to end" is
-(compress + write the compressed bytes) / (write the raw bytes): below 1 pays.
+Part 1, the codec alone: for fp32 and bf16 weights (a trained-like init, N(0, 0.02)),
+AdamW moments after 50 steps of random gradients, and an int64 token buffer: the
+compression ratio and single-core compress / decompress speed of zstd levels 1 and 3, on
+the raw bytes and after byte grouping (byte k of every element together, which puts the
+exponent bytes side by side), against writing the raw bytes to this disk with fsync.
+"end to end" is (compress + write the compressed bytes) / (write the raw bytes): below 1 pays.
 
-    python benchmarks/bench_zstd.py            # 64 MB per kind
+Part 2, ``Checkpointer.save()`` itself: a model of fp32 (or bf16) weights with its AdamW
+state, saved with ``compression=None`` and ``compression="zstd"`` in the same run: the
+time until the save is durable (``save()`` + ``wait()``), the bytes on disk, and the time
+of ``restore()`` (the files are in the page cache: the cost of reading is decompression).
+
+    python benchmarks/bench_zstd.py            # 64 MB per kind, models of 64 MB of weights
     python benchmarks/bench_zstd.py --small    # 1 MB per kind (run in CI)
 
 Needs ``zstandard`` (``pip install savegame[zstd]``).
@@ -100,8 +105,60 @@ def main() -> None:
     for r in rows:
         print(f"| {r['kind']} | {'yes' if r['grouped'] else 'no'} | {r['level']} | {r['ratio']:.3f} | "
               f"{r['compress_MBps']:.0f} | {r['decompress_MBps']:.0f} | {r['disk_MBps']:.0f} | {r['end_to_end']:.2f}x |")
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        saves = [end_to_end(Path(tmp), kind, dtype, mb, reps) for kind, dtype in
+                 (("fp32 weights + AdamW", torch.float32), ("bf16 weights + AdamW", torch.bfloat16))]
+    print()
+    print("| state | MB raw | size on disk (zstd / off) | durable save (zstd / off) | restore (zstd / off) |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for r in saves:
+        print(f"| {r['kind']} | {r['raw_MB']:.0f} | {r['bytes_zstd'] / r['bytes_off']:.3f} "
+              f"({r['bytes_off'] / r['bytes_zstd']:.2f}x smaller) | {r['save_s_zstd']:.2f} s / {r['save_s_off']:.2f} s = "
+              f"{r['save_s_zstd'] / r['save_s_off']:.2f}x | {r['restore_s_zstd']:.2f} s / {r['restore_s_off']:.2f} s = "
+              f"{r['restore_s_zstd'] / r['restore_s_off']:.2f}x |")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=1))
+        Path(args.out).write_text(json.dumps({"codec": rows, "checkpointer": saves}, indent=1))
+
+
+def model_state(mb: int, dtype: torch.dtype) -> dict[str, Any]:
+    """Weights of ``mb`` MB in 8 matrices, N(0, 0.02), and AdamW after 5 steps (moments in the weights' dtype)."""
+    torch.manual_seed(0)
+    side = int(((mb << 20) // dtype.itemsize // 8) ** 0.5)
+    model = torch.nn.ParameterList([torch.nn.Parameter((torch.randn(side, side) * 0.02).to(dtype)) for _ in range(8)])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    for _ in range(5):
+        for p in model:
+            p.grad = (torch.randn(side, side) * 1e-3).to(dtype)
+        opt.step()
+    return {"model": model, "optimizer": opt}
+
+
+def end_to_end(tmp: Path, kind: str, dtype: torch.dtype, mb: int, reps: int) -> dict[str, Any]:
+    import savegame
+
+    state = model_state(mb, dtype)
+    row: dict[str, Any] = {"kind": kind, "raw_MB": 0.0}
+    for label, comp in (("off", None), ("zstd", "zstd")):
+        run = tmp / f"{kind[:4]}-{label}"
+        with savegame.Checkpointer(run, state, compression=comp, keep_last=1) as ckpt:
+            times = []
+            for step in range(reps):
+                t0 = time.perf_counter()
+                ckpt.save(step)
+                ckpt.wait()
+                times.append(time.perf_counter() - t0)
+            path = Path(ckpt.path_of("latest") or "")
+        row[f"save_s_{label}"] = statistics.median(times)
+        row[f"bytes_{label}"] = sum(f.stat().st_size for f in path.iterdir())
+        restores = []
+        with savegame.Checkpointer(run, state) as ckpt:
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                ckpt.restore()
+                restores.append(time.perf_counter() - t0)
+        row[f"restore_s_{label}"] = statistics.median(restores)
+    row["raw_MB"] = row["bytes_off"] / 1e6
+    return row
 
 
 if __name__ == "__main__":

@@ -79,6 +79,10 @@ class Checkpointer:
     called ``restore()`` refuses to join checkpoints already there, and ``fresh=True``
     moves them aside into ``abandoned/`` (nothing is deleted) to start a new run.
 
+    ``compression="zstd"`` (``pip install 'savegame[zstd]'``) stores each tensor zstd-compressed
+    where that saves space, losslessly; off by default, since on a local disk it makes a save
+    durable later (docs/guide.md, BENCHMARKS.md). Not in distributed jobs yet.
+
     ``run_dir`` may be the URL of an object store (``s3://bucket/runs/x``, any fsspec URL), with
     ``storage_options`` for fsspec and ``lease_seconds`` for the writer's lease (docs/storage.md).
     """
@@ -107,6 +111,7 @@ class Checkpointer:
         per_rank: Sequence[str] = (),
         collective_timeout: float = 300.0,
         incremental: bool = False,
+        compression: str | None = None,
     ) -> None:
         self._closed = True  # until construction completes
         self._opts = Options(
@@ -114,9 +119,12 @@ class Checkpointer:
             early_stopping=early_stopping, name_format=name_format, every_steps=every_steps,
             every_seconds=every_seconds, save_on_signals=save_on_signals, nan_policy=nan_policy, verify=verify,
             shard_bytes=shard_bytes, storage=storage, fresh=fresh, per_rank=per_rank,
-            collective_timeout=collective_timeout, incremental=incremental)
+            collective_timeout=collective_timeout, incremental=incremental, compression=compression)
         self._objects = capture.check_objects(state)
         self.path = run_path(run_dir)
+        if compression is not None and job_active():
+            raise ConfigurationError("compression is not supported for distributed jobs yet; "
+                                     "leave compression=None under torchrun")
         self._job = Job(self._opts.collective_timeout) if job_active() else None
         self._per_rank = per_rank_names(self._objects, self._opts.per_rank)
         self._storage: Storage = self._opts.storage or open_storage(self.path, storage_options)
@@ -226,12 +234,17 @@ class Checkpointer:
             job()
         return os.path.join(self.path, pending.info.name)
 
-    def _seed(self) -> None:
-        """Once: take the content index of the run's newest readable checkpoint (a resumed run references
-        what it already stored)."""
+    def _seed(self, restored: Mapping[str, Any] | None = None) -> None:
+        """Once: take the content index of the checkpoint ``restored`` from this run, else of the run's newest
+        readable checkpoint (a resumed run references what it already stored). Never a checkpoint restore()
+        skipped as damaged: a later save would reference its damaged bytes (say, after training reproduced
+        them exactly from the older checkpoint)."""
         if self._seeded or self._dedup is None:
             return
         self._seeded = True
+        if restored is not None:
+            self._dedup.seed(restored)
+            return
         for name in self._run.newest_first():
             try:
                 self._dedup.seed(reader.read_manifest(self._storage, name))
@@ -250,8 +263,10 @@ class Checkpointer:
                  pin: bool) -> tuple[Pending, Prepared]:
         """Name the checkpoint, work out its run state and encode everything; raises before any change."""
         pending, meta = self._propose(step, epoch, metrics, extra, pin)
-        return pending, prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes,
-                                rng_apart=not self._opts.incremental)
+        prepared = prepare(self._capture(pending.run_state), meta, self._opts.shard_bytes,
+                           rng_apart=not self._opts.incremental)
+        prepared.compression = self._opts.compression
+        return pending, prepared
 
     def _propose(self, step: int, epoch: int | None, metrics: dict[str, float], extra: Any,
                  pin: bool) -> tuple[Pending, dict[str, Any]]:
@@ -393,7 +408,10 @@ class Checkpointer:
                 log.warning("skipping damaged checkpoint %s: %s", name, exc)
                 errors.append(str(exc))
                 continue
-            return self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
+            info = self._apply(storage, name, meta, tree, strict=strict, assign=assign, only=only)
+            if storage is self._storage and only is None:
+                self._seed(doc)  # the checkpoint just read and checked, not a newer one that was skipped as damaged
+            return info
         raise CorruptCheckpointError(f"every candidate checkpoint for {which!r} is damaged: " + " | ".join(errors))
 
     def _apply(self, storage: Storage, name: str, meta: Mapping[str, Any], tree: Mapping[str, Any], *, strict: bool,

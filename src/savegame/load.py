@@ -56,7 +56,8 @@ def load(path: str | os.PathLike[str], *, which: int | str | None = None,
     written by a single process.
 
     ``mmap=True`` maps tensor files lazily: tensors are views of the files, and
-    only the pages you touch are read. ``verify`` (checking every byte against its
+    only the pages you touch are read; tensors stored compressed (``compression="zstd"``)
+    are decompressed into tensors of their own instead. ``verify`` (checking every byte against its
     checksum) defaults to True, and to False with ``mmap=True``, where it would
     read every page; the manifest and the tensor file headers are always checked.
     """

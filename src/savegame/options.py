@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from savegame.errors import ConfigurationError
+from savegame.format import compression as compression_module
 from savegame.policies import EarlyStopping, parse_best_spec
 from savegame.storage.base import Storage
 
@@ -46,6 +47,7 @@ class Options:
     per_rank: Sequence[str] = ()
     collective_timeout: float = 300.0
     incremental: bool = False
+    compression: str | None = None
     modes: dict[str, str] = field(init=False)
     signals: tuple[int, ...] = field(init=False)
 
@@ -68,6 +70,7 @@ class Options:
         _check_name_format(self.name_format)
         _check_storage(self.storage)
         _check_per_rank(self.per_rank)
+        _check_compression(self.compression)
         _check_seconds(self.collective_timeout, "collective_timeout")
         if self.collective_timeout is None:
             raise ConfigurationError("collective_timeout must be a number of seconds > 0, got None")
@@ -204,3 +207,14 @@ def clean_metrics(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 def _check_per_rank(names: object) -> None:
     if isinstance(names, str) or not isinstance(names, Sequence) or not all(isinstance(k, str) for k in names):
         raise ConfigurationError(f"per_rank must be a list of state names, got {names!r}")
+
+
+COMPRESSIONS = (None, "zstd")
+
+
+def _check_compression(compression: object) -> None:
+    if compression is not None and (not isinstance(compression, str) or compression not in COMPRESSIONS):
+        raise ConfigurationError(f"compression must be None or 'zstd', got {_brief(compression)}")
+    if compression is None:
+        return
+    compression_module.zstd()  # ConfigurationError naming pip install 'savegame[zstd]' when it is missing

@@ -87,3 +87,63 @@ def test_golden_v4_a_flipped_byte_of_the_shared_pack_is_caught_in_both_checkpoin
     raw[-1] ^= 0xFF
     pack.write_bytes(bytes(raw))
     assert all(reader.verify_checkpoint(storage, f"step-{s:010d}") for s in (7, 8))
+
+
+def test_golden_v5_compressed_checkpoint_loads_exactly_with_every_codec():
+    from savegame.engine.reader import read_manifest
+    from savegame.format import names as n
+    from savegame.storage import LocalStorage
+    from tests.compat.golden import expected_compressed_state
+
+    for mmap in (False, True):
+        tree = savegame.load(DATA / "v5" / "step-0000000007", mmap=mmap)
+        assert tree["step"] == 7 and same(dict(tree["state"]), expected_compressed_state())
+    doc = read_manifest(LocalStorage(DATA / "v5"), "step-0000000007")
+    assert doc[n.M_VERSION] == 5 and set(doc[n.M_ENTRIES][n.E_CODEC]) == {"raw", "zstd", "zstd+bytegroup"}
+
+
+def test_golden_v5_a_flipped_byte_of_a_compressed_entry_is_caught_without_decompressing(tmp_path, monkeypatch):
+    import shutil
+
+    from savegame.engine import reader
+    from savegame.format import compression
+    from savegame.storage import LocalStorage
+    from tests.damage import flip_data_byte
+
+    shutil.copytree(DATA / "v5", tmp_path / "v5")
+    storage = LocalStorage(tmp_path / "v5")
+    monkeypatch.setattr(compression, "unpack_into", None)  # verify reads stored bytes only: never calls it
+    assert reader.verify_checkpoint(storage, "step-0000000007") == []
+    flip_data_byte(tmp_path / "v5" / "step-0000000007", 10)  # the plain zstd entry
+    assert "checksum mismatch in entry 10" in " ".join(reader.verify_checkpoint(storage, "step-0000000007"))
+
+
+def test_readers_of_versions_1_to_4_refuse_a_v5_checkpoint_by_its_version(monkeypatch):
+    """Older savegames accept format_version up to their READABLE_VERSION (4) and nothing else: a v5
+    manifest is refused by that rule before any entry is read, so none can misread a compressed entry."""
+    from savegame.errors import CorruptCheckpointError
+    from savegame.format import manifest
+    from savegame.format import names as n
+
+    raw = (DATA / "v5" / "step-0000000007" / "manifest.json").read_bytes()
+    assert manifest.loads(raw, "v5")[n.M_VERSION] == 5
+    monkeypatch.setattr(n, "READABLE_VERSION", 4)  # the rule as savegame 1..4 apply it
+    with pytest.raises(CorruptCheckpointError, match="format version 5 is not supported"):
+        manifest.loads(raw, "v5")
+
+
+@pytest.mark.parametrize("step", [7, 8])
+def test_golden_v5_incremental_compressed_checkpoints_load_exactly_from_one_shared_pack(step):
+    from savegame.engine.reader import read_manifest
+    from savegame.format import names as n
+    from savegame.storage import LocalStorage
+    from tests.compat.golden import expected_compressed_state
+
+    run = DATA / "v5" / "incremental"
+    name = f"step-{step:010d}"
+    for mmap in (False, True):
+        tree = savegame.load(run / name, mmap=mmap)
+        assert tree["step"] == step and same(dict(tree["state"]), expected_compressed_state())
+    doc = read_manifest(LocalStorage(run), name)
+    assert doc[n.M_VERSION] == 5 and doc[n.M_FILES] == [f"data/{p.name}" for p in (run / "data").iterdir()]
+    assert len(doc[n.M_ENTRIES][n.E_CONTENT]) == len(doc[n.M_ENTRIES][n.E_START])

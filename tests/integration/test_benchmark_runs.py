@@ -79,3 +79,13 @@ def test_s3_benchmark_small_run(tmp_path):
     assert row["savegame_durable"] > 0 and row["put_object"] > 0 and row["savegame_restore"] > 0
     assert 0 < row["save_blocked"] <= row["savegame_durable"]
     assert "throughput_vs_best_boto3" in out.stdout
+
+
+def test_zstd_benchmark_small_run(tmp_path):
+    out_file = tmp_path / "zstd.json"
+    out = run_script("bench_zstd.py", "--small", "--dir", str(tmp_path), "--out", str(out_file))
+    result = json.loads(out_file.read_text())
+    assert {r["kind"] for r in result["checkpointer"]} == {"fp32 weights + AdamW", "bf16 weights + AdamW"}
+    for row in result["checkpointer"]:
+        assert 0 < row["bytes_zstd"] < row["bytes_off"] and row["save_s_zstd"] > 0 and row["restore_s_zstd"] > 0
+    assert "| state | MB raw |" in out.stdout

@@ -74,7 +74,7 @@ def test_the_guides_examples_run_as_written_in_order(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     blocks = guide_blocks()
-    assert len(blocks) == 6, "the guide's examples changed: run the new ones here too"
+    assert len(blocks) == 7, "the guide's examples changed: run the new ones here too"
     scopes = []
     for i, block in enumerate(blocks):
         scope = training_scope()
@@ -98,3 +98,7 @@ def test_the_guides_examples_run_as_written_in_order(tmp_path, monkeypatch):
     assert [c.step for c in savegame.list_checkpoints("runs/ft")] == [1, 2]
     assert len(list((tmp_path / "runs/ft/data").iterdir())) >= 1  # its tensor data lives in the run's packs
     assert [c.step for c in savegame.list_checkpoints("runs/exp3")] == [4, 8]
+    compressed = scopes[5]["ckpt"]  # the compression example opens a Checkpointer too
+    compressed.save(1)
+    compressed.close()
+    assert savegame.load("runs/small")["state"]["model"]["weight"].equal(scopes[5]["model"].weight)

@@ -353,3 +353,40 @@ def test_a_small_unchanged_tensor_does_not_keep_an_old_pack_alive(tmp_path: Path
     ckpt.close()
     store = ContentStore(LocalStorage(tmp_path))
     assert len(RunDir(LocalStorage(tmp_path)).names()) == 2 and len(store.packs()) == 2
+
+
+def test_after_falling_back_past_a_damaged_checkpoint_saves_never_reference_its_bytes(tmp_path):
+    """restore() skipped step 2 (a damaged pack); training then reproduces step 2's bytes exactly. The
+    next save must write them anew, not reference the damaged copy the skipped manifest points at."""
+    from savegame.format import names as n
+    from savegame.storage import LocalStorage
+
+    class Holder:
+        def __init__(self) -> None:
+            self.w = torch.zeros(64, 64)
+
+        def state_dict(self) -> dict:
+            return {"w": self.w}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.w = state["w"].clone()
+
+    holder = Holder()
+    with savegame.Checkpointer(tmp_path, {"h": holder}, incremental=True) as ckpt:
+        ckpt.save(1)
+        holder.w = torch.ones(64, 64)
+        ckpt.save(2)
+    storage = LocalStorage(tmp_path)
+    doc = read_manifest(storage, "step-0000000002")
+    e = doc[n.M_TENSORS][n.T_ENTRY][0]
+    pack = tmp_path / doc[n.M_FILES][doc[n.M_ENTRIES][n.E_FILE][e]]
+    raw = bytearray(pack.read_bytes())
+    raw[-1] ^= 0xFF  # the last byte of the pack: step 2's new bytes
+    pack.write_bytes(bytes(raw))
+    holder = Holder()
+    with savegame.Checkpointer(tmp_path, {"h": holder}, incremental=True) as ckpt:
+        assert ckpt.restore().step == 1
+        holder.w = torch.ones(64, 64)  # the same bytes step 2 held
+        ckpt.save(3)
+    assert verify_checkpoint(storage, "step-0000000003") == []
+    assert torch.equal(savegame.load(tmp_path / "step-0000000003")["state"]["h"]["w"], torch.ones(64, 64))

@@ -41,6 +41,7 @@ from savegame.cli._tree import (
     walk_tensors,
 )
 from savegame.engine import reader
+from savegame.format import compression
 from savegame.format import names as n
 from savegame.storage.urls import is_url, join, open_storage, split_url
 
@@ -71,7 +72,7 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
                      "format": doc[n.M_VERSION]},
         "step": ckpt["step"], "epoch": ckpt["epoch"], "metrics": ckpt["metrics"], "extra": ckpt["extra"],
         "time": ckpt["time"], "pinned": doc.get(n.M_PINNED) is True,
-        "bytes": reader.data_bytes(doc), "files": files,
+        "bytes": reader.data_bytes(doc), "files": files, "compressed": _compressed(doc),
         "states": {name: {"tensors": len(rows), "bytes": sum(r["bytes"] for r in rows), "type": types.get(name)}
                    for name, rows in tensors.items()},
         "tensors": tensors,
@@ -80,6 +81,16 @@ def summarize(where: str, doc: Mapping[str, Any], ckpt: Mapping[str, Any]) -> di
         "data": {name: _scalars(value) for name, value in states.items() if _is_data_position(value)},
         "run": {"best": run.get("best") or {}, "early_stopping": run.get("early_stopping")},
     }
+
+
+def _compressed(doc: Mapping[str, Any]) -> dict[str, int] | None:
+    """Entries stored compressed (format v5): how many, their bytes as stored and before compression."""
+    entries = doc[n.M_ENTRIES]
+    packed = compression.compressed(entries)
+    if not packed:
+        return None
+    return {"entries": len(packed), "stored_bytes": sum(entries[n.E_END][e] - entries[n.E_START][e] for e in packed),
+            "raw_bytes": sum(entries[n.E_RAW][e] for e in packed)}
 
 
 def _is_data_position(value: Any) -> bool:
@@ -140,6 +151,10 @@ def _print_header(out: Console, r: dict[str, Any]) -> None:
                        ("versions", f"savegame {v['savegame']}, torch {v['torch']}, format {v['format']}"),
                        ("size", f"{human_bytes(r['bytes'])} of tensor data in {len(r['files'])} file(s)")):
         grid.add_row(key, value)
+    packed = r.get("compressed")
+    if packed:
+        grid.add_row("compressed", f"{packed['entries']} entries: {human_bytes(packed['raw_bytes'])} stored in "
+                                   f"{human_bytes(packed['stored_bytes'])} (zstd)")
     out.print(grid)
     states = new_table("states", "state", "type", "tensors", "bytes", right=("tensors", "bytes"))
     for name, info in r["states"].items():

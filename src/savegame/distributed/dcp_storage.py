@@ -116,7 +116,8 @@ class SavegameWriter(StorageWriter):
         """Incremental: every piece is hashed (exact; the pieces are fresh copies, so no version counter
         says what changed); those the index holds are referenced, the rest go into one new pack."""
         keys = [(digest(t), t.nbytes) for _, t in items]
-        found = {i: loc for i, key in enumerate(keys) if (loc := dedup.index.get(key))}
+        found = {i: loc for i, key in enumerate(keys)  # (a distributed save stores and references raw bytes only)
+                 if (loc := dedup.index.get(key)) and loc.codec == n.CODEC_RAW}
         where: dict[int, Location] = worth_keeping(found, self.storage.size)
         new = [i for i in range(len(items)) if i not in where]
         if new:

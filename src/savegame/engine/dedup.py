@@ -3,7 +3,9 @@
 An incremental checkpoint (format v4) writes only its new bytes, into a pack file of
 the run's content store (``data/<id>.safetensors``), and references every other
 entry where an earlier save put it. An entry's identity is its xxh3-128 digest and
-size (its checksum in a v4 manifest, so nothing is hashed twice).
+size (its checksum in a v4 manifest, so nothing is hashed twice); for an entry stored
+compressed (v5), the digest and size of its raw bytes, which the manifest's ``content``
+and ``raw`` columns record, so compressed and plain saves share entries.
 
 :class:`Dedup` decides, in the training thread before the snapshot, which entries
 can be referenced, so unchanged tensors are neither copied nor written. It compares
@@ -62,7 +64,10 @@ class Location:
     file_sum: checksum.Value
     start: int
     end: int
-    digest: checksum.Value
+    digest: checksum.Value  # of the stored bytes (the entry's checksum)
+    codec: str = n.CODEC_RAW  # v5: how the bytes are stored; compressed, ``raw`` and ``content`` say what they hold
+    raw: int = -1
+    content: checksum.Value = ""
 
 
 Key = tuple[checksum.Value, int]  # (xxh3-128 digest, size in bytes)
@@ -88,11 +93,17 @@ class Index:
         entries, self._files, self._sums = doc[n.M_ENTRIES], doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS]
         self._file, self._start, self._end, self._digest = (entries[c] for c in (n.E_FILE, n.E_START, n.E_END,
                                                                                 n.E_SUM))
+        # v5: compressed entries are known by the digest of their bytes before compression, and their raw size
+        self._codec, self._raw = entries.get(n.E_CODEC), entries.get(n.E_RAW)
+        self._content = entries.get(n.E_CONTENT) if self._codec is not None else self._digest
+        if self._content is None:  # (compressed entries without a content identity: never shared)
+            self._content = [d if c == n.CODEC_RAW else "" for d, c in zip(self._digest, self._codec, strict=True)]
         if all(map(n.is_pack_file, self._files)):
-            self._at = dict(zip(self._digest, range(len(self._start))))
+            self._at = dict(zip(self._content, range(len(self._start))))
         else:  # (a v4 manifest may also name files of its own directory: those are not shared)
             packed = [n.is_pack_file(f) for f in self._files]
-            self._at = {d: e for e, d in enumerate(self._digest) if packed[self._file[e]]}
+            self._at = {d: e for e, d in enumerate(self._content) if packed[self._file[e]]}
+        self._at.pop("", None)
 
     def __bool__(self) -> bool:
         return bool(self._at or self._made)
@@ -102,11 +113,19 @@ class Index:
 
     def get(self, key: Key) -> Location | None:
         loc = self._made.get(key)
-        if loc is None and (e := self._at.get(key[0])) is not None and self._end[e] - self._start[e] == key[1]:
+        if loc is None and (e := self._at.get(key[0])) is not None and self._size(e) == key[1]:
             k = self._file[e]
-            loc = self._made[key] = Location(self._files[k], self._sums[k], self._start[e], self._end[e],
-                                             self._digest[e])
+            if self._codec is None or self._codec[e] == n.CODEC_RAW:
+                loc = Location(self._files[k], self._sums[k], self._start[e], self._end[e], self._digest[e])
+            else:
+                loc = Location(self._files[k], self._sums[k], self._start[e], self._end[e], self._digest[e],
+                               self._codec[e], self._raw[e], self._content[e])
+            self._made[key] = loc
         return loc
+
+    def _size(self, e: int) -> int:
+        """Entry ``e``'s size before compression."""
+        return int(self._raw[e]) if self._raw is not None else self._end[e] - self._start[e]
 
 
 def index_of(doc: Mapping[str, Any]) -> Index:
@@ -199,8 +218,7 @@ class Dedup:
         entries = body[n.M_ENTRIES]
         self.index = index_of(body)
         self._versions, self._pending_versions = self._pending_versions, []
-        seen = {ident: _Seen(tensor.detach(), version, fingerprint,
-                             (entries[n.E_SUM][e], entries[n.E_END][e] - entries[n.E_START][e]))
+        seen = {ident: _Seen(tensor.detach(), version, fingerprint, key_of(entries, e))
                 for ident, (tensor, version, fingerprint, e) in self._pending.items()}
         self._pending = {}
         # A tensor nothing else holds (a fresh copy a state_dict() made) is not kept alive until the next save.
@@ -214,6 +232,15 @@ class Dedup:
         """A save failed: nothing seen is trusted any more (the next save writes or hashes everything)."""
         self.index, self._seen, self._pending, self._versions = Index(), {}, {}, None
         self._pack_sizes = {}
+
+
+def key_of(entries: Mapping[str, Any], e: int) -> Key:
+    """Entry ``e``'s content key in an (expanded) entry table: the digest and size of its bytes before
+    compression (for an entry stored raw, its checksum and size)."""
+    codecs = entries.get(n.E_CODEC)
+    if codecs is None or codecs[e] == n.CODEC_RAW:
+        return entries[n.E_SUM][e], entries[n.E_END][e] - entries[n.E_START][e]
+    return entries[n.E_CONTENT][e], entries[n.E_RAW][e]
 
 
 def worth_keeping(found: Mapping[int, Location], pack_size: Callable[[str], int]) -> dict[int, Location]:

@@ -19,7 +19,7 @@ import torch
 from savegame.engine import readinto, rng, todevice
 from savegame.engine.gcpause import pausing
 from savegame.errors import ConfigurationError, CorruptCheckpointError, StorageError
-from savegame.format import checksum, chunks, codec, layout, manifest
+from savegame.format import checksum, chunks, codec, compression, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import CHUNK, read_header
 from savegame.storage.base import Storage
@@ -233,7 +233,7 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
         tree = _with_ranks(doc, decode_tree(doc, tensors), tensors)  # before any byte reaches a target
         if chosen:
             _verify_torch_rng(storage, name, doc)  # bytes torch would reject refuse it before the model changes
-        readinto.read_entries(storage, name, doc, verify=verify, into=into)
+        readinto.read_entries(storage, name, doc, verify=verify, into=into, live=chosen)
         for record in chunks.chunked(table):  # assembled from copies of entries read only now
             chunks.fill(tensors[record["tensor"]], record, into)
     else:  # some tensors live on a GPU: checked on stand-ins first, decoded once their bytes are there
@@ -242,7 +242,7 @@ def read_tree(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bo
         own = {**chosen, **todevice.allocate(entries, readinto.dtypes_of(entries[n.E_DTYPE]), places, chosen)}
         into = readinto.allocate(doc, own)
         on_device = {e for e, t in own.items() if t.is_cuda}
-        read = readinto.read_entries(storage, name, doc, verify=verify, into=into, on_device=on_device)
+        read = readinto.read_entries(storage, name, doc, verify=verify, into=into, on_device=on_device, live=chosen)
         tree = _decode_placed(doc, read, places)
     rng.check_values(tree.get(n.TREE_RNG))
     for rank, own in enumerate(tree.get(n.M_RANKS) or []):
@@ -375,6 +375,10 @@ def _verify_torch_state(storage: Storage, name: str, doc: Mapping[str, Any], sta
     except StorageError as exc:
         raise CorruptCheckpointError(f"{file}: cannot be read ({exc})") from exc
     dtype = codec.dtype_from_name(entries[n.E_DTYPE][e])
+    if e in compression.compressed(entries):
+        out = torch.empty(entries[n.E_RAW][e], dtype=torch.uint8)
+        compression.unpack_into(entries[n.E_CODEC][e], raw, out.numel(), dtype.itemsize, out.data_ptr(), file)
+        raw = out.numpy().tobytes()
     rng.check_values({"torch": torch.frombuffer(bytearray(raw), dtype=torch.uint8).view(dtype)} if raw else {})
 
 

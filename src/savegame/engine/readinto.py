@@ -14,17 +14,17 @@ from __future__ import annotations
 import ctypes
 import mmap as _mmap
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
 import numpy as np
 import torch
 
-from savegame.engine import todevice
+from savegame.engine import inflate, todevice
 from savegame.engine.staging import SMALL
 from savegame.errors import CorruptCheckpointError, StorageError
-from savegame.format import checksum, codec
+from savegame.format import checksum, codec, compression
 from savegame.format import names as n
 from savegame.format.tensorfile import read_header
 from savegame.storage.base import Storage
@@ -65,22 +65,34 @@ def allocate(doc: Mapping[str, Any], targets: Mapping[int, torch.Tensor]) -> lis
 
 
 def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify: bool,
-                 into: list[torch.Tensor] | None, on_device: set[int] | None = None) -> list[torch.Tensor]:
+                 into: list[torch.Tensor] | None, on_device: set[int] | None = None,
+                 live: Collection[int] = ()) -> list[torch.Tensor]:
     """Check and copy every entry into ``into`` (from :func:`allocate`), and return it; with ``into=None``
     (``mmap=True``) entries become views of the mapped files instead, storage spans copies. Entries in
-    ``on_device`` (their tensor in ``into`` is on a GPU) are streamed there by :func:`savegame.engine.todevice.fill`."""
+    ``on_device`` (their tensor in ``into`` is on a GPU) are streamed there by :func:`savegame.engine.todevice.fill`.
+
+    Compressed entries (v5) are read, checked and decompressed first, every one of them, before any
+    byte reaches the tensors in ``live`` (the caller's own) or a GPU: a frame that does not decode
+    leaves them untouched. With ``mmap=True`` they are tensors of their own.
+    """
     entries = doc[n.M_ENTRIES]
     algo = checksum.Algorithm(doc[n.M_CHECKSUM_ALGO])
+    packed = set(compression.compressed(entries))
     by_file: list[list[int]] = [[] for _ in doc[n.M_FILES]]
     for e, k in enumerate(entries[n.E_FILE]):
-        by_file[k].append(e)
+        if e not in packed:
+            by_file[k].append(e)
     spans = {doc[n.M_TENSORS][n.T_ENTRY][v["tensor"]] for v in doc[n.M_TENSORS][n.T_VIEWS]}
     lazy = into is None
     job = _Job(entries, dtypes_of(entries[n.E_DTYPE]), algo if verify else None, into, spans, on_device or set())
+    later = inflate.inflate(storage, name, doc, sorted(packed), job.out, algo if verify else None,
+                            set(live) | job.on_device, lazy) if packed else {}
     ends = file_ends(doc)
     ranged = not lazy and getattr(storage, "ranged_reads", False)  # an object store: no mapping, reads by range
     for k, (file, expected) in enumerate(zip(doc[n.M_FILES], doc[n.M_FILE_CHECKSUMS], strict=True)):
         where = f"{storage.root}/{n.file_path(name, file)}"
+        if packed and not by_file[k]:
+            continue  # every entry of it was compressed, and read above
         if ranged and not job.on_device.intersection(by_file[k]):
             _read_straight(storage, n.file_path(name, file), where, expected, algo, job, by_file[k])
             continue
@@ -88,6 +100,9 @@ def read_entries(storage: Storage, name: str, doc: Mapping[str, Any], *, verify:
             if ends[k] > data.length:
                 raise CorruptCheckpointError(f"{where}: truncated ({data.length} data bytes, needs {ends[k]})")
             job.run(by_file[k], data, where)
+    with torch.no_grad():  # (a model's parameters)
+        for e, tensor in later.items():
+            job.out[e].copy_(tensor)
     return job.out
 
 

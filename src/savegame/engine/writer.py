@@ -32,7 +32,7 @@ from savegame.engine import packs
 from savegame.engine.dedup import Location
 from savegame.engine.gcpause import never_in_this_thread, pausing
 from savegame.engine.staging import SMALL, Snapshot, Staging, copy_out
-from savegame.format import checksum, codec, layout, manifest
+from savegame.format import checksum, codec, compression, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import build_header
 from savegame.storage.base import Storage, WriteHandle
@@ -46,6 +46,7 @@ BOUNCE = 4 << 20  # small entries written without staging are gathered into writ
 # Writes of 4-16 MB went into the page cache at a steady ~5 GB/s on the development VM; 64 MB and
 # larger ones sometimes stalled for seconds, and 1 MB ones were 10x slower (benchmarks/, BENCHMARKS.md).
 WRITE = 8 << 20
+PACKERS = min(4, os.cpu_count() or 1)  # threads compressing the entries of one file (compression="zstd")
 WRITER_NICE = 19  # the background writer's nice value on Linux: the lowest priority (see _yield_to_training)
 
 __all__ = ["BackgroundWriter", "Prepared", "Staging", "prepare", "snapshot", "write_checkpoint"]
@@ -58,6 +59,7 @@ class Prepared:
     body: dict[str, Any]
     plan: layout.TensorPlan
     reuse: dict[int, Location] | None = None  # incremental (v4): entries the content store holds already
+    compression: str | None = None  # "zstd": entries stored compressed where it pays (v5)
 
     @property
     def nbytes(self) -> int:
@@ -131,14 +133,21 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
             names = [n.TENSOR_FILE.format(index=k) for k in range(len(plan.files))]
             paths = [f"{tmp}/{name}" for name in names]
 
+        coded = _Coded(len(plan.sizes), packed) if prepared.compression else None
+
         def write(k: int) -> str | int:
             buffer = snap[k] if snap is not None else None
+            if coded is not None:
+                return write_compressed_file(storage, paths[k], plan, k, buffer, sums, algo, coded)
             return write_tensor_file(storage, paths[k], plan, k, buffer, sums, algo)
 
         sums: list[checksum.Value] = [0] * len(plan.sizes)  # not sources: dropped once staged
         file_sums = _each(write, len(names))
         body = {**prepared.body, n.M_CHECKSUM_ALGO: algo.name, n.M_FILES: names,
                 n.M_FILE_CHECKSUMS: file_sums, n.M_ENTRIES: _entry_table(plan, sums)}
+        if coded is not None and coded.any():  # nothing compressed: the plain format, which any reader reads
+            body[n.M_VERSION] = n.COMPRESSED_FORMAT_VERSION
+            body[n.M_ENTRIES] = coded.table(body[n.M_ENTRIES], plan)
         if prepared.reuse is not None:
             packs.reference(storage, body, prepared.reuse, fresh=bool(names))
         commit.commit(storage, tmp, final, manifest.dumps(manifest.compact(body)))
@@ -148,14 +157,14 @@ def write_checkpoint(storage: Storage, final: str, prepared: Prepared, snap: Sna
     return body
 
 
-def _each(fn: Callable[[int], T], count: int) -> list[T]:
+def _each(fn: Callable[[int], T], count: int, threads: int = 4) -> list[T]:
     """``[fn(0), ..., fn(count - 1)]``, side by side. Once the interpreter is exiting no thread pool takes
     work (a process that saves and then ends still completes its save from an atexit handler): what a
     pool refuses runs here, one after another."""
     if count < 2:
         return [fn(k) for k in range(count)]
     futures = []
-    with ThreadPoolExecutor(max_workers=min(4, count)) as pool:
+    with ThreadPoolExecutor(max_workers=min(threads, count)) as pool:
         for k in range(count):
             try:
                 futures.append(pool.submit(fn, k))
@@ -171,6 +180,86 @@ def _entry_table(plan: layout.TensorPlan, sums: list[checksum.Value]) -> dict[st
     return {n.E_FILE: plan.shard, n.E_DTYPE: dtypes, n.E_SHAPE: plan.shapes,
             n.E_START: plan.start, n.E_END: [s + z for s, z in zip(plan.start, plan.sizes, strict=True)],
             n.E_SUM: sums}
+
+
+class _Coded:
+    """Per entry, how a compressed save stored it: codec, offset and size of the stored bytes."""
+
+    def __init__(self, count: int, identify: bool) -> None:
+        self.codec, self.start, self.size = [n.CODEC_RAW] * count, [0] * count, [0] * count
+        self.content: list[checksum.Value] | None = [""] * count if identify else None  # incremental: identities
+
+    def any(self) -> bool:
+        return any(c != n.CODEC_RAW for c in self.codec)
+
+    def table(self, entries: dict[str, Any], plan: layout.TensorPlan) -> dict[str, Any]:
+        """The entry table of a v5 manifest: stored ranges, each entry's codec and raw size (and, for an
+        incremental save, its content identity: the digest of its raw bytes, which is the checksum of an
+        entry stored raw)."""
+        ends = [s + z for s, z in zip(self.start, self.size, strict=True)]
+        table = {**entries, n.E_START: self.start, n.E_END: ends, n.E_CODEC: self.codec, n.E_RAW: plan.sizes}
+        if self.content is not None:
+            table[n.E_CONTENT] = [c if codec != n.CODEC_RAW else s
+                                  for c, codec, s in zip(self.content, self.codec, entries[n.E_SUM], strict=True)]
+        return table
+
+
+def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,
+                          sums: list[checksum.Value], algo: checksum.Algorithm, coded: _Coded) -> checksum.Value:
+    """Tensor file ``k`` with each entry compressed where it pays (``coded`` records how); return the header's sum.
+
+    Entries stored raw come first, in the plan's order (so they stay aligned); compressed ones follow
+    as ``U8`` byte strings. The compressed bytes of the whole file are held in memory until the header,
+    which needs their sizes, is written. Checksums cover the stored bytes.
+    """
+    local, blobs = threading.local(), {}
+
+    def pack(e: int) -> None:  # in a few threads: zstd and the checksum release the GIL
+        packer = getattr(local, "packer", None) or compression.Packer()
+        local.packer = packer
+        data = _entry_bytes(plan, e, buffer)
+        coded.codec[e], blobs[e] = packer.pack(data, plan.dtypes[e].itemsize)
+        sums[e] = algo.of(blobs[e])
+        if coded.content is not None and coded.codec[e] != n.CODEC_RAW:
+            coded.content[e] = algo.of(data)
+
+    small = [e for e in plan.files[k] if plan.sizes[e] < compression.MIN_BYTES]  # stored raw: no thread needed
+    for e in small:
+        blobs[e] = _entry_bytes(plan, e, buffer)
+        sums[e] = algo.of(blobs[e])
+    large = [e for e in plan.files[k] if plan.sizes[e] >= compression.MIN_BYTES]
+    _each(lambda i: pack(large[i]), len(large), PACKERS)
+    order = sorted(plan.files[k], key=lambda e: coded.codec[e] != n.CODEC_RAW)
+    offset = 0
+    for e in order:
+        coded.start[e], coded.size[e] = offset, len(blobs[e])
+        offset += len(blobs[e])
+    raw = [coded.codec[e] == n.CODEC_RAW for e in order]
+    header = build_header([f"e{e}" for e in order], [plan.dtypes[e] if r else torch.uint8 for e, r in zip(order, raw)],
+                          [plan.shapes[e] if r else (coded.size[e],) for e, r in zip(order, raw)],
+                          [coded.size[e] for e in order])
+    handle = storage.create(path)
+    try:
+        handle.write(memoryview(header))
+        for e in order:
+            blob = memoryview(blobs[e])
+            for start in range(0, len(blob), WRITE):
+                handle.write(blob[start:start + WRITE])
+    except Exception:
+        handle.abort()
+        raise
+    handle.close()
+    return algo.of(header)
+
+
+def _entry_bytes(plan: layout.TensorPlan, e: int, buffer: torch.Tensor | None) -> memoryview:
+    """Entry ``e``'s bytes: a slice of its staged buffer, or of (a CPU copy of) the live tensor."""
+    if buffer is not None:
+        start = plan.start[e]
+        return buffer.numpy().data[start:start + plan.sizes[e]]
+    if not plan.sizes[e]:
+        return memoryview(b"")
+    return plan.sources[e].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data
 
 
 def write_tensor_file(storage: Storage, path: str, plan: layout.TensorPlan, k: int, buffer: torch.Tensor | None,

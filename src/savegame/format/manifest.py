@@ -28,7 +28,8 @@ from typing import Any
 from savegame.errors import CorruptCheckpointError
 from savegame.format import checksum, chunks
 from savegame.format import names as n
-from savegame.format.codec import stored_dtype
+from savegame.format.codec import brief, stored_dtype
+from savegame.format.compression import check_bound
 
 MAX_BYTES = 2**63
 """Every dimension, and the bytes a shape would span with its zero dimensions counted as 1, stay below this
@@ -68,8 +69,10 @@ def loads(raw: bytes, where: str) -> dict[str, Any]:
         else:
             _expand(doc)
         _check(doc)
-        if version == n.SHARDED_FORMAT_VERSION or (version > n.SHARDED_FORMAT_VERSION and n.M_WORLD in doc):
+        if version == n.SHARDED_FORMAT_VERSION or (version == n.PACKED_FORMAT_VERSION and n.M_WORLD in doc):
             chunks.check(doc)
+        elif version == n.COMPRESSED_FORMAT_VERSION and (n.M_WORLD in doc or n.M_RANKS in doc):
+            raise CorruptCheckpointError("a compressed (v5) checkpoint of a distributed job is not supported")
     except CorruptCheckpointError as exc:
         raise CorruptCheckpointError(f"{where}: {exc}; the checkpoint is damaged") from None
     return doc
@@ -87,10 +90,16 @@ def compact(body: dict[str, Any]) -> dict[str, Any]:
             values = table[column]
             if values and values.count(values[0]) == len(values):
                 table[column] = values[0]
-    entries[n.E_SUM] = "".join(entries[n.E_SUM])
-    if body.get(n.M_CHECKSUM_ALGO) == checksum.XXH3_128:
-        entries[n.E_SUM] = base64.b64encode(bytes.fromhex(entries[n.E_SUM])).decode()
-    if body.get(n.M_VERSION, 0) >= n.PACKED_FORMAT_VERSION:
+    if n.E_CODEC in entries:
+        codecs = entries[n.E_CODEC]
+        if codecs and codecs.count(codecs[0]) == len(codecs):
+            entries[n.E_CODEC] = codecs[0]
+    for column in (n.E_SUM, n.E_CONTENT):  # (content: v5 incremental saves, digests like the checksums)
+        if column in entries:
+            entries[column] = "".join(entries[column])
+            if body.get(n.M_CHECKSUM_ALGO) == checksum.XXH3_128:
+                entries[column] = base64.b64encode(bytes.fromhex(entries[column])).decode()
+    if body.get(n.M_VERSION, 0) == n.PACKED_FORMAT_VERSION:
         del entries[n.E_END]
     out[n.M_ENTRIES], out[n.M_TENSORS] = entries, tensors
     return out
@@ -102,20 +111,27 @@ def _expand(doc: dict[str, Any]) -> None:
     if type(entries) is not dict or type(tensors) is not dict or type(entries.get(n.E_START)) is not list \
             or type(tensors.get(n.T_ENTRY)) is not list:
         raise CorruptCheckpointError("manifest tables are missing or malformed")
-    count, sums = len(entries[n.E_START]), entries.get(n.E_SUM)
-    algo = doc.get(n.M_CHECKSUM_ALGO)
+    count = len(entries[n.E_START])
+    for column in (n.E_SUM, n.E_CONTENT) if n.E_CONTENT in entries else (n.E_SUM,):
+        entries[column] = _digests(entries.get(column), count, doc.get(n.M_CHECKSUM_ALGO))
+    columns = [(entries, n.E_FILE, count), (entries, n.E_DTYPE, count), (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))]
+    if n.E_CODEC in entries:
+        columns.append((entries, n.E_CODEC, count))
+    for table, column, size in columns:
+        if type(table.get(column)) is not list:
+            table[column] = [table.get(column)] * size
+    if n.E_END not in entries and doc.get(n.M_VERSION) == n.PACKED_FORMAT_VERSION:
+        entries[n.E_END] = _ends(entries)  # (the first v4 form stored it: read as well)
+
+
+def _digests(sums: Any, count: int, algo: Any) -> list[str]:
+    """A column of checksums (or content digests) as stored, one string, as a list of hex strings."""
     width = checksum.WIDTH.get(algo, 16) if type(algo) is str else 16  # (anything else is refused later)
     if algo == checksum.XXH3_128 and type(sums) is str and len(sums) != width * count:
         sums = _unpack_base64(sums, count)  # (32 hex digits an entry: the first v4 form, read as well)
     if type(sums) is not str or len(sums) != width * count:
         raise CorruptCheckpointError("malformed checksum column in manifest")
-    entries[n.E_SUM] = [sums[i:i + width] for i in range(0, len(sums), width)]
-    for table, column, size in ((entries, n.E_FILE, count), (entries, n.E_DTYPE, count),
-                                (tensors, n.T_DEVICE, len(tensors[n.T_ENTRY]))):
-        if type(table.get(column)) is not list:
-            table[column] = [table.get(column)] * size
-    if n.E_END not in entries and type(doc.get(n.M_VERSION)) is int and doc[n.M_VERSION] >= n.PACKED_FORMAT_VERSION:
-        entries[n.E_END] = _ends(entries)  # (the first v4 form stored it: read as well)
+    return [sums[i:i + width] for i in range(0, len(sums), width)]
 
 
 def _ends(entries: dict[str, Any]) -> list[int]:
@@ -146,13 +162,17 @@ def _check(doc: dict[str, Any]) -> None:
     _check_fields(doc)
     algo = checksum.Algorithm(doc.get(n.M_CHECKSUM_ALGO))  # type: ignore[arg-type]
     files = doc[n.M_FILES]
-    packed = doc[n.M_VERSION] >= n.PACKED_FORMAT_VERSION  # v4: files may be packs of the run's content store
+    packed = doc[n.M_VERSION] >= n.PACKED_FORMAT_VERSION  # v4, v5: files may be packs of the run's content store
     if not all(type(f) is str and (n.tensor_file_index(f) is not None or (packed and n.is_pack_file(f)))
                for f in files) or len(set(files)) < len(files):
         raise CorruptCheckpointError("manifest names an unexpected data file")
     if len(doc[n.M_FILE_CHECKSUMS]) != len(files) or not all(map(algo.is_value, doc[n.M_FILE_CHECKSUMS])):
         raise CorruptCheckpointError(f"manifest field {n.M_FILE_CHECKSUMS!r} is malformed")
-    _check_entries(doc[n.M_ENTRIES], len(files), algo)
+    _check_entries(doc[n.M_ENTRIES], len(files), algo, doc[n.M_VERSION] == n.COMPRESSED_FORMAT_VERSION)
+    content = doc[n.M_ENTRIES].get(n.E_CONTENT)
+    if content is not None and (doc[n.M_VERSION] != n.COMPRESSED_FORMAT_VERSION or algo.name != checksum.XXH3_128
+                                or not all(map(algo.is_value, content))):
+        raise CorruptCheckpointError("malformed content column in manifest")
     _check_tensors(doc[n.M_TENSORS], doc[n.M_ENTRIES])
 
 
@@ -173,7 +193,7 @@ def _check_fields(doc: dict[str, Any]) -> None:
             raise CorruptCheckpointError(f"manifest field {key!r} is malformed")
 
 
-def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algorithm) -> None:
+def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algorithm, coded: bool) -> None:
     columns = [entries.get(c) for c in _ENTRY_COLUMNS]
     if not all(type(c) is list for c in columns) or len({len(c) for c in columns}) > 1:  # type: ignore[arg-type]
         raise CorruptCheckpointError("malformed entry table in manifest")
@@ -195,6 +215,8 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
     # C speed (tens of nanoseconds an entry), since it runs on every load of every checkpoint.
     counts = list(map(math.prod, shapes))  # type: ignore[arg-type]
     sizes = list(map(operator.sub, ends, starts))  # type: ignore[arg-type]
+    if coded or n.E_CODEC in entries or n.E_RAW in entries:  # v5 (and only v5): sizes before compression
+        sizes = _raw_sizes(entries, sizes, coded)
     if list(map(operator.mul, counts, map(itemsize.__getitem__, dtypes))) != sizes:  # type: ignore[arg-type]
         e = next(e for e, (c, d, z) in enumerate(zip(counts, dtypes, sizes)) if c * itemsize[d] != z)  # type: ignore[arg-type]
         raise CorruptCheckpointError(f"entry {e} holds {sizes[e]} bytes, not {dtypes[e]} {_dims(shapes[e])}")  # type: ignore[index]
@@ -202,6 +224,29 @@ def _check_entries(entries: dict[str, Any], file_count: int, algo: checksum.Algo
         for e in (e for e, c in enumerate(counts) if not c):
             if not _fits(shapes[e], itemsize[dtypes[e]]):  # type: ignore[index]
                 raise CorruptCheckpointError(f"entry {e} has an impossible shape {_dims(shapes[e])}")  # type: ignore[index]
+
+
+def _raw_sizes(entries: dict[str, Any], stored: list[int], coded: bool) -> list[int]:
+    """The ``raw`` column of a v5 entry table, checked against the ``codec`` column and the stored sizes:
+    a raw entry stores its bytes as they are; a compressed one cannot claim more than zstd can produce
+    from its stored bytes (a bomb is refused before anything is allocated)."""
+    codecs, raw = entries.get(n.E_CODEC), entries.get(n.E_RAW)
+    if not coded:
+        raise CorruptCheckpointError("entry codecs in a format version that has none")
+    if type(codecs) is not list or type(raw) is not list or len(codecs) != len(stored) or len(raw) != len(stored) \
+            or not _ints(raw):
+        raise CorruptCheckpointError("malformed codec columns in manifest")
+    for e, (codec, size, held) in enumerate(zip(codecs, raw, stored, strict=True)):
+        if codec == n.CODEC_RAW:
+            if size != held:
+                raise CorruptCheckpointError(f"raw entry {e} holds {held} bytes, not {size}")
+        elif codec not in n.CODECS:
+            raise CorruptCheckpointError(f"entry {e} has an unknown codec {brief(codec)} (this savegame knows "
+                                         f"{', '.join(n.CODECS)})")
+        elif not check_bound(held, size):
+            raise CorruptCheckpointError(f"compressed entry {e} declares {size} bytes from {held}: more than zstd "
+                                         "can produce")
+    return raw
 
 
 def _fits(shape: list[int], itemsize: int) -> bool:

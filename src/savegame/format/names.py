@@ -6,7 +6,8 @@ FORMAT_NAME = "savegame"
 FORMAT_VERSION = 2           # what a single process writes
 SHARDED_FORMAT_VERSION = 3   # what a distributed job writes: chunked tensors and per-rank trees
 PACKED_FORMAT_VERSION = 4    # what an incremental save writes: entries in the run's content store (packs)
-READABLE_VERSION = PACKED_FORMAT_VERSION  # the newest version this savegame reads
+COMPRESSED_FORMAT_VERSION = 5  # a single process's save with compressed entries (compression="zstd")
+READABLE_VERSION = COMPRESSED_FORMAT_VERSION  # the newest version this savegame reads
 
 MANIFEST = "manifest.json"
 TENSOR_FILE = "tensors-{index:05d}.safetensors"  # index 100000 and up: more digits, never fewer than five
@@ -24,6 +25,12 @@ SETTINGS_FILE = "retention.json"    # the retention settings of the run's last w
 ABANDONED_DIR = "abandoned"         # checkpoints of a continuation given up by restoring an older one
 DATA_DIR = "data"                   # the content store: pack files shared by incremental checkpoints (v4)
 PACK_FILE = DATA_DIR + "/{pack}.safetensors"  # pack: 32 lowercase hex digits, random
+
+# Entry codecs (v5): how an entry's stored bytes become its tensor's bytes.
+CODEC_RAW = "raw"                  # stored as is
+CODEC_ZSTD = "zstd"                # one zstd frame of the bytes
+CODEC_ZSTD_GROUPED = "zstd+bytegroup"  # one zstd frame of the bytes grouped by place: byte 0 of every element, then byte 1...
+CODECS = (CODEC_RAW, CODEC_ZSTD, CODEC_ZSTD_GROUPED)
 
 # Top-level keys of the state tree.
 TREE_STATE = "state"
@@ -56,6 +63,8 @@ M_RANKS = "ranks"                      # v3: per rank, {"rng": ..., "state": {pe
 
 # Columns of the manifest's entry and tensor tables (v2).
 E_FILE, E_DTYPE, E_SHAPE, E_START, E_END, E_SUM = "file", "dtype", "shape", "start", "end", "checksum"
+E_CODEC, E_RAW = "codec", "raw"  # v5: each entry's codec, and its size before compression (bytes)
+E_CONTENT = "content"  # v5 with packs: each entry's content identity, the xxh3-128 of its bytes before compression
 T_ENTRY, T_DEVICE, T_VIEWS = "entry", "device", "views"
 T_KEY, T_CHUNKS = "key", "chunks"  # v3: each tensor's key in the job, and the records of tensors stored in chunks
 

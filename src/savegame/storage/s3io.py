@@ -277,7 +277,12 @@ class MultipartWrite:
             self._client.slots.release()
             self._client.buffers.give(part)
             failed.result()
-        self._parts.append(self._client.pool.submit(self._upload_part, number, part))
+        try:
+            self._parts.append(self._client.pool.submit(self._upload_part, number, part))
+        except RuntimeError:  # the interpreter is exiting (a save completed at exit): no pool, the part here
+            done: Future[str] = Future()
+            done.set_result(self._upload_part(number, part))
+            self._parts.append(done)
 
     def _upload_part(self, number: int, part: bytearray | bytes) -> str:
         try:
