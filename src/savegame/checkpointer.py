@@ -199,7 +199,7 @@ class Checkpointer:
             return session.save(self, self._job, step, epoch, clean, extra, pin)
         self._wait()
         if not self._continues:
-            guards.check_new_run(self._run.names(), self.path)
+            guards.check_new_run(self._run.names(), listing.shown(self.path))
         started = time.monotonic()
         pending, prepared = self._prepare(step, epoch, clean, extra, pin)
         if self._dedup is not None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import savegame
-from savegame.errors import RunLockedError, StorageError
+from savegame.errors import ConfigurationError, RunLockedError, StorageError
 from savegame.run.lease import RunLease
 from savegame.storage.urls import is_url, open_storage
 from tests.helpers import make_state, train_steps
@@ -104,3 +104,11 @@ def test_a_file_that_outgrows_its_upload_buffer_trades_it_for_a_grown_free_one()
     assert taken is small
     assert pool.trade(taken, 500) is big
     assert pool.take() is small and pool.trade(small, 2000) is None
+
+
+def test_a_new_run_refused_on_a_url_names_the_url(url: str) -> None:
+    with savegame.Checkpointer(url, state=make_state(0), async_save=False) as ckpt:
+        ckpt.save(1)
+    with savegame.Checkpointer(url, state=make_state(0), async_save=False) as again:
+        with pytest.raises(ConfigurationError, match=rf"^{url} already holds the checkpoints of a run"):
+            again.save(2)

@@ -43,7 +43,7 @@ def save(ckpt: Checkpointer, job: Job, step: int, epoch: int | None, metrics: di
         if not job.leader:
             return None, job_save.share_of(ckpt._capture(None), ckpt._per_rank, job.rank), None
         if not ckpt._continues:
-            guards.check_new_run(ckpt._run.names(), ckpt.path)
+            guards.check_new_run(ckpt._run.names(), listing.shown(ckpt.path))
         pending, meta = ckpt._propose(step, epoch, metrics, extra, pin)
         return pending, job_save.share_of(ckpt._capture(pending.run_state), ckpt._per_rank, job.rank), meta
 
@@ -90,7 +90,7 @@ def restore(ckpt: Checkpointer, job: Job, which: Which, objects: Mapping[str, An
                             job.fg, f"restore({which!r})")
     if not found:
         if which in (None, "latest"):
-            log.info("no checkpoint in %s: starting from scratch", os.path.abspath(ckpt.path))
+            log.info("no checkpoint in %s: starting from scratch", listing.shown(ckpt.path))
             ckpt._continues = True
             return None
         raise listing.not_found(which, ckpt.path)

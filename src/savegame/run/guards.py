@@ -8,7 +8,6 @@ run directory as it was.
 from __future__ import annotations
 
 import difflib
-import os
 from collections.abc import Mapping, Sequence
 from typing import TypeVar
 
@@ -47,12 +46,13 @@ def check_monitored(metrics: Mapping[str, float], watched: Mapping[str, str]) ->
 
 
 def check_new_run(existing: Sequence[str], run_dir: str) -> None:
-    """The first save of a Checkpointer that did not restore must not join another run's checkpoints."""
+    """The first save of a Checkpointer that did not restore must not join another run's checkpoints
+    (``run_dir`` as shown to users: an absolute path or a URL)."""
     if not existing:
         return
     shown = ", ".join(existing[-3:]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
     raise ConfigurationError(
-        f"{os.path.abspath(run_dir)} already holds the checkpoints of a run ({shown}), and this Checkpointer "
+        f"{run_dir} already holds the checkpoints of a run ({shown}), and this Checkpointer "
         "has not restored it: saving would mix two runs (retention, 'latest' and 'best' would mix them up). "
         "Call restore() first to continue that run, use another run directory, or pass fresh=True to the "
         "Checkpointer to move those checkpoints aside (into abandoned/, nothing is deleted) and start a new run")
