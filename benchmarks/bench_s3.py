@@ -6,7 +6,8 @@ run that saves often):
   ``upload_fileobj`` (multipart, 10 threads) of the same bytes; the ratio is throughput against
   the best of the two (target >= 0.9);
 - the time ``save()`` blocks the caller against ``torch.save`` of the same state to local disk
-  (target <= 0.1), with fsync as in the local-disk table, and into the page cache only;
+  (target <= 0.1), with fsync as in the local-disk table, and into the page cache only; and
+  against savegame's own ``save()`` to a local run directory (the same copy into staging buffers);
 - the time to restore into the live tensors against one plain ``get_object`` read of the bytes
   (target >= 0.9 in throughput).
 boto3 uploads after one untimed upload, as savegame saves after one untimed save: the server
@@ -82,6 +83,13 @@ def one_round(s3: Any, nbytes: int, rep: int) -> dict[str, float]:
     out["upload_fileobj"] = timed(lambda: s3.upload_fileobj(io.BytesIO(data), BUCKET, "plain"))
     empty_bucket(s3)
     with tempfile.TemporaryDirectory() as tmp:
+        with savegame.Checkpointer(Path(tmp) / "run", state=state) as local:  # the same save to a local disk
+            local.save(0)
+            local.wait()
+            start = time.perf_counter()
+            local.save(1)
+            out["save_blocked_local"] = time.perf_counter() - start
+            local.wait()
         target = Path(tmp) / "state.pt"
         out["torch_save_local"] = timed(lambda: torch.save(module.state_dict(), target))
         out["torch_save_local_fsync"] = timed(lambda: save_durably(module.state_dict(), target))
@@ -117,6 +125,7 @@ def main() -> None:
                 **{k: round(v, 3) for k, v in med.items()},
                 "MB": nbytes >> 20,
                 "throughput_vs_best_boto3": round(best_upload / med["savegame_durable"], 2),
+                "blocked_vs_local_run": round(med["save_blocked"] / med["save_blocked_local"], 2),
                 "blocked_vs_torch_save_fsync": round(med["save_blocked"] / med["torch_save_local_fsync"], 3),
                 "blocked_vs_torch_save_page_cache": round(med["save_blocked"] / med["torch_save_local"], 3),
                 "restore_vs_get_object": round(med["get_object"] / med["savegame_restore"], 2),
