@@ -223,7 +223,7 @@ class Checkpointer:
             log.info("saved checkpoint %s (%d bytes, durable %.2f s after save())", where, prepared.nbytes,
                      time.monotonic() - started)
             if self._dedup is not None:
-                self._dedup.committed(body)
+                self._dedup.committed(body, prepared.plan, shards)
             self._store.remember(pending.info.name, body[n.M_FILES])
             self._tracker.committed(sized(pending, prepared.nbytes))
             self._reclaim()

@@ -140,7 +140,7 @@ class Dedup:
         self.index = Index()
         self._versions: list[int] | None = None  # per entry of the last save: its version counter
         self._seen: dict[tuple[Any, ...], _Seen] = {}  # tensors over FULL bytes of the last save
-        self._pending: dict[tuple[Any, ...], tuple[torch.Tensor, int, str, int]] = {}  # ident -> (t, ver, fp, e)
+        self._pending: dict[tuple[Any, ...], tuple[torch.Tensor, int, str | None, int]] = {}  # ident -> (t, ver, fp, e)
         self._pending_versions: list[int] = []
         self._pack_sizes: dict[str, int] = {}
 
@@ -205,20 +205,31 @@ class Dedup:
         and fingerprint (or, at a process's first save, its CPU bytes hash to a stored entry)."""
         ident = (src.device, src.data_ptr(), size, src.dtype, tuple(src.shape))
         seen = self._seen.get(ident)
-        fingerprint = _fingerprint(src, size)
-        self._pending[ident] = (src, version, fingerprint, e)
-        if seen is not None and seen.version == version and seen.fingerprint == fingerprint:
-            return self.index.get(seen.key)
+        if seen is not None and seen.version == version:
+            fingerprint: str | None = _fingerprint(src, size)
+            self._pending[ident] = (src, version, fingerprint, e)
+            if seen.fingerprint == fingerprint:
+                return self.index.get(seen.key)
+        else:  # changed (full training): fingerprinted from the bytes saved, in the writer (see committed)
+            self._pending[ident] = (src, version, None, e)
         if first and self.index and src.is_cpu:
             return self.index.get((digest(src, size), size))
         return None
 
-    def committed(self, body: Mapping[str, Any]) -> None:
-        """The save planned last is durable; ``body`` is its manifest (expanded)."""
+    def committed(self, body: Mapping[str, Any], plan: layout.TensorPlan | None = None,
+                  snap: list[torch.Tensor] | None = None) -> None:
+        """The save planned last is durable; ``body`` is its manifest (expanded), ``plan`` and ``snap`` its
+        plan and staged bytes (None: it wrote the live tensors, unchanged since).
+
+        The fingerprints of tensors that changed are taken here, from the bytes the save wrote: off the
+        training thread, and a fingerprint of exactly what the checkpoint holds.
+        """
         entries = body[n.M_ENTRIES]
         self.index = index_of(body)
         self._versions, self._pending_versions = self._pending_versions, []
-        seen = {ident: _Seen(tensor.detach(), version, fingerprint, key_of(entries, e))
+        seen = {ident: _Seen(tensor.detach(), version,
+                             fingerprint if fingerprint is not None else _saved_fingerprint(tensor, e, plan, snap),
+                             key_of(entries, e))
                 for ident, (tensor, version, fingerprint, e) in self._pending.items()}
         self._pending = {}
         # A tensor nothing else holds (a fresh copy a state_dict() made) is not kept alive until the next save.
@@ -278,6 +289,17 @@ def digest(src: torch.Tensor, size: int | None = None) -> str:
 
 
 _CHARS: dict[int, Any] = {}  # ctypes array types by size: making one costs microseconds
+
+
+def _saved_fingerprint(live: torch.Tensor, e: int, plan: layout.TensorPlan | None,
+                       snap: list[torch.Tensor] | None) -> str:
+    """The fingerprint of entry ``e`` as saved: from its staged copy, else from ``live`` (a save that wrote the
+    live tensors, which did not change while it did)."""
+    size = live.nbytes
+    if plan is None or snap is None or plan.shard[e] < 0:
+        return _fingerprint(live, size)
+    start = plan.start[e]
+    return _fingerprint(snap[plan.shard[e]][start:start + size], size)
 
 
 def _fingerprint(src: torch.Tensor, size: int) -> str:
