@@ -30,13 +30,13 @@ def blob(mb: int, value: float) -> dict[str, torch.nn.Module]:
     return {"blob": model}
 
 
-@pytest.mark.parametrize("threshold", [0, None], ids=["multipart", "single-put"])
+@pytest.mark.parametrize("threshold", [None, 1 << 30], ids=["multipart", "single-put"])
 def test_transient_faults_are_retried(run_url: str, proxied: FaultProxy, threshold: int | None,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(retry, "BACKOFF", 0.01)  # what is tested is that each fault is retried, not the waits
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # and retried by savegame: botocore's own retries would hide them
     budget = {"503": 2, "reset": 2}  # at most four failures of one request: its fifth attempt goes through
-    upload = "partNumber" if threshold == 0 else ".safetensors"  # a part, or the one PUT of a whole tensor file
+    upload = "partNumber" if threshold is None else ".safetensors"  # a part, or the one PUT of a whole tensor file
 
     def fault(method: str, path: str) -> str | None:
         if method == "PUT" and upload in path or method == "GET" and "step-" in path:
@@ -45,7 +45,7 @@ def test_transient_faults_are_retried(run_url: str, proxied: FaultProxy, thresho
                     budget[kind] -= 1
                     return kind
         return None
-    state = blob(20, 3.0)  # multipart: two parts, a 16 MiB one and the rest
+    state = blob(20, 3.0)  # by default (multipart): two parts, a 16 MiB one and the rest
     options = {} if threshold is None else {"multipart_threshold": threshold}
     with savegame.Checkpointer(run_url, state=state, storage_options=options) as ckpt:
         proxied.fault = fault

@@ -40,6 +40,10 @@ def test_round_trip_is_exact_with_multipart_and_several_files(run_url: str, buck
     files = keys(bucket, "runs/exp1/step-0000000003/")
     assert files[-1].endswith("tensors-00002.safetensors") and any(f.endswith("manifest.json") for f in files)
     assert ".savegame.lease" not in " ".join(keys(bucket))  # handed back at close
+    s3 = boto3.client("s3")
+    heads = [s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED") for key in files]
+    large = [h for h in heads if h["ContentLength"] > 17 << 20]  # up in 16 MiB parts, each part's CRC32 named
+    assert large and all("-" in h["ETag"] and h.get("ChecksumCRC32") for h in large), large  # "-": multipart
 
     fresh = {**make_state(7), **big_state(1)}
     fresh["blob"].big = torch.zeros(40 << 18)
