@@ -18,7 +18,7 @@ from savegame.errors import RunLockedError
 from tests.integration.procs import child_env
 
 CHILD = Path(__file__).with_name("_s3_writer_child.py")
-LEASE = 6.0  # renewed every 2 s: after a kill it stays fresh for at least 4 s, and the check comes within 1 s
+LEASE = 9.0  # renewed every 3 s: after a kill it stays fresh for at least 6 s, and the check comes within 1-2 s
 
 
 def objects(bucket: str, prefix: str) -> list[str]:
