@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -204,3 +205,11 @@ def test_well_formed_oddities_restore(base, tmp_path, case):
     run = hostile_run(base, tmp_path, FINE[case])
     assert h.restore(run, h.objects()).step == 2
     h.all_readers(run, tmp_path / "out")
+
+
+def test_a_long_double_scalar_is_shown_by_every_command(base, tmp_path):
+    """A NumPy long double's .item() is itself: the JSON output once recursed on it without end (fuzzer find)."""
+    run = hostile_run(base, tmp_path, extra({"ld": {"$np": ["<f16", 1]}}))
+    results = h.all_readers(run, tmp_path / "out")  # each asserts: no "a bug in savegame", exit 0, 1 or 2
+    assert results["inspect --json"].exit_code == 0
+    assert json.loads(results["inspect --json"].stdout)["extra"]["ld"] in (str(np.longdouble(1)), 1.0)

@@ -139,7 +139,8 @@ def jsonable(value: Any) -> Any:
     if isinstance(value, (torch.Tensor, np.ndarray)):
         return {"dtype": dtype_name(value), "shape": list(value.shape)}
     if isinstance(value, np.generic):
-        return jsonable(value.item())
+        item = value.item()  # a long double's .item() is itself: shown as its text, exactly
+        return str(value) if isinstance(item, np.generic) else jsonable(item)
     if isinstance(value, complex):
         return [jsonable(value.real), jsonable(value.imag)]
     if isinstance(value, (bytes, bytearray)):
