@@ -12,6 +12,8 @@ from click.testing import CliRunner
 import savegame
 from savegame.cli import main
 from savegame.errors import CheckpointNotFoundError, ConfigurationError, RunLockedError
+from savegame.storage import s3io
+from savegame.storage.s3io import SINGLE_PUT
 from savegame.storage.urls import open_storage
 from tests.helpers import make_state, train_steps
 
@@ -24,7 +26,7 @@ def keys(bucket: str, prefix: str = "") -> list[str]:
 def big_state(mb: int = 40) -> dict[str, torch.nn.Module]:
     torch.manual_seed(1)
     model = torch.nn.Module()
-    model.register_buffer("big", torch.randn(mb << 18))  # mb MB of float32: several 16 MB parts
+    model.register_buffer("big", torch.randn(mb << 18))  # mb MB of float32: several 8 MiB parts
     model.register_buffer("small", torch.arange(10))
     return {"blob": model}
 
@@ -42,7 +44,7 @@ def test_round_trip_is_exact_with_multipart_and_several_files(run_url: str, buck
     assert ".savegame.lease" not in " ".join(keys(bucket))  # handed back at close
     s3 = boto3.client("s3")
     heads = [s3.head_object(Bucket=bucket, Key=key, ChecksumMode="ENABLED") for key in files]
-    large = [h for h in heads if h["ContentLength"] > 17 << 20]  # up in 16 MiB parts, each part's CRC32 named
+    large = [h for h in heads if h["ContentLength"] > SINGLE_PUT]  # up in parts, each part's CRC32 named
     assert large and all("-" in h["ETag"] and h.get("ChecksumCRC32") for h in large), large  # "-": multipart
 
     fresh = {**make_state(7), **big_state(1)}
@@ -58,6 +60,30 @@ def test_round_trip_is_exact_with_multipart_and_several_files(run_url: str, buck
     loaded = savegame.load(run_url)
     assert loaded["step"] == 3 and torch.equal(loaded["state"]["blob"]["big"], state["blob"].big)
     assert savegame.load(f"{path}/manifest.json")["metrics"] == {"loss": 0.5}
+
+
+@pytest.mark.parametrize("async_save", [True, False], ids=["staged", "sync"])
+def test_tensor_bytes_go_up_without_a_copy_into_part_buffers(run_url: str, async_save: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """An async save sends the staged bytes as they are: only headers and small objects are copied into the
+    client's part buffers. A sync save writes from the live tensors through those buffers, and is exact too."""
+    taken: list[int] = []
+    take = s3io.BufferPool.take
+    monkeypatch.setattr(s3io.BufferPool, "take", lambda self: taken.append(1) or take(self))
+    state = big_state(40)  # five parts
+    with savegame.Checkpointer(run_url, state=state, async_save=async_save) as ckpt:
+        ckpt.save(1)
+        ckpt.wait()
+        taken.clear()
+        ckpt.save(2)
+        ckpt.wait()
+    saved = savegame.load(run_url)
+    assert saved["step"] == 2 and torch.equal(saved["state"]["blob"]["big"], state["blob"].big)
+    files = len(open_storage(run_url).list_dir("step-0000000002"))  # the tensor files and the manifest
+    if async_save:
+        assert len(taken) <= files, taken  # one buffer a file, for what is not lent; not one a part
+    else:
+        assert len(taken) >= (40 << 20) // s3io.PART
 
 
 def test_retention_best_and_aliases(run_url: str, bucket: str) -> None:

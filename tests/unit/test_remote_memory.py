@@ -92,20 +92,6 @@ def test_fresh_moves_the_old_run_aside_on_an_object_store(url: str) -> None:
 
 
 
-def test_a_file_that_outgrows_its_upload_buffer_trades_it_for_a_grown_free_one() -> None:
-    """Files are uploaded side by side; when the RNG states' small file took the buffer the large file grew
-    at the last save, the large one trades for it rather than allocating (and touching) a new one."""
-    from savegame.storage.s3io import WholePool
-    pool = WholePool()
-    big, small = bytearray(1000), bytearray(10)
-    pool.give(big)
-    pool.give(small)
-    taken = pool.take()
-    assert taken is small
-    assert pool.trade(taken, 500) is big
-    assert pool.take() is small and pool.trade(small, 2000) is None
-
-
 def test_a_new_run_refused_on_a_url_names_the_url(url: str) -> None:
     with savegame.Checkpointer(url, state=make_state(0), async_save=False) as ckpt:
         ckpt.save(1)

@@ -35,7 +35,7 @@ from savegame.engine.staging import SMALL, Snapshot, Staging, copy_out
 from savegame.format import checksum, codec, compression, layout, manifest
 from savegame.format import names as n
 from savegame.format.tensorfile import build_header
-from savegame.storage.base import Storage, WriteHandle
+from savegame.storage.base import Storage, WriteHandle, lend
 from savegame.storage.commit import CommitStrategy, RenameCommit
 
 log = logging.getLogger("savegame.engine.writer")
@@ -241,10 +241,10 @@ def write_compressed_file(storage: Storage, path: str, plan: layout.TensorPlan, 
     handle = storage.create(path)
     try:
         handle.write(memoryview(header))
-        for e in order:
+        for e in order:  # the blobs are held until the file is closed
             blob = memoryview(blobs[e])
             for start in range(0, len(blob), WRITE):
-                handle.write(blob[start:start + WRITE])
+                lend(handle, blob[start:start + WRITE])
     except Exception:
         handle.abort()
         raise
@@ -296,12 +296,12 @@ def _write_staged(handle: WriteHandle, plan: layout.TensorPlan, entries: list[in
     total = sum(plan.sizes[e] for e in entries)
     if total < WRITE:
         checksums()
-        handle.write(view[:total])
+        lend(handle, view[:total])
         return
     with ThreadPoolExecutor(max_workers=1) as pool:  # checksums beside the writes: both release the GIL
         done = pool.submit(checksums)
-        for start in range(0, total, WRITE):
-            handle.write(view[start:min(start + WRITE, total)])
+        for start in range(0, total, WRITE):  # the staging buffer is not touched before the file is closed
+            lend(handle, view[start:min(start + WRITE, total)])
         done.result()
 
 

@@ -13,13 +13,26 @@ from typing import BinaryIO, Protocol
 
 
 class WriteHandle(Protocol):
-    """A file being written. ``close()`` makes it durable (fsync) before returning."""
+    """A file being written. ``close()`` makes it durable (fsync) before returning.
+
+    ``write(data)`` is done with ``data`` when it returns. A handle may also have ``lend(data)``:
+    the same write, with the caller's promise that the bytes stay unchanged until ``close()`` or
+    ``abort()`` returns, so the handle may send them from where they are instead of copying them
+    (an object store's upload parts). :func:`lend` uses it where there is one.
+    """
 
     def write(self, data: memoryview) -> None: ...
 
     def close(self) -> None: ...
 
     def abort(self) -> None: ...
+
+
+def lend(handle: WriteHandle, data: memoryview) -> None:
+    """Write ``data`` through ``handle``, whose bytes the caller leaves unchanged until the handle is closed or
+    aborted: through the handle's ``lend`` where it has one, else its ``write``."""
+    method = getattr(handle, "lend", None)
+    (method or handle.write)(data)
 
 
 class Storage(Protocol):

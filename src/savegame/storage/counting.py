@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO, Self, cast
 
-from savegame.storage.base import Storage, WriteHandle
+from savegame.storage.base import Storage, WriteHandle, lend
 
 Progress = Callable[[int], None]  # called with the number of bytes just read or written
 
@@ -125,6 +125,10 @@ class _CountingWrite:
 
     def write(self, data: memoryview) -> None:
         self._inner.write(data)
+        self._progress(data.nbytes)
+
+    def lend(self, data: memoryview) -> None:
+        lend(self._inner, data)
         self._progress(data.nbytes)
 
     def close(self) -> None:

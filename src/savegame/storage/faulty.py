@@ -16,7 +16,7 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-from savegame.storage.base import Storage, WriteHandle
+from savegame.storage.base import Storage, WriteHandle, lend
 from savegame.storage.local import storage_error
 
 
@@ -97,6 +97,10 @@ class _FaultyWrite:
     def write(self, data: memoryview) -> None:
         self._owner._tick("write", self._path)
         self._inner.write(data)
+
+    def lend(self, data: memoryview) -> None:
+        self._owner._tick("write", self._path)
+        lend(self._inner, data)
 
     def close(self) -> None:
         try:

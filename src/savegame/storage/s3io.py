@@ -1,9 +1,11 @@
 """Bulk transfers to and from S3: multipart uploads with parts in parallel, streamed ranged reads.
 
 Both run through a botocore client with s3fs's settings (:class:`S3Client`), from a small
-thread pool, so several parts are on the wire at once. An upload holds at most
-``PARALLEL + 1`` parts in memory (one being filled, the rest in flight): the tensor bytes go
-from the staging buffers into a part and onto the network, never into a whole-file copy.
+thread pool, so several parts are on the wire at once. The tensor bytes go from the staging
+buffers onto the network as they are: the writer lends them (they stay unchanged until the
+file is closed), and each part is sent as views of them, never copied into a part or a
+whole-file buffer. Only bytes written without that promise (a file's header) are copied,
+into a few reused buffers. At most PARALLEL parts are in flight.
 The object appears only when the upload completes (S3 commits a multipart upload atomically),
 and with ``If-None-Match: *`` where the store supports it, so it never replaces another object.
 A file is read back as one ranged GET streamed into the caller's buffer (see :class:`RangedFile`).
@@ -11,25 +13,40 @@ A file is read back as one ranged GET streamed into the caller's buffer (see :cl
 
 from __future__ import annotations
 
+import bisect
+import concurrent.futures
 import inspect
+import itertools
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from savegame.errors import StorageError
 from savegame.storage.retry import retried
 
-PART = 16 << 20  # 10,000 parts (S3's limit) of 16 MB: tensor files up to 160 GB (shards are 1 GB by default)
+PART = 8 << 20
+"""The size of an upload's parts (after every 1,000 parts it doubles, see :func:`part_size`). On the local moto
+server 8 MiB parts went up 10-25% faster than 16 MiB or larger ones (BENCHMARKS.md)."""
+PARTS_PER_SIZE = 1000
+MAX_PARTS = 10_000  # S3's limit: with parts growing, one file may hold 8 TB (S3 stores objects up to 5 TB)
+MAX_PART = 5 << 30  # S3's largest part (and single PUT)
 CHUNK = 8 << 20  # bytes taken from a download stream at a time
 PARALLEL = 8
-SINGLE_PUT = PART + (1 << 20)
-"""Files up to this size go up in one PUT (from a reused buffer), larger ones as multipart uploads with
-PARALLEL parts in flight. With each part's checksum named at completion (and CRC32 announced when the
-upload starts) a multipart upload beat one PUT on the local moto server at 256 MB and 1 GB, and matched
-boto3's own ``upload_fileobj``; without them moto took seconds to complete one (BENCHMARKS.md). The store
-option ``multipart_threshold`` moves this limit."""
+SINGLE_PUT = PART
+"""Files up to this size go up in one PUT, larger ones as multipart uploads with PARALLEL parts in flight.
+With each part's checksum named at completion (and CRC32 announced when the upload starts) a multipart
+upload beat one PUT on the local moto server at 256 MB and 1 GB, and matched boto3's own
+``upload_fileobj``; without them moto took seconds to complete one (BENCHMARKS.md). The store option
+``multipart_threshold`` moves this limit (the first part then holds that many bytes)."""
 WINDOW = 1 << 20  # the least a ranged GET asks for: a small read never makes the server send the whole file
 SKIP = 1 << 16  # a seek this far forward inside the current response reads through rather than starts a new GET
+
+
+def part_size(number: int, first: int = PART) -> int:
+    """The size of part ``number`` (counted from 1) of an upload whose first part holds ``first`` bytes: PART
+    for the next 999, then doubling after every 1,000 parts, up to 4 GiB. So 10,000 parts hold 8 TB."""
+    return first if number == 1 else PART << min(9, (number - 1) // PARTS_PER_SIZE)
 
 
 class S3Client:
@@ -50,7 +67,6 @@ class S3Client:
         self.slots = threading.BoundedSemaphore(PARALLEL)
         self.buffers = BufferPool()
         self.single_put = SINGLE_PUT
-        self.whole = WholePool()
         self._client: Any = None
         self._lock = threading.Lock()
         self._extra: dict[str, dict[str, Any]] = {}
@@ -62,16 +78,21 @@ class S3Client:
                 self._client = sync_client(self.fs)
             return self._client
 
-    def announced(self) -> dict[str, str]:
+    def announced(self) -> dict[str, Any]:
         """The checksum a new multipart upload announces: CRC32 (the one botocore computes for every part)
         unless the client computes checksums only where required (``AWS_REQUEST_CHECKSUM_CALCULATION=
         when_required``, for stores that refuse them)."""
         wanted = getattr(self.client.meta.config, "request_checksum_calculation", None)
         return {"ChecksumAlgorithm": "CRC32"} if wanted in (None, "when_supported") else {}
 
-    def call(self, method: str, action: str, path: str, **kwargs: Any) -> Any:
+    def call(self, method: str, action: str, path: str, *, body: list[memoryview] | None = None, **kwargs: Any) -> Any:
+        """``method`` of the client with ``kwargs`` (and s3fs's per-request options), retried; ``body``, views
+        sent one after the other as the request's body, is read afresh by every attempt."""
         kwargs = {**self.extra(method), **kwargs}
-        return retried(lambda: getattr(self.client, method)(**kwargs), action, self.url_of(path))
+
+        def attempt() -> Any:
+            return getattr(self.client, method)(**kwargs, **({} if body is None else {"Body": ChainBody(body)}))
+        return retried(attempt, action, self.url_of(path))
 
     def extra(self, method: str) -> dict[str, Any]:
         """The per-request options of the s3fs file system (``s3_additional_kwargs`` such as
@@ -111,20 +132,17 @@ class S3Client:
         return any(o["Key"] == key for o in reply.get("Contents", ())) or \
             any(p["Prefix"] == key + "/" for p in reply.get("CommonPrefixes", ()))
 
-    def put_new(self, path: str, data: bytes | bytearray | memoryview) -> None:
-        """Create ``path`` holding ``data``; refused (FileExistsError inside a StorageError) if it exists.
-        A memoryview is sent as it is, no copy (a fresh reader per attempt, so a retry sends it whole)."""
+    def put_new(self, path: str, pieces: list[memoryview]) -> None:
+        """Create ``path`` holding ``pieces`` one after the other (sent from where they are, no copy); refused
+        (FileExistsError inside a StorageError) if it exists."""
         bucket, key = self.where(path)
-        extra = {"IfNoneMatch": "*"} if self.conditional else {}
-
-        def put() -> Any:
-            body = ViewBody(data) if isinstance(data, memoryview) else data
-            return self.client.put_object(Bucket=bucket, Key=key, Body=body, **self.extra("put_object"), **extra)
-        retried(put, "create", self.url_of(path))
+        extra: dict[str, Any] = {"IfNoneMatch": "*"} if self.conditional else {}
+        self.call("put_object", "create", path, body=pieces, Bucket=bucket, Key=key, **extra)
 
 
 class BufferPool:
-    """Part buffers of PART bytes, reused: a new one only when every earlier one is in use."""
+    """Buffers of PART bytes for the bytes a part copies (those written, not lent), reused: a new one only when
+    every earlier one is in use, so after the first save no page is touched for the first time."""
 
     def __init__(self) -> None:
         self._free: list[bytearray] = []
@@ -134,59 +152,40 @@ class BufferPool:
         with self._lock:
             return self._free.pop() if self._free else bytearray(PART)
 
-    def give(self, buffer: bytearray | bytes) -> None:
-        if isinstance(buffer, bytearray) and len(buffer) == PART:
-            with self._lock:
-                self._free.append(buffer)
-
-
-class WholePool:
-    """Buffers holding a whole small-enough file until its one PUT, reused from save to save (a buffer is
-    grown when a file does not fit, so after the first save no page is touched for the first time)."""
-
-    def __init__(self) -> None:
-        self._free: list[bytearray] = []
-        self._lock = threading.Lock()
-
-    def take(self) -> bytearray:
+    def give(self, buffers: list[bytearray]) -> None:
         with self._lock:
-            return self._free.pop() if self._free else bytearray()
-
-    def trade(self, buffer: bytearray, need: int) -> bytearray | None:
-        """A free buffer of at least ``need`` bytes in exchange for ``buffer``, or None: files are written side
-        by side, and a small one (the RNG states') may have taken the buffer a large one grew before."""
-        with self._lock:
-            for i, free in enumerate(self._free):
-                if len(free) >= need:
-                    self._free[i] = buffer
-                    return free
-        return None
-
-    def give(self, buffer: bytearray) -> None:
-        with self._lock:
-            self._free.append(buffer)
+            self._free.extend(buffers)
 
 
-class ViewBody:
-    """A read-only file over a memoryview for botocore's ``Body``: reads return views, not copies."""
+class ChainBody:
+    """A read-only file over several memoryviews, one after the other, for botocore's ``Body``: a read returns a
+    view of one of them (at most up to its end), never a copy."""
 
-    def __init__(self, view: memoryview) -> None:
-        self._view, self._pos = view, 0
+    def __init__(self, pieces: list[memoryview]) -> None:
+        self._pieces = pieces
+        self._ends = list(itertools.accumulate(p.nbytes for p in pieces))
+        self._size = self._ends[-1] if pieces else 0
+        self._pos = 0
 
     def read(self, n: int | None = -1) -> memoryview:
-        end = self._view.nbytes if n is None or n < 0 else min(self._view.nbytes, self._pos + n)
-        start, self._pos = self._pos, max(self._pos, end)
-        return self._view[start:end]
+        if self._pos >= self._size:
+            return memoryview(b"")
+        k = bisect.bisect_right(self._ends, self._pos)
+        piece, base = self._pieces[k], self._ends[k] - self._pieces[k].nbytes
+        end = piece.nbytes if n is None or n < 0 else min(piece.nbytes, self._pos - base + n)
+        out = piece[self._pos - base:end]
+        self._pos += out.nbytes
+        return out
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._view.nbytes + offset
+        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
         return self._pos
 
     def tell(self) -> int:
         return self._pos
 
     def __len__(self) -> int:
-        return self._view.nbytes
+        return self._size
 
 
 _LOADER: list[Any] = []
@@ -224,110 +223,114 @@ def sync_client(fs: Any) -> Any:
 class MultipartWrite:
     """A new S3 object written in parts, several at once; it exists only after ``close()``.
 
-    Parts are filled in buffers the client reuses (their pages are touched once per process, not
-    once per save) and uploaded from them; at most PARALLEL parts per client are in flight.
+    What is written is gathered for the next request as views: lent bytes (:meth:`lend`) as they
+    are, other bytes copied into buffers the client reuses. A file that ends within the first
+    part goes up in one PUT; a larger one as a multipart upload whose parts (see :func:`part_size`)
+    are sent as soon as they are full, at most PARALLEL per client in flight.
     """
 
     def __init__(self, client: S3Client, path: str) -> None:
         self._client, self._path = client, path
         self._bucket, self._key = client.where(path)
-        self._buffer: bytearray | None = None
-        self._fill = 0
+        self._first = min(MAX_PART, max(PART, client.single_put))
+        self._pieces: list[memoryview] = []  # the bytes of the next request, in order
+        self._owned: list[bytearray] = []  # the pooled buffers holding its copied bytes
+        self._room = memoryview(b"")  # what is left of the last of them
+        self._size = 0  # bytes in _pieces
         self._upload: str | None = None
         self._parts: list[Future[dict[str, str]]] = []
-        self._whole: bytearray | None = client.whole.take()  # the file so far, while it may still go in one PUT
-        self._size = 0
 
     def write(self, data: memoryview) -> None:
-        view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        if self._whole is not None:
-            if self._size + view.nbytes <= self._client.single_put:
-                self._keep(view)
-                return
-            whole, self._whole = self._whole, None  # too large for one PUT: what came so far becomes parts
-            self._write_parts(memoryview(whole)[:self._size])
-            self._client.whole.give(whole)
-        self._write_parts(view)
-
-    def _keep(self, view: memoryview) -> None:
-        assert self._whole is not None
-        end = self._size + view.nbytes
-        if end > len(self._whole):  # only until the pooled buffers have grown to the files' sizes
-            grown = self._client.whole.trade(self._whole, end)
-            if grown is None:
-                grown = bytearray(max(end, min(2 * len(self._whole), self._client.single_put)))
-            grown[:self._size] = memoryview(self._whole)[:self._size]
-            self._whole = grown
-        self._whole[self._size:end] = view
-        self._size = end
-
-    def _write_parts(self, view: memoryview) -> None:
+        """Copy ``data`` into the next request: the caller may change it once this returns."""
+        view = _bytes(data)
         while view.nbytes:
-            if self._buffer is None:
-                self._buffer, self._fill = self._client.buffers.take(), 0
-            take = min(PART - self._fill, view.nbytes)
-            self._buffer[self._fill:self._fill + take] = view[:take]
-            self._fill += take
-            view = view[take:]
-            if self._fill == PART:
-                part, self._buffer = self._buffer, None
-                self._send(part)
+            view = self._gather(view, copy=True)
 
-    def _send(self, part: bytearray | bytes) -> None:
-        if self._upload is None:
-            reply = self._client.call("create_multipart_upload", "start an upload of", self._path,
-                                      Bucket=self._bucket, Key=self._key, **self._client.announced())
-            self._upload = str(reply["UploadId"])
-        number = len(self._parts) + 1
-        self._client.slots.acquire()  # at most PARALLEL parts in flight: memory stays bounded
-        failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
-        if failed is not None:  # stop at the first failed part: the upload cannot complete
-            self._client.slots.release()
-            self._client.buffers.give(part)
-            failed.result()
+    def lend(self, data: memoryview) -> None:
+        """Send ``data`` from where it is: its bytes must stay unchanged until ``close()`` or ``abort()`` returns."""
+        view = _bytes(data)
+        while view.nbytes:
+            view = self._gather(view, copy=False)
+
+    def _gather(self, view: memoryview, copy: bool) -> memoryview:
+        """Add what the next request has room for from ``view`` (sending it first if it is full); return the rest."""
+        limit = part_size(len(self._parts) + 1, self._first)
+        if self._size == limit:  # full and more is coming: it is a part (the file needs a multipart upload)
+            self._send()
+            limit = part_size(len(self._parts) + 1, self._first)
+        take = min(view.nbytes, limit - self._size)
+        if copy:
+            self._copy(view[:take])
+        else:
+            self._pieces.append(view[:take])
+        self._size += take
+        return view[take:]
+
+    def _copy(self, view: memoryview) -> None:
+        while view.nbytes:
+            if not self._room.nbytes:
+                self._owned.append(self._client.buffers.take())
+                self._room = memoryview(self._owned[-1])
+            take = min(self._room.nbytes, view.nbytes)
+            self._room[:take] = view[:take]
+            self._pieces.append(self._room[:take])
+            self._room, view = self._room[take:], view[take:]
+
+    def _next_request(self) -> tuple[list[memoryview], list[bytearray]]:
+        """The gathered views and the buffers they hold, handed over; gathering starts anew."""
+        taken = self._pieces, self._owned
+        self._pieces, self._owned, self._room, self._size = [], [], memoryview(b""), 0
+        return taken
+
+    def _send(self) -> None:
+        pieces, owned = self._next_request()
         try:
-            self._parts.append(self._client.pool.submit(self._upload_part, number, part))
+            if self._upload is None:
+                reply = self._client.call("create_multipart_upload", "start an upload of", self._path,
+                                          Bucket=self._bucket, Key=self._key, **self._client.announced())
+                self._upload = str(reply["UploadId"])
+            number = len(self._parts) + 1
+            if number > MAX_PARTS:
+                raise StorageError(f"could not write {self._client.url_of(self._path)!r}: more than {MAX_PARTS:,} parts "
+                                   "(over 8 TB), more than S3 stores in one object; save with a smaller shard_bytes")
+            failed = next((f for f in self._parts if f.done() and f.exception() is not None), None)
+            if failed is not None:  # stop at the first failed part: the upload cannot complete
+                failed.result()
+        except BaseException:
+            self._client.buffers.give(owned)
+            raise
+        self._client.slots.acquire()  # at most PARALLEL parts in flight: memory stays bounded
+        try:
+            self._parts.append(self._client.pool.submit(self._upload_part, number, pieces, owned))
         except RuntimeError:  # the interpreter is exiting (a save completed at exit): no pool, the part here
             done: Future[dict[str, str]] = Future()
-            done.set_result(self._upload_part(number, part))
+            done.set_result(self._upload_part(number, pieces, owned))
             self._parts.append(done)
 
-    def _upload_part(self, number: int, part: bytearray | bytes) -> dict[str, str]:
+    def _upload_part(self, number: int, pieces: list[memoryview], owned: list[bytearray]) -> dict[str, str]:
         """Upload one part; its ETag and checksum, as the completion lists them."""
         try:
-            reply = self._client.call("upload_part", "upload a part of", self._path, Bucket=self._bucket,
-                                      Key=self._key, UploadId=self._upload, PartNumber=number, Body=part)
+            reply = self._client.call("upload_part", "upload a part of", self._path, body=pieces, Bucket=self._bucket,
+                                      Key=self._key, UploadId=self._upload, PartNumber=number)
             return {k: v for k, v in reply.items() if k == "ETag" or k.startswith("Checksum")}  # as completion wants
         finally:
             self._client.slots.release()
-            self._client.buffers.give(part)
-
-    def _rest(self) -> bytes:
-        """The bytes of the part being filled (a copy: the buffer goes back to the pool)."""
-        buffer, self._buffer = self._buffer, None
-        if buffer is None:
-            return b""
-        rest = bytes(memoryview(buffer)[:self._fill])
-        self._client.buffers.give(buffer)
-        return rest
+            self._client.buffers.give(owned)
 
     def close(self) -> None:
-        if self._whole is not None:  # up to SINGLE_PUT: one request, straight from the buffer
-            whole, self._whole = self._whole, None
+        if self._upload is None:  # the whole file fits the first part: one request
+            pieces, owned = self._next_request()
             try:
-                self._client.put_new(self._path, memoryview(whole)[:self._size])
+                self._client.put_new(self._path, pieces)
             finally:
-                self._client.whole.give(whole)
-            return
-        if self._upload is None:  # small: one request
-            self._client.put_new(self._path, self._rest())
+                self._client.buffers.give(owned)
             return
         try:
-            if self._fill and self._buffer is not None:
-                self._send(self._rest())
+            if self._size:
+                self._send()
             tags = [future.result() for future in self._parts]
             parts = [{"PartNumber": k + 1, **tag} for k, tag in enumerate(tags)]
-            extra = {"IfNoneMatch": "*"} if self._client.conditional else {}
+            extra: dict[str, Any] = {"IfNoneMatch": "*"} if self._client.conditional else {}
             self._client.call("complete_multipart_upload", "complete the upload of", self._path,
                               Bucket=self._bucket, Key=self._key, UploadId=self._upload,
                               MultipartUpload={"Parts": parts}, **extra)
@@ -336,12 +339,11 @@ class MultipartWrite:
             raise
 
     def abort(self) -> None:
-        whole, self._whole = self._whole, None
-        if whole is not None:
-            self._client.whole.give(whole)
-        self._rest()
+        """Discard the upload. Parts already on the wire are let finish first (they read lent bytes)."""
+        self._client.buffers.give(self._next_request()[1])
         for future in self._parts:
             future.cancel()
+        concurrent.futures.wait(self._parts)
         if self._upload is None:
             return
         upload, self._upload = self._upload, None
@@ -350,6 +352,10 @@ class MultipartWrite:
                               Key=self._key, UploadId=upload)
         except Exception:  # the store discards unfinished uploads by its lifecycle rules; the error that led here matters
             pass
+
+
+def _bytes(data: memoryview) -> memoryview:
+    return data.cast("B") if data.format != "B" or data.ndim != 1 else data
 
 
 class RangedFile:
