@@ -45,7 +45,7 @@ def test_transient_faults_are_retried(run_url: str, proxied: FaultProxy, thresho
                     budget[kind] -= 1
                     return kind
         return None
-    state = blob(20, 3.0)  # by default (multipart): two parts, a 16 MiB one and the rest
+    state = blob(20, 3.0)  # by default (multipart): three parts, two of 8 MiB and the rest
     options = {} if threshold is None else {"multipart_threshold": threshold}
     with savegame.Checkpointer(run_url, state=state, storage_options=options) as ckpt:
         proxied.fault = fault

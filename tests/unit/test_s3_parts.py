@@ -6,7 +6,7 @@ import threading
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from savegame.errors import StorageError
@@ -59,6 +59,15 @@ def pattern(n: int, seed: int = 0) -> bytearray:
     return bytearray((cycle * (n // 251 + 1))[:n])
 
 
+def all_slots_free(client: S3Client) -> bool:
+    free = [client.slots.acquire(blocking=False) for _ in range(s3io.PARALLEL)]
+    for taken in free:
+        if taken:
+            client.slots.release()
+    return all(free)
+
+
+@settings(deadline=None, max_examples=60)
 @given(st.lists(st.tuples(st.integers(0, 3 * PART), st.booleans()), max_size=6))
 def test_written_and_lent_bytes_arrive_whole_and_in_order(chunks: list[tuple[int, bool]]) -> None:
     client = Recording()
@@ -76,7 +85,7 @@ def test_written_and_lent_bytes_arrive_whole_and_in_order(chunks: list[tuple[int
     else:  # every part but the last is full; the completion lists them all
         assert sizes[:-1] == [part_size(k + 1) for k in range(len(sizes) - 1)] and 0 < sizes[-1] <= part_size(len(sizes))
         assert [m for m, _, _ in client.requests][-1] == "complete_multipart_upload"
-    assert client.slots.acquire(blocking=False)  # every slot was given back
+    assert all_slots_free(client)
 
 
 def test_written_bytes_are_copied_and_lent_ones_are_not() -> None:
@@ -104,6 +113,41 @@ def test_a_larger_multipart_threshold_makes_a_larger_first_part() -> None:
     assert client.sent()[0] == [3 * PART, 1]
 
 
+def test_multipart_threshold_zero_sends_every_file_in_parts() -> None:
+    client = Recording(single_put=0)
+    upload = MultipartWrite(client, "bucket/run/file")
+    upload.write(memoryview(pattern(100)))
+    upload.close()
+    assert [m for m, _, _ in client.requests] == ["create_multipart_upload", "upload_part", "complete_multipart_upload"]
+    assert client.sent() == ([100], bytes(pattern(100)))
+
+
+def test_abort_waits_for_parts_on_the_wire_and_frees_every_slot() -> None:
+    """Lent bytes may change once abort() returns: no part may still be reading them then. Parts not started
+    yet never start, and give their slots back (a cancelled one would not: uploads would hang for good)."""
+    sending, release = threading.Event(), threading.Event()
+    finished: list[int] = []
+
+    class Slow(Recording):
+        def call(self, method: str, action: str, path: str, **kwargs: Any) -> Any:
+            if method == "upload_part":
+                if kwargs["PartNumber"] == 1:
+                    sending.set()
+                    release.wait(10)
+                finished.append(kwargs["PartNumber"])
+            return super().call(method, action, path, **kwargs)
+    client = Slow()
+    client.pool = s3io.ThreadPoolExecutor(max_workers=1)  # part 1 on the wire, the next ones queued behind it
+    upload = MultipartWrite(client, "bucket/run/file")
+    for k in range(4):
+        upload.lend(memoryview(pattern(PART, k)))
+    assert sending.wait(10)
+    threading.Timer(0.2, release.set).start()
+    upload.abort()
+    assert release.is_set() and finished == [1]  # part 1 ended before abort() returned; 2 and 3 never went
+    assert all_slots_free(client) and len(client.buffers._free) == 0  # lent parts held no pooled buffer
+
+
 def test_parts_grow_so_ten_thousand_of_them_hold_more_than_s3_stores() -> None:
     sizes = [part_size(k) for k in range(1, s3io.MAX_PARTS + 1)]
     assert sizes[0] == PART and max(sizes) <= s3io.MAX_PART
@@ -129,8 +173,7 @@ def test_a_failed_part_stops_the_upload_and_gives_everything_back() -> None:
             raise
     assert [m for m, _, _ in client.requests][-1] == "abort_multipart_upload"
     assert "complete_multipart_upload" not in [m for m, _, _ in client.requests]
-    for _ in range(s3io.PARALLEL):  # no slot is left taken
-        assert client.slots.acquire(blocking=False)
+    assert all_slots_free(client)
 
 
 def test_chain_body_reads_across_pieces_seeks_and_knows_its_length() -> None:
@@ -143,4 +186,8 @@ def test_chain_body_reads_across_pieces_seeks_and_knows_its_length() -> None:
     assert bytes(body.read(10)) == b"efgh"
     body.seek(-3, 2)
     assert bytes(body.read()) == b"fgh"
+    body.seek(1)
+    assert bytes(body.read()) == b"bcdefgh"  # the rest, across pieces
+    with pytest.raises(ValueError):
+        body.seek(-9, 2)
     assert len(ChainBody([])) == 0 and ChainBody([]).read() == b""

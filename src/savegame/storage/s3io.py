@@ -158,8 +158,8 @@ class BufferPool:
 
 
 class ChainBody:
-    """A read-only file over several memoryviews, one after the other, for botocore's ``Body``: a read returns a
-    view of one of them (at most up to its end), never a copy."""
+    """A read-only file over several memoryviews, one after the other, for botocore's ``Body``: a read of ``n``
+    bytes returns a view of one of them (stopping at its end), never a copy."""
 
     def __init__(self, pieces: list[memoryview]) -> None:
         self._pieces = pieces
@@ -170,15 +170,23 @@ class ChainBody:
     def read(self, n: int | None = -1) -> memoryview:
         if self._pos >= self._size:
             return memoryview(b"")
+        if n is None or n < 0:  # the rest: one piece's as a view, several joined (a copy; botocore reads in chunks)
+            rest = []
+            while chunk := self.read(self._size):
+                rest.append(chunk)
+            return rest[0] if len(rest) == 1 else memoryview(b"".join(rest))
         k = bisect.bisect_right(self._ends, self._pos)
         piece, base = self._pieces[k], self._ends[k] - self._pieces[k].nbytes
-        end = piece.nbytes if n is None or n < 0 else min(piece.nbytes, self._pos - base + n)
+        end = min(piece.nbytes, self._pos - base + n)
         out = piece[self._pos - base:end]
         self._pos += out.nbytes
         return out
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        self._pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        pos = offset if whence == 0 else self._pos + offset if whence == 1 else self._size + offset
+        if pos < 0:
+            raise ValueError(f"negative seek position {pos}")
+        self._pos = pos
         return self._pos
 
     def tell(self) -> int:
@@ -224,8 +232,8 @@ class MultipartWrite:
     """A new S3 object written in parts, several at once; it exists only after ``close()``.
 
     What is written is gathered for the next request as views: lent bytes (:meth:`lend`) as they
-    are, other bytes copied into buffers the client reuses. A file that ends within the first
-    part goes up in one PUT; a larger one as a multipart upload whose parts (see :func:`part_size`)
+    are, other bytes copied into buffers the client reuses. A file of up to ``single_put`` bytes
+    goes up in one PUT; a larger one as a multipart upload whose parts (see :func:`part_size`)
     are sent as soon as they are full, at most PARALLEL per client in flight.
     """
 
@@ -239,6 +247,7 @@ class MultipartWrite:
         self._size = 0  # bytes in _pieces
         self._upload: str | None = None
         self._parts: list[Future[dict[str, str]]] = []
+        self._aborted = False  # parts not yet started then return at once (their slot and buffers given back)
 
     def write(self, data: memoryview) -> None:
         """Copy ``data`` into the next request: the caller may change it once this returns."""
@@ -310,6 +319,8 @@ class MultipartWrite:
     def _upload_part(self, number: int, pieces: list[memoryview], owned: list[bytearray]) -> dict[str, str]:
         """Upload one part; its ETag and checksum, as the completion lists them."""
         try:
+            if self._aborted:
+                return {}
             reply = self._client.call("upload_part", "upload a part of", self._path, body=pieces, Bucket=self._bucket,
                                       Key=self._key, UploadId=self._upload, PartNumber=number)
             return {k: v for k, v in reply.items() if k == "ETag" or k.startswith("Checksum")}  # as completion wants
@@ -318,7 +329,7 @@ class MultipartWrite:
             self._client.buffers.give(owned)
 
     def close(self) -> None:
-        if self._upload is None:  # the whole file fits the first part: one request
+        if self._upload is None and self._size <= self._client.single_put:  # up to the threshold: one request
             pieces, owned = self._next_request()
             try:
                 self._client.put_new(self._path, pieces)
@@ -326,7 +337,7 @@ class MultipartWrite:
                 self._client.buffers.give(owned)
             return
         try:
-            if self._size:
+            if self._size or not self._parts:
                 self._send()
             tags = [future.result() for future in self._parts]
             parts = [{"PartNumber": k + 1, **tag} for k, tag in enumerate(tags)]
@@ -339,10 +350,10 @@ class MultipartWrite:
             raise
 
     def abort(self) -> None:
-        """Discard the upload. Parts already on the wire are let finish first (they read lent bytes)."""
+        """Discard the upload. Parts already on the wire are let finish first (they read lent bytes); those
+        not yet started return at once. None is cancelled: a cancelled part would keep its slot and buffers."""
         self._client.buffers.give(self._next_request()[1])
-        for future in self._parts:
-            future.cancel()
+        self._aborted = True
         concurrent.futures.wait(self._parts)
         if self._upload is None:
             return
@@ -355,6 +366,9 @@ class MultipartWrite:
 
 
 def _bytes(data: memoryview) -> memoryview:
+    """``data`` as one-dimensional bytes (a copy only where it is not contiguous: savegame never writes such)."""
+    if not data.contiguous:
+        return memoryview(data.tobytes())
     return data.cast("B") if data.format != "B" or data.ndim != 1 else data
 
 
