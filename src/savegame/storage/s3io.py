@@ -136,8 +136,11 @@ class S3Client:
         """Create ``path`` holding ``pieces`` one after the other (sent from where they are, no copy); refused
         (FileExistsError inside a StorageError) if it exists."""
         bucket, key = self.where(path)
-        extra: dict[str, Any] = {"IfNoneMatch": "*"} if self.conditional else {}
-        self.call("put_object", "create", path, body=pieces, Bucket=bucket, Key=key, **extra)
+        self.call("put_object", "create", path, body=pieces, Bucket=bucket, Key=key, **self.if_new())
+
+    def if_new(self) -> dict[str, Any]:
+        """The condition that makes a request creating an object fail where one exists, if the store takes it."""
+        return {"IfNoneMatch": "*"} if self.conditional else {}
 
 
 class BufferPool:
@@ -341,10 +344,9 @@ class MultipartWrite:
                 self._send()
             tags = [future.result() for future in self._parts]
             parts = [{"PartNumber": k + 1, **tag} for k, tag in enumerate(tags)]
-            extra: dict[str, Any] = {"IfNoneMatch": "*"} if self._client.conditional else {}
             self._client.call("complete_multipart_upload", "complete the upload of", self._path,
                               Bucket=self._bucket, Key=self._key, UploadId=self._upload,
-                              MultipartUpload={"Parts": parts}, **extra)
+                              MultipartUpload={"Parts": parts}, **self._client.if_new())
         except BaseException:
             self.abort()
             raise
